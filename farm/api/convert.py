@@ -1,0 +1,104 @@
+"""Conversions between the farm.v1 messages and the job plane's records."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from farm.config import ModelConfig, Task
+from farm.jobs.records import EventRecord, RenderRecord
+from farm.jobs.spec import RenderSpec, ResolvedSpec
+from farm.jobs.states import RenderState, Stage
+from farm.metering.cost import to_dollars
+from farm.v1 import render_pb2 as pb
+
+TASK_TO_PB = {Task.TEXT_TO_VIDEO: pb.TASK_TEXT_TO_VIDEO, Task.IMAGE_TO_VIDEO: pb.TASK_IMAGE_TO_VIDEO}
+TASK_FROM_PB = {v: k for k, v in TASK_TO_PB.items()}
+STATE_TO_PB = {s: pb.RenderState.Value(f"RENDER_STATE_{s.value}") for s in RenderState}
+STATE_FROM_PB = {v: k for k, v in STATE_TO_PB.items()}
+STAGE_TO_PB = {s: (pb.Stage.Value(f"STAGE_{s.value}") if s.value else pb.STAGE_UNSPECIFIED) for s in Stage}
+
+
+def spec_from_pb(message: pb.RenderSpec) -> RenderSpec:
+    return RenderSpec(
+        model=message.model,
+        task=TASK_FROM_PB.get(message.task),
+        prompt=message.prompt,
+        negative_prompt=message.negative_prompt,
+        image=message.image,
+        width=message.width,
+        height=message.height,
+        num_frames=message.num_frames,
+        fps=message.fps,
+        num_inference_steps=message.num_inference_steps,
+        guidance_scale=message.guidance_scale if message.HasField("guidance_scale") else None,
+        seed=message.seed if message.HasField("seed") else None,
+        priority=message.priority if message.HasField("priority") else None,
+        labels=dict(message.labels),
+        idempotency_key=message.idempotency_key,
+    )
+
+
+def spec_to_pb(spec: ResolvedSpec, with_image: bool = False) -> pb.RenderSpec:
+    return pb.RenderSpec(
+        model=spec.model, task=TASK_TO_PB[spec.task], prompt=spec.prompt, negative_prompt=spec.negative_prompt,
+        image=spec.image if with_image else b"", width=spec.width, height=spec.height,
+        num_frames=spec.num_frames, fps=spec.fps, num_inference_steps=spec.num_inference_steps,
+        guidance_scale=spec.guidance_scale, seed=spec.seed, priority=spec.priority, labels=spec.labels,
+        idempotency_key=spec.idempotency_key,
+    )
+
+
+def timestamp(value: dt.datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def render_to_pb(record: RenderRecord) -> pb.Render:
+    cost = pb.CostBreakdown(
+        total_dollars=to_dollars(record.cost_nanodollars),
+        phases=[
+            pb.PhaseCost(phase=c.phase, device_kind=c.device_kind, device_seconds=c.device_seconds,
+                         dollars=to_dollars(c.nanodollars), attempt=c.attempt)
+            for c in record.charges
+        ],
+    )
+    return pb.Render(
+        id=record.id, spec=spec_to_pb(record.spec), state=STATE_TO_PB[record.state],
+        stage=STAGE_TO_PB[record.stage], step=record.step, total_steps=record.total_steps,
+        attempt=record.attempt, created_at=timestamp(record.created_at), started_at=timestamp(record.started_at),
+        finished_at=timestamp(record.finished_at), artifact_uri=record.artifact_uri or "",
+        manifest_uri=record.manifest_uri or "", cost=cost, error=record.error or "", seed=record.spec.seed,
+        cancel_requested=record.cancel_requested,
+    )
+
+
+def event_to_pb(event: EventRecord) -> pb.RenderEvent:
+    return pb.RenderEvent(
+        render_id=event.render_id, sequence=event.seq, time=timestamp(event.time),
+        state=STATE_TO_PB[event.state], stage=STAGE_TO_PB[event.stage], step=event.step,
+        total_steps=event.total_steps, attempt=event.attempt, message=event.message,
+    )
+
+
+def model_to_pb(model: ModelConfig, ready: bool, device_kind: str) -> pb.ModelInfo:
+    limits, defaults = model.limits, model.defaults
+    return pb.ModelInfo(
+        name=model.name, family=model.family.value, tasks=[TASK_TO_PB[t] for t in model.tasks],
+        limits=pb.ModelLimits(
+            size_multiple=limits.size_multiple, max_width=limits.max_width, max_height=limits.max_height,
+            frame_step=limits.frame_step, min_frames=limits.min_frames, max_frames=limits.max_frames,
+            max_steps=limits.max_steps, max_prompt_chars=limits.max_prompt_chars,
+            max_image_bytes=limits.max_image_bytes,
+        ),
+        defaults=pb.RenderSpec(
+            model=model.name, width=defaults.width, height=defaults.height, num_frames=defaults.num_frames,
+            fps=defaults.fps, num_inference_steps=defaults.num_inference_steps,
+            guidance_scale=defaults.guidance_scale,
+        ),
+        ready=ready, device_kind=device_kind,
+    )

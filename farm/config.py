@@ -1,0 +1,313 @@
+"""Typed settings for every part of farm.
+
+One `FarmConfig` describes a whole farm. It is read from (in increasing precedence)
+the defaults below, a YAML file (``--config`` or ``FARM_CONFIG``), and ``FARM_*``
+environment variables (nested with ``__``, e.g. ``FARM_GATEWAY__PORT=6000``).
+Every field has a docstring: it is the reference documentation.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class Task(str, enum.Enum):
+    TEXT_TO_VIDEO = "text-to-video"
+    IMAGE_TO_VIDEO = "image-to-video"
+
+
+class Family(str, enum.Enum):
+    LTX_VIDEO = "ltx-video"
+    COGVIDEOX = "cogvideox"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("FARM_HOME", "~/.farm")).expanduser()
+
+
+class GatewayConfig(_Section):
+    host: str = "127.0.0.1"
+    """Address the gRPC gateway binds to; loopback unless told otherwise."""
+    port: int = Field(50051, ge=0, le=65535)
+    """gRPC port (0 picks a free port)."""
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    """Prometheus endpoint of the gateway on `host`; 0 disables it."""
+    max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024 * 1024)
+    """Largest request the gateway accepts; must exceed the largest image a model accepts."""
+    watch_poll_interval_s: float = Field(0.02, gt=0, le=5)
+    """How often WatchRender looks for new events in the store."""
+    fetch_chunk_bytes: int = Field(1024 * 1024, ge=4096, le=4 * 1024 * 1024)
+    """Size of the chunks FetchArtifact streams."""
+    health_interval_s: float = Field(1.0, gt=0)
+    """How often the health service re-checks the store and the engine pools."""
+    pool_stale_after_s: float = Field(15.0, gt=0)
+    """An engine pool whose last heartbeat is older than this counts as down."""
+
+
+class StoreConfig(_Section):
+    url: str | None = None
+    """SQLAlchemy URL of the job store. None means SQLite at $FARM_HOME/farm.db;
+    a cluster uses PostgreSQL, e.g. postgresql+psycopg://farm@db/farm."""
+    migrate: bool = True
+    """Apply Alembic migrations at start (under a lock, so several processes may start at once)."""
+
+
+class ArtifactConfig(_Section):
+    url: str | None = None
+    """fsspec URL under which MP4s and manifests are written. None means $FARM_HOME/artifacts."""
+
+
+class SchedulerConfig(_Section):
+    lease_seconds: float = Field(30.0, gt=1)
+    """How long a claimed render stays owned without a heartbeat before it is requeued."""
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    """How often the scheduler renews its leases, publishes pool status and looks for cancels."""
+    poll_interval_s: float = Field(0.02, gt=0, le=5)
+    """How often the scheduler looks for queued renders while it has free engine slots."""
+    event_flush_interval_s: float = Field(0.02, gt=0, le=5)
+    """Progress events are written to the store in batches at this interval."""
+    max_attempts: int = Field(3, ge=1, le=20)
+    """A render whose lease is lost this many times fails."""
+    metrics_port: int = Field(9465, ge=0, le=65535)
+    """Prometheus endpoint of the Serve application (served by the scheduler replica); 0 disables it."""
+    metrics_host: str = "127.0.0.1"
+    """Address the Serve application's Prometheus endpoint binds to."""
+
+
+class ModelLimits(_Section):
+    size_multiple: int = Field(32, ge=1)
+    """Width and height must be multiples of this (VAE compression times patch size)."""
+    min_size: int = Field(32, ge=1)
+    """Smallest width or height."""
+    max_width: int = Field(1280, ge=1)
+    """Largest width in pixels."""
+    max_height: int = Field(1280, ge=1)
+    """Largest height in pixels."""
+    frame_step: int = Field(8, ge=1)
+    """Frame counts must be frame_step * k + 1 (the VAE's temporal compression)."""
+    min_frames: int = Field(9, ge=1)
+    """Fewest frames a render may ask for."""
+    max_frames: int = Field(257, ge=1)
+    """Most frames a render may ask for."""
+    max_steps: int = Field(200, ge=1)
+    """Most denoising steps."""
+    max_prompt_chars: int = Field(4000, ge=1)
+    """Longest prompt or negative prompt in characters."""
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    """Largest conditioning image, encoded."""
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    """Largest conditioning image, decoded (width x height)."""
+    max_fps: int = Field(60, ge=1)
+    """Highest output frame rate."""
+    max_guidance_scale: float = Field(30.0, ge=0)
+    """Highest classifier-free guidance scale."""
+
+
+class RenderDefaults(_Section):
+    width: int = 768
+    """Width used when a spec leaves it 0."""
+    height: int = 512
+    """Height used when a spec leaves it 0."""
+    num_frames: int = 121
+    """Frame count used when a spec leaves it 0."""
+    fps: int = 24
+    """Frame rate used when a spec leaves it 0."""
+    num_inference_steps: int = 40
+    """Denoising steps used when a spec leaves it 0."""
+    guidance_scale: float = 3.0
+    """Guidance scale used when a spec leaves it unset."""
+
+
+FAMILY_LIMITS: dict[Family, ModelLimits] = {
+    Family.LTX_VIDEO: ModelLimits(size_multiple=32, frame_step=8, min_frames=9, max_frames=257),
+    Family.COGVIDEOX: ModelLimits(
+        size_multiple=16, frame_step=4, min_frames=5, max_frames=49, max_width=1360, max_height=768
+    ),
+}
+FAMILY_DEFAULTS: dict[Family, RenderDefaults] = {
+    Family.LTX_VIDEO: RenderDefaults(),
+    Family.COGVIDEOX: RenderDefaults(
+        width=720, height=480, num_frames=49, fps=8, num_inference_steps=50, guidance_scale=6.0
+    ),
+}
+
+
+class ModelConfig(_Section):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    """The name clients put in a spec's `model`."""
+    family: Family
+    """Which engine wraps it (selects the diffusers pipeline classes)."""
+    sources: dict[Task, str]
+    """Per task, a hub id or a local directory for `from_pretrained`. A family whose
+    tasks share weights (LTX-Video) names the same source twice and loads it once."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for hub ids."""
+    dtype: str = "auto"
+    """Weights and compute dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32."""
+    device: str = "auto"
+    """torch device for the engine: auto (cuda when present), cuda, cpu."""
+    device_kind: str | None = None
+    """Price-table kind of the device (H100, A100, L40S, CPU). None detects it from the GPU name."""
+    replicas: int = Field(1, ge=0, le=1024)
+    """Engine replicas for this model."""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs per replica (Ray resource). 0 on CPU-only farms."""
+    num_cpus: float = Field(1, ge=0)
+    """CPUs per replica (Ray resource)."""
+    cpu_threads: int | None = Field(None, ge=1)
+    """torch threads in a CPU engine; None uses every core of the node."""
+    limits: ModelLimits | None = None
+    """What a spec may ask of this model; None takes the family's limits."""
+    defaults: RenderDefaults | None = None
+    """Values for fields a spec leaves empty; None takes the family's defaults."""
+
+    @model_validator(mode="after")
+    def _fill_family_values(self) -> "ModelConfig":
+        if not self.sources:
+            raise ValueError(f"model {self.name}: sources must name at least one task")
+        if self.limits is None:
+            self.limits = FAMILY_LIMITS[self.family].model_copy()
+        if self.defaults is None:
+            self.defaults = FAMILY_DEFAULTS[self.family].model_copy()
+        return self
+
+    @property
+    def tasks(self) -> list[Task]:
+        return list(self.sources)
+
+
+class PriceConfig(_Section):
+    dollars_per_device_hour: dict[str, float] = Field(
+        default_factory=lambda: {"H100": 3.00, "A100": 1.80, "L40S": 1.10, "CPU": 0.04}
+    )
+    """Price of one device-hour per device kind. CPU is per core-hour."""
+
+    @field_validator("dollars_per_device_hour")
+    @classmethod
+    def _prices_are_sane(cls, prices: dict[str, float]) -> dict[str, float]:
+        for kind, price in prices.items():
+            if not (0 <= price <= 10_000):
+                raise ValueError(f"prices.dollars_per_device_hour[{kind}] must be within 0..10000, got {price}")
+        return prices
+
+    def price_of(self, device_kind: str) -> float:
+        try:
+            return self.dollars_per_device_hour[device_kind]
+        except KeyError:
+            raise KeyError(
+                f"device kind {device_kind!r} has no price in prices.dollars_per_device_hour "
+                f"(known: {sorted(self.dollars_per_device_hour)})"
+            ) from None
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    """Ray cluster to join (e.g. "auto" or ray://host:10001). None starts a local cluster."""
+    num_cpus: int | None = None
+    """Logical CPUs of a local cluster; None lets Ray count them."""
+    app_name: str = "farm"
+    """Name of the Serve application."""
+
+
+class FarmConfig(BaseSettings):
+    """The whole farm. See the module docstring for where values come from."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FARM_", env_nested_delimiter="__", extra="forbid", use_attribute_docstrings=True
+    )
+
+    home: Path = Field(default_factory=default_home)
+    """Directory holding every piece of embedded state: database, artifacts, tiny models, keys, logs."""
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    """The gRPC gateway."""
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    """The job store."""
+    artifacts: ArtifactConfig = Field(default_factory=ArtifactConfig)
+    """Where MP4s and manifests go."""
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    """The scheduler deployment."""
+    models: list[ModelConfig] | None = None
+    """The models served. None serves the tiny random-weight models under $FARM_HOME/models
+    (written by `farm models make-tiny`, or at first start)."""
+    prices: PriceConfig = Field(default_factory=PriceConfig)
+    """Device prices for metering."""
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """The Ray cluster."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FarmConfig":
+        self.home = self.home.expanduser()
+        names = [m.name for m in self.served_models()]
+        if len(names) != len(set(names)):
+            raise ValueError(f"models: names must be unique, got {names}")
+        for model in self.served_models():
+            kind = model.device_kind
+            if kind is not None and kind not in self.prices.dollars_per_device_hour:
+                raise ValueError(
+                    f"models[{model.name}].device_kind {kind!r} has no price in prices.dollars_per_device_hour"
+                )
+        return self
+
+    # Derived locations of the embedded defaults: all under `home`.
+    @property
+    def store_url(self) -> str:
+        return self.store.url or f"sqlite:///{self.home / 'farm.db'}"
+
+    @property
+    def artifacts_url(self) -> str:
+        return self.artifacts.url or str(self.home / "artifacts")
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.home / "keys"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    def served_models(self) -> list[ModelConfig]:
+        if self.models is not None:
+            return self.models
+        from farm.engines.tiny import tiny_model_configs
+
+        return tiny_model_configs(self.models_dir)
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.served_models() if m.name == name), None)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> FarmConfig:
+    """Builds the config from a YAML file (or $FARM_CONFIG), env vars and overrides."""
+    path = path or os.environ.get("FARM_CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    data.update(overrides)
+    return FarmConfig(**data)

@@ -1,0 +1,69 @@
+"""The farm on one machine: a local (or given) Ray cluster with the Serve
+application, and the gateway in this process. `farm serve` runs this."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from farm.config import FarmConfig
+
+log = logging.getLogger(__name__)
+# Ray's socket paths must stay under ~107 bytes, so a deep FARM_HOME keeps Ray's default.
+MAX_RAY_TEMP_DIR = 60
+
+
+def prepare_home(config: FarmConfig) -> None:
+    for path in (config.home, config.logs_dir, config.keys_dir):
+        path.mkdir(parents=True, exist_ok=True)
+    if config.models is None:
+        from farm.engines.tiny import make_tiny_models
+
+        make_tiny_models(config.models_dir)
+
+
+def start_inference_plane(config: FarmConfig) -> None:
+    """Starts (or joins) Ray and deploys the Serve application; returns once every
+    engine has loaded its model."""
+    import ray
+    from ray import serve
+
+    from farm.serve import build_app
+
+    if not ray.is_initialized():
+        temp_dir = config.home / "ray"
+        ray.init(
+            address=config.ray.address,
+            num_cpus=config.ray.num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+            _temp_dir=str(temp_dir) if config.ray.address is None and len(str(temp_dir)) < MAX_RAY_TEMP_DIR else None,
+            runtime_env={"env_vars": {"FARM_HOME": str(config.home)}},
+        )
+    serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False, "log_level": "WARNING"})
+    serve.run(build_app(config), name=config.ray.app_name, route_prefix=None, blocking=False)
+
+
+def stop_inference_plane(config: FarmConfig) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.delete(config.ray.app_name)
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def run_embedded(config: FarmConfig, ready_file: Path | None = None) -> None:
+    from farm.api.server import run_gateway
+
+    prepare_home(config)
+    start_inference_plane(config)
+    try:
+        asyncio.run(run_gateway(config, ready_file))
+    finally:
+        stop_inference_plane(config)

@@ -1,0 +1,76 @@
+"""Errors that cross layers. Each names a gRPC status; the gateway's error interceptor
+turns them into statuses with `google.rpc` details. Nothing here imports grpc, so the
+job plane can raise them without a dependency on the API layer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+@dataclasses.dataclass(frozen=True)
+class QuotaViolation:
+    subject: str
+    description: str
+
+
+class FarmError(Exception):
+    code = "INTERNAL"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(FarmError):
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: list[FieldViolation]):
+        self.violations = violations
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+
+
+class NotFound(FarmError):
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(FarmError):
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(FarmError):
+    code = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(FarmError):
+    code = "UNAUTHENTICATED"
+
+
+class ResourceExhausted(FarmError):
+    code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, violations: list[QuotaViolation] | None = None,
+                 retry_after_s: float | None = None):
+        super().__init__(message)
+        self.violations = violations or []
+        self.retry_after_s = retry_after_s
+
+
+class Unavailable(FarmError):
+    code = "UNAVAILABLE"
+
+
+def invalid(field: str, description: str) -> InvalidArgument:
+    return InvalidArgument([FieldViolation(field, description)])
+
+
+class EngineLost(FarmError):
+    """The engine replica running an attempt died or became unreachable: a farm
+    fault, so the attempt is requeued and not charged."""
+
+    code = "UNAVAILABLE"

@@ -1,0 +1,101 @@
+"""Plain, detached views of store rows: what the store hands to the gateway and the
+scheduler, so no ORM session outlives a store call."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+from farm.jobs.spec import ResolvedSpec
+from farm.jobs.states import RenderState, Stage
+
+
+@dataclasses.dataclass(frozen=True)
+class TenantRecord:
+    id: str
+    name: str
+    weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ChargeRecord:
+    attempt: int
+    phase: str
+    device_kind: str
+    device_seconds: float
+    nanodollars: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderRecord:
+    id: str
+    tenant_id: str
+    spec: ResolvedSpec
+    state: RenderState
+    stage: Stage
+    step: int
+    total_steps: int
+    attempt: int
+    cancel_requested: bool
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    artifact_uri: str | None
+    manifest_uri: str | None
+    cost_nanodollars: int
+    error: str | None
+    event_seq: int
+    charges: tuple[ChargeRecord, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class EventRecord:
+    render_id: str
+    seq: int
+    time: dt.datetime
+    state: RenderState
+    stage: Stage
+    step: int
+    total_steps: int
+    attempt: int
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimedRender:
+    """A render the scheduler now holds a lease on."""
+
+    id: str
+    tenant_id: str
+    attempt: int
+    spec: ResolvedSpec
+    created_at: dt.datetime
+    claimed_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressUpdate:
+    """A stage change or finished step reported by an engine for one attempt."""
+
+    render_id: str
+    attempt: int
+    stage: Stage
+    step: int = 0
+    total_steps: int = 0
+    message: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseStatus:
+    """What the store says about leases the scheduler thinks it holds."""
+
+    cancel_requested: frozenset[str]
+    lost: frozenset[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolRecord:
+    model: str
+    replicas: int
+    device_kind: str
+    updated_at: dt.datetime

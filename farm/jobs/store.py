@@ -1,0 +1,559 @@
+"""The durable job store: renders, attempts and leases, events, tenants and keys,
+the cost ledger. SQLite by default, PostgreSQL by URL; every method is one short
+transaction, so the gateway and the scheduler can run in different processes (or pods)
+against the same database."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from farm.errors import AlreadyExists, FailedPrecondition, NotFound, Unauthenticated, invalid
+from farm.jobs import schema as t
+from farm.jobs.records import (
+    ChargeRecord,
+    ClaimedRender,
+    EventRecord,
+    LeaseStatus,
+    PoolRecord,
+    ProgressUpdate,
+    RenderRecord,
+    TenantRecord,
+)
+from farm.jobs.spec import RenderSpec, ResolvedSpec
+from farm.jobs.states import AttemptOutcome, RenderState, Stage, check_transition
+from farm.metering.cost import Charge
+
+KEY_PREFIX = "farm"
+MAX_PAGE_SIZE = 1000
+
+
+def new_render_id() -> str:
+    # Millisecond time first, so ids sort roughly by creation; 48 random bits after.
+    return f"r{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
+
+
+def _hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def parse_api_key(key: str) -> tuple[str, str]:
+    """`farm_<key id>_<secret>` -> (key id, secret); Unauthenticated if malformed."""
+    parts = key.split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or len(parts[1]) != 12 or len(parts[2]) < 32:
+        raise Unauthenticated("malformed API key: expected farm_<12 hex>_<secret>")
+    return parts[1], parts[2]
+
+
+class JobStore:
+    def __init__(self, url: str, *, migrate: bool = True, pool_size: int = 8):
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.engine = _make_engine(url, pool_size)
+        if migrate:
+            from farm.jobs.migrate import upgrade
+
+            upgrade(self.engine)
+        self._reader = sessionmaker(self.engine, expire_on_commit=False)
+        # On SQLite a write transaction takes the write lock at BEGIN: upgrading a read
+        # lock later can fail with "database is locked" without waiting.
+        self._writer = sessionmaker(self.engine.execution_options(farm_write=True), expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._reader() as session:
+            yield session
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._writer() as session, session.begin():
+            yield session
+
+    def _lock(self, stmt):
+        return stmt if self.is_sqlite else stmt.with_for_update()
+
+    # -- tenants and keys -------------------------------------------------------------
+
+    def create_tenant(self, name: str, weight: float = 1.0) -> tuple[TenantRecord, str]:
+        """Creates a tenant and its first key; the key is returned once and never stored."""
+        if not name or len(name) > 64:
+            raise invalid("name", "tenant names are 1..64 characters")
+        tenant = t.Tenant(id=secrets.token_hex(8), name=name, weight=weight)
+        try:
+            with self._write() as session:
+                session.add(tenant)
+                session.flush()
+                key = self._issue_key(session, tenant.id)
+        except IntegrityError:
+            raise AlreadyExists(f"tenant {name!r} already exists") from None
+        return TenantRecord(tenant.id, tenant.name, tenant.weight), key
+
+    def _issue_key(self, session: Session, tenant_id: str) -> str:
+        key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        session.add(t.ApiKey(key_id=key_id, tenant_id=tenant_id, secret_sha256=_hash_secret(secret)))
+        return f"{KEY_PREFIX}_{key_id}_{secret}"
+
+    def tenant_by_name(self, name: str) -> TenantRecord | None:
+        with self._read() as session:
+            row = session.scalar(select(t.Tenant).where(t.Tenant.name == name))
+            return TenantRecord(row.id, row.name, row.weight) if row else None
+
+    def authenticate(self, api_key: str) -> TenantRecord:
+        key_id, secret = parse_api_key(api_key)
+        with self._read() as session:
+            row = session.execute(
+                select(t.ApiKey, t.Tenant).join(t.Tenant).where(t.ApiKey.key_id == key_id)
+            ).first()
+        # Compare even when the key id is unknown, so timing says nothing about ids.
+        expected = row.ApiKey.secret_sha256 if row else "0" * 64
+        if not hmac.compare_digest(expected, _hash_secret(secret)) or row is None:
+            raise Unauthenticated("unknown API key")
+        if row.ApiKey.revoked_at is not None:
+            raise Unauthenticated("API key revoked")
+        return TenantRecord(row.Tenant.id, row.Tenant.name, row.Tenant.weight)
+
+    # -- renders: the gateway's side ----------------------------------------------------
+
+    def submit(self, tenant_id: str, request: RenderSpec, spec: ResolvedSpec) -> tuple[RenderRecord, bool]:
+        """Queues a render; returns (render, created). With an idempotency key already
+        used by this tenant, returns the first render (created=False)."""
+        fingerprint = request.fingerprint()
+        key = spec.idempotency_key or None
+        if key:
+            existing = self._by_idempotency_key(tenant_id, key, fingerprint)
+            if existing:
+                return existing, False
+        render_id = new_render_id()
+        try:
+            with self._write() as session:
+                row = t.Render(
+                    id=render_id, tenant_id=tenant_id, idempotency_key=key, request_fingerprint=fingerprint,
+                    model=spec.model, task=spec.task.value, spec_json=spec.to_json(), image=spec.image or None,
+                    priority=spec.priority, seed=spec.seed, state=RenderState.QUEUED.value, attempt=1,
+                    created_at=t.utcnow(),
+                )
+                session.add(row)
+                session.flush()
+                self._add_event(session, row, "submitted")
+        except IntegrityError:
+            # A concurrent submit with the same key won the race; answer with its render.
+            existing = self._by_idempotency_key(tenant_id, key, fingerprint) if key else None
+            if existing is None:
+                raise
+            return existing, False
+        return self.get(tenant_id, render_id), True
+
+    def _by_idempotency_key(self, tenant_id: str, key: str, fingerprint: str) -> RenderRecord | None:
+        with self._read() as session:
+            row = session.scalar(
+                select(t.Render).where(t.Render.tenant_id == tenant_id, t.Render.idempotency_key == key)
+            )
+            if row is None:
+                return None
+            if row.request_fingerprint != fingerprint:
+                raise AlreadyExists(
+                    f"idempotency key {key!r} was already used for render {row.id} with a different spec"
+                )
+            return self._record(session, row)
+
+    def get(self, tenant_id: str | None, render_id: str) -> RenderRecord:
+        """A render by id. With a tenant, another tenant's render is NOT_FOUND: its
+        existence is not disclosed."""
+        with self._read() as session:
+            return self._record(session, self._owned(session, tenant_id, render_id))
+
+    def _owned(self, session: Session, tenant_id: str | None, render_id: str, lock: bool = False) -> t.Render:
+        stmt = select(t.Render).where(t.Render.id == render_id)
+        if tenant_id is not None:
+            stmt = stmt.where(t.Render.tenant_id == tenant_id)
+        row = session.scalar(self._lock(stmt) if lock else stmt)
+        if row is None:
+            raise NotFound(f"render {render_id!r} not found")
+        return row
+
+    def list(
+        self,
+        tenant_id: str,
+        states: Iterable[RenderState] = (),
+        model: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+    ) -> tuple[list[RenderRecord], str]:
+        if not 0 <= page_size <= MAX_PAGE_SIZE:
+            raise invalid("page_size", f"{page_size} is outside 1..{MAX_PAGE_SIZE}")
+        page_size = page_size or 100
+        stmt = select(t.Render).where(t.Render.tenant_id == tenant_id)
+        states = [s.value for s in states]
+        if states:
+            stmt = stmt.where(t.Render.state.in_(states))
+        if model:
+            stmt = stmt.where(t.Render.model == model)
+        if page_token:
+            created_at, last_id = _decode_page_token(page_token)
+            stmt = stmt.where(
+                (t.Render.created_at < created_at) | ((t.Render.created_at == created_at) & (t.Render.id < last_id))
+            )
+        stmt = stmt.order_by(t.Render.created_at.desc(), t.Render.id.desc()).limit(page_size + 1)
+        with self._read() as session:
+            rows = list(session.scalars(stmt))
+            records = [self._record(session, row, with_charges=False) for row in rows[:page_size]]
+        token = _encode_page_token(rows[page_size - 1]) if len(rows) > page_size else ""
+        return records, token
+
+    def request_cancel(self, tenant_id: str, render_id: str) -> RenderRecord:
+        """A queued render is cancelled at once; a running one is flagged, and the
+        scheduler stops its engine at the next denoising step."""
+        with self._write() as session:
+            row = self._owned(session, tenant_id, render_id, lock=True)
+            state = RenderState(row.state)
+            if state.is_final:
+                raise FailedPrecondition(
+                    f"render {render_id} is already {state.value}; only queued or running renders can be cancelled"
+                )
+            if state is RenderState.QUEUED:
+                self._finish_row(session, row, RenderState.CANCELLED, message="cancelled while queued")
+            elif not row.cancel_requested:
+                row.cancel_requested = True
+                self._add_event(session, row, "cancel requested")
+        return self.get(tenant_id, render_id)
+
+    def events_after(self, render_id: str, after_seq: int, limit: int = 1000) -> list[EventRecord]:
+        with self._read() as session:
+            rows = session.scalars(
+                select(t.Event)
+                .where(t.Event.render_id == render_id, t.Event.seq > after_seq)
+                .order_by(t.Event.seq)
+                .limit(limit)
+            )
+            return [_event_record(e) for e in rows]
+
+    def event_positions(self, render_ids: Iterable[str]) -> dict[str, int]:
+        """Newest event sequence of each render: one cheap query for every watcher."""
+        ids = list(render_ids)
+        if not ids:
+            return {}
+        with self._read() as session:
+            return dict(session.execute(select(t.Render.id, t.Render.event_seq).where(t.Render.id.in_(ids))).all())
+
+    # -- renders: the scheduler's side ----------------------------------------------------
+
+    def claim(self, free_slots: dict[str, int], owner: str, lease_seconds: float) -> list[ClaimedRender]:
+        """Leases up to free_slots[model] queued renders of each model, highest
+        priority first, then oldest."""
+        claimed: list[ClaimedRender] = []
+        now = t.utcnow()
+        with self._write() as session:
+            for model, slots in free_slots.items():
+                if slots <= 0:
+                    continue
+                stmt = (
+                    select(t.Render)
+                    .where(t.Render.state == RenderState.QUEUED.value, t.Render.model == model)
+                    .order_by(t.Render.priority.desc(), t.Render.created_at, t.Render.id)
+                    .limit(slots)
+                )
+                if not self.is_sqlite:
+                    stmt = stmt.with_for_update(skip_locked=True)
+                for row in session.scalars(stmt):
+                    check_transition(RenderState(row.state), RenderState.RUNNING)
+                    row.state = RenderState.RUNNING.value
+                    row.stage = Stage.LOADING.value
+                    row.step = row.total_steps = 0
+                    row.lease_owner = owner
+                    row.lease_expires_at = now + dt.timedelta(seconds=lease_seconds)
+                    row.started_at = row.started_at or now
+                    session.add(t.Attempt(render_id=row.id, number=row.attempt, worker=owner, started_at=now))
+                    self._add_event(session, row, f"attempt {row.attempt} started")
+                    claimed.append(
+                        ClaimedRender(
+                            id=row.id, tenant_id=row.tenant_id, attempt=row.attempt,
+                            spec=ResolvedSpec.from_json(row.spec_json, row.image),
+                            created_at=row.created_at, claimed_at=now,
+                        )
+                    )
+        return claimed
+
+    def has_queued(self, models: Iterable[str]) -> bool:
+        with self._read() as session:
+            return session.scalar(
+                select(t.Render.id)
+                .where(t.Render.state == RenderState.QUEUED.value, t.Render.model.in_(list(models)))
+                .limit(1)
+            ) is not None
+
+    def record_progress(self, owner: str, updates: list[ProgressUpdate]) -> None:
+        """Writes a batch of progress events in one transaction. Updates from an
+        attempt that no longer holds the lease are dropped."""
+        if not updates:
+            return
+        with self._write() as session:
+            rows = self._leased(session, owner, {u.render_id for u in updates})
+            for update_ in updates:
+                row = rows.get(update_.render_id)
+                if row is None or row.attempt != update_.attempt:
+                    continue
+                row.stage = update_.stage.value
+                if update_.total_steps:
+                    row.step, row.total_steps = update_.step, update_.total_steps
+                self._add_event(session, row, update_.message)
+
+    def heartbeat(self, owner: str, attempts: dict[str, int], lease_seconds: float) -> LeaseStatus:
+        """Extends this owner's leases; says which renders a client asked to cancel
+        and which leases are no longer this owner's (expired and requeued)."""
+        if not attempts:
+            return LeaseStatus(frozenset(), frozenset())
+        now = t.utcnow()
+        with self._write() as session:
+            rows = self._leased(session, owner, set(attempts))
+            held = {rid for rid, row in rows.items() if row.attempt == attempts[rid]}
+            if held:
+                session.execute(
+                    update(t.Render)
+                    .where(t.Render.id.in_(held))
+                    .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+                )
+            cancels = frozenset(rid for rid in held if rows[rid].cancel_requested)
+        return LeaseStatus(cancels, frozenset(set(attempts) - held))
+
+    def cancel_requested(self, render_ids: list[str]) -> list[str]:
+        if not render_ids:
+            return []
+        with self._read() as session:
+            return list(session.scalars(
+                select(t.Render.id).where(t.Render.id.in_(render_ids), t.Render.cancel_requested.is_(True))
+            ))
+
+    def _leased(self, session: Session, owner: str, render_ids: set[str]) -> dict[str, t.Render]:
+        stmt = select(t.Render).where(
+            t.Render.id.in_(render_ids),
+            t.Render.state == RenderState.RUNNING.value,
+            t.Render.lease_owner == owner,
+        )
+        return {row.id: row for row in session.scalars(self._lock(stmt))}
+
+    def finish(
+        self,
+        owner: str,
+        render_id: str,
+        attempt: int,
+        outcome: AttemptOutcome,
+        *,
+        charges: list[Charge] = (),
+        artifact_uri: str | None = None,
+        manifest_uri: str | None = None,
+        error: str | None = None,
+        device_kind: str | None = None,
+        node: str | None = None,
+        timings: list | None = None,
+    ) -> RenderRecord | None:
+        """Ends an attempt and its render in one transaction with its ledger rows.
+        Returns None, writing nothing, when the attempt no longer holds the lease (a
+        replay, or a zombie attempt after a requeue): a render is never charged twice."""
+        state = {
+            AttemptOutcome.SUCCEEDED: RenderState.SUCCEEDED,
+            AttemptOutcome.FAILED: RenderState.FAILED,
+            AttemptOutcome.CANCELLED: RenderState.CANCELLED,
+        }[outcome]
+        with self._write() as session:
+            row = self._leased(session, owner, {render_id}).get(render_id)
+            if row is None or row.attempt != attempt:
+                return None
+            self._end_attempt(session, row, outcome, error, device_kind, node, timings)
+            for charge in charges:
+                session.add(
+                    t.LedgerEntry(
+                        render_id=row.id, tenant_id=row.tenant_id, model=row.model, attempt=attempt,
+                        phase=charge.phase, device_kind=charge.device_kind,
+                        device_seconds=charge.device_seconds, nanodollars=charge.nanodollars,
+                    )
+                )
+            row.cost_nanodollars += sum(c.nanodollars for c in charges)
+            row.artifact_uri, row.manifest_uri, row.error = artifact_uri, manifest_uri, error
+            message = {"SUCCEEDED": "succeeded", "FAILED": f"failed: {error}", "CANCELLED": "cancelled"}[state.value]
+            self._finish_row(session, row, state, message=message)
+        return self.get(None, render_id)
+
+    def release(self, owner: str, render_id: str, attempt: int, reason: str, max_attempts: int) -> bool:
+        """Gives back a lease the farm could not honour (the replica died): the attempt
+        is LOST and not charged; the render is requeued with attempt + 1, or fails after
+        max_attempts."""
+        with self._write() as session:
+            row = self._leased(session, owner, {render_id}).get(render_id)
+            if row is None or row.attempt != attempt:
+                return False
+            self._requeue_row(session, row, reason, max_attempts)
+            return True
+
+    def requeue_expired(self, max_attempts: int) -> list[str]:
+        """Sends renders whose lease expired back to the queue (attempt + 1), or
+        fails them after max_attempts. Returns their ids."""
+        now = t.utcnow()
+        stmt = select(t.Render).where(
+            t.Render.state == RenderState.RUNNING.value, t.Render.lease_expires_at < now
+        )
+        if not self.is_sqlite:
+            stmt = stmt.with_for_update(skip_locked=True)
+        with self._write() as session:
+            rows = list(session.scalars(stmt))
+            for row in rows:
+                self._requeue_row(session, row, f"lease of {row.lease_owner} expired", max_attempts)
+            return [row.id for row in rows]
+
+    def _requeue_row(self, session: Session, row: t.Render, reason: str, max_attempts: int) -> None:
+        self._end_attempt(session, row, AttemptOutcome.LOST, reason, None, None, None)
+        if row.cancel_requested:
+            self._finish_row(session, row, RenderState.CANCELLED, message=f"cancelled ({reason})")
+        elif row.attempt >= max_attempts:
+            row.error = f"lost {row.attempt} times; last: {reason}"
+            self._finish_row(session, row, RenderState.FAILED, message=row.error)
+        else:
+            check_transition(RenderState(row.state), RenderState.QUEUED)
+            row.state = RenderState.QUEUED.value
+            row.attempt += 1
+            row.stage, row.step, row.total_steps = "", 0, 0
+            row.lease_owner = row.lease_expires_at = None
+            self._add_event(session, row, f"requeued: {reason}")
+
+    def _end_attempt(self, session, row, outcome, error, device_kind, node, timings) -> None:
+        attempt = session.scalar(
+            select(t.Attempt).where(t.Attempt.render_id == row.id, t.Attempt.number == row.attempt)
+        )
+        if attempt is not None:
+            attempt.outcome, attempt.ended_at, attempt.error = outcome.value, t.utcnow(), error
+            attempt.device_kind, attempt.node = device_kind, node
+            attempt.timings_json = json.dumps(timings) if timings is not None else None
+
+    def _finish_row(self, session: Session, row: t.Render, state: RenderState, message: str) -> None:
+        check_transition(RenderState(row.state), state)
+        row.state = state.value
+        row.finished_at = t.utcnow()
+        row.lease_owner = row.lease_expires_at = None
+        self._add_event(session, row, message)
+
+    def _add_event(self, session: Session, row: t.Render, message: str) -> None:
+        # The render row is locked (or SQLite's write lock is held), so seq has no gaps.
+        row.event_seq += 1
+        session.add(
+            t.Event(
+                render_id=row.id, seq=row.event_seq, time=t.utcnow(), state=row.state, stage=row.stage or "",
+                step=row.step, total_steps=row.total_steps, attempt=row.attempt, message=message,
+            )
+        )
+
+    # -- pools -------------------------------------------------------------------------
+
+    def publish_pools(self, scheduler: str, pools: list[tuple[str, int, str]]) -> None:
+        now = t.utcnow()
+        with self._write() as session:
+            for model, replicas, device_kind in pools:
+                row = session.get(t.Pool, model)
+                if row is None:
+                    session.add(t.Pool(model=model, replicas=replicas, device_kind=device_kind,
+                                       scheduler=scheduler, updated_at=now))
+                else:
+                    row.replicas, row.device_kind, row.scheduler, row.updated_at = replicas, device_kind, scheduler, now
+
+    def pools(self) -> list[PoolRecord]:
+        with self._read() as session:
+            return [PoolRecord(p.model, p.replicas, p.device_kind, p.updated_at) for p in session.scalars(select(t.Pool))]
+
+    def ping(self) -> None:
+        with self._read() as session:
+            session.execute(select(1))
+
+    def recent_timings(self, model: str, limit: int = 50) -> list[tuple[ResolvedSpec, list[tuple[str, str, float]]]]:
+        """Specs and measured phase timings of the model's latest succeeded renders."""
+        with self._read() as session:
+            rows = session.execute(
+                select(t.Render.spec_json, t.Attempt.timings_json)
+                .join(t.Attempt, (t.Attempt.render_id == t.Render.id) & (t.Attempt.number == t.Render.attempt))
+                .where(t.Render.model == model, t.Render.state == RenderState.SUCCEEDED.value)
+                .order_by(t.Render.finished_at.desc())
+                .limit(limit)
+            ).all()
+        return [(ResolvedSpec.from_json(spec), [tuple(x) for x in json.loads(timings)])
+                for spec, timings in rows if timings]
+
+    # -- ledger --------------------------------------------------------------------------
+
+    def ledger_total_nanodollars(self, tenant_id: str | None = None) -> int:
+        stmt = select(func.coalesce(func.sum(t.LedgerEntry.nanodollars), 0))
+        if tenant_id:
+            stmt = stmt.where(t.LedgerEntry.tenant_id == tenant_id)
+        with self._read() as session:
+            return int(session.scalar(stmt))
+
+    def _record(self, session: Session, row: t.Render, with_charges: bool = True) -> RenderRecord:
+        charges: tuple[ChargeRecord, ...] = ()
+        if with_charges and row.cost_nanodollars:
+            charges = tuple(
+                ChargeRecord(c.attempt, c.phase, c.device_kind, c.device_seconds, c.nanodollars)
+                for c in session.scalars(
+                    select(t.LedgerEntry).where(t.LedgerEntry.render_id == row.id).order_by(t.LedgerEntry.id)
+                )
+            )
+        return RenderRecord(
+            id=row.id, tenant_id=row.tenant_id, spec=ResolvedSpec.from_json(row.spec_json, row.image),
+            state=RenderState(row.state), stage=Stage(row.stage or ""), step=row.step,
+            total_steps=row.total_steps, attempt=row.attempt, cancel_requested=row.cancel_requested,
+            created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
+            artifact_uri=row.artifact_uri, manifest_uri=row.manifest_uri,
+            cost_nanodollars=row.cost_nanodollars, error=row.error, event_seq=row.event_seq, charges=charges,
+        )
+
+
+def _event_record(e: t.Event) -> EventRecord:
+    return EventRecord(
+        render_id=e.render_id, seq=e.seq, time=e.time, state=RenderState(e.state), stage=Stage(e.stage or ""),
+        step=e.step, total_steps=e.total_steps, attempt=e.attempt, message=e.message,
+    )
+
+
+def _encode_page_token(row: t.Render) -> str:
+    return base64.urlsafe_b64encode(f"{row.created_at.isoformat()}|{row.id}".encode()).decode()
+
+
+def _decode_page_token(token: str) -> tuple[dt.datetime, str]:
+    try:
+        created, render_id = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
+        return dt.datetime.fromisoformat(created), render_id
+    except Exception:
+        raise invalid("page_token", "is not a token that ListRenders returned") from None
+
+
+def _make_engine(url: str, pool_size: int) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_setup(dbapi_connection, _record):
+            dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself, below
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection):
+            write = connection.get_execution_options().get("farm_write", False)
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+        return engine
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)

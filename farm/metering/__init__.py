@@ -1,0 +1,1 @@
+"""Prices, cost arithmetic and the ledger rules."""

@@ -1,0 +1,2 @@
+"""Post-processing of rendered frames: encoding now; interpolation, upscaling,
+color and quality scores build on it."""

@@ -1,0 +1,25 @@
+"""Builds the Serve application from a FarmConfig: an engine deployment per model
+and the scheduler that feeds them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from farm.config import FarmConfig, load_config
+
+
+def build_app(args: FarmConfig | dict[str, Any] | None = None) -> Application:
+    """`farm.serve:build_app`. A Serve config's `args` may hold `config_path` (a farm
+    YAML file) and/or inline FarmConfig fields."""
+    from farm.serve.engine import engine_deployment
+    from farm.serve.scheduler import scheduler_deployment
+
+    if isinstance(args, FarmConfig):
+        config = args
+    else:
+        args = dict(args or {})
+        config = load_config(args.pop("config_path", None), **args)
+    engines = {m.name: engine_deployment(m, config.artifacts_url) for m in config.served_models()}
+    return scheduler_deployment(config, engines)

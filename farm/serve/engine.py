@@ -1,0 +1,153 @@
+"""The engine deployment: one per served model, hosting its diffusers pipelines.
+
+`render` is an async generator: it streams progress while the pipeline runs in a
+worker thread, then encodes the MP4, writes it with its manifest, and ends with a
+"done" event. When the caller cancels the request, Serve raises CancelledError here;
+the stop flag makes the pipeline return at its next step boundary, before decoding."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+from ray import serve
+
+from farm.config import ModelConfig
+from farm.engines.base import ENCODING, WRITING, EngineRequest, Progress, RenderCancelled
+from farm.storage.artifacts import ArtifactStore
+
+log = logging.getLogger(__name__)
+CPU = "CPU"
+
+
+def build_manifest(engine_info: dict, request: EngineRequest, timings: list, output_shape: tuple,
+                   peak_memory_bytes: int | None) -> dict:
+    """Everything needed to reproduce the render, and what it took."""
+    spec = {
+        "task": request.task.value, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
+        "width": request.width, "height": request.height, "num_frames": request.num_frames, "fps": request.fps,
+        "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
+        "seed": request.seed,
+        "image_sha256": hashlib.sha256(request.image).hexdigest() if request.image else None,
+    }
+    return {
+        "render_id": request.render_id,
+        "attempt": request.attempt,
+        "spec": spec,
+        "seed": request.seed,
+        "model": engine_info,
+        "backend": engine_info.get("backend"),
+        "timings": [{"phase": p, "device_kind": k, "seconds": s} for p, k, s in timings],
+        "output": {"frames": output_shape[0], "height": output_shape[1], "width": output_shape[2]},
+        "peak_memory_bytes": peak_memory_bytes,
+        "node": socket.gethostname(),
+        "written_at": time.time(),
+    }
+
+
+class EngineServer:
+    def __init__(self, model_json: str, artifacts_url: str):
+        from farm.engines import load_engine
+
+        self.model = ModelConfig.model_validate_json(model_json)
+        self.engine = load_engine(self.model)
+        self.artifacts = ArtifactStore(artifacts_url)
+        # One render at a time per replica: a second request waits here, already
+        # dispatched, so the engine starts it the moment the first one ends.
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        log.info("engine %s ready on %s (%s)", self.model.name, self.engine.device_kind, self.engine.backend)
+
+    def info(self) -> dict:
+        return self.engine.describe()
+
+    def check_health(self) -> None:
+        self.engine.check_health()
+
+    async def render(self, request: EngineRequest):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def emit(event: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = loop.run_in_executor(self._executor, self._render_blocking, request, emit, stop)
+        try:
+            while True:
+                event = await events.get()
+                if event["kind"] == "error":
+                    raise event["error"]
+                yield event
+                if event["kind"] == "done":
+                    break
+            await job
+        except asyncio.CancelledError:
+            stop.set()
+            await asyncio.shield(job)
+            raise
+
+    def _render_blocking(self, request: EngineRequest, emit, stop: threading.Event) -> None:
+        if stop.is_set():
+            return
+        device = self.engine.device_kind
+        stage_started = {"stage": None, "at": time.perf_counter()}
+
+        def on_progress(progress: Progress) -> None:
+            event: dict[str, Any] = {"kind": "progress", "stage": progress.stage}
+            if progress.step:
+                event.update(step=progress.step, total_steps=progress.total_steps,
+                             step_seconds=progress.step_seconds)
+            elif progress.stage != stage_started["stage"]:
+                # A stage change closes the previous phase; denoising is charged per step instead.
+                now = time.perf_counter()
+                previous = stage_started["stage"]
+                if previous and previous != "DENOISING":
+                    event["finished_phases"] = [(previous, device, now - stage_started["at"])]
+                stage_started.update(stage=progress.stage, at=now)
+            emit(event)
+
+        try:
+            output = self.engine.render(request, on_progress, stop.is_set)
+            emit({"kind": "progress", "stage": WRITING})
+            from farm.postproc.encode import encode_mp4
+
+            started = time.perf_counter()
+            video = encode_mp4(output.frames, request.fps)
+            encoded = time.perf_counter()
+            timings = [(t.phase, t.device_kind, t.seconds) for t in output.timings]
+            timings.append((ENCODING, CPU, encoded - started))
+            manifest = build_manifest(self.engine.describe(), request, timings, output.frames.shape,
+                                      output.peak_memory_bytes)
+            artifact_uri, manifest_uri = self.artifacts.write(request.render_id, request.attempt, video, manifest)
+            timings.append((WRITING, CPU, time.perf_counter() - encoded))
+            emit({
+                "kind": "done", "artifact_uri": artifact_uri, "manifest_uri": manifest_uri, "timings": timings,
+                "device_kind": device, "node": socket.gethostname(), "frames": int(output.frames.shape[0]),
+            })
+        except RenderCancelled as cancelled:
+            log.info("render %s cancelled after step %d", request.render_id, cancelled.step)
+            emit({"kind": "error", "error": cancelled})
+        except BaseException as error:  # handed to the caller through the stream
+            emit({"kind": "error", "error": error})
+
+
+def engine_deployment(model: ModelConfig, artifacts_url: str):
+    options: dict[str, Any] = {"num_cpus": model.num_cpus}
+    if model.num_gpus:
+        options["num_gpus"] = model.num_gpus
+    return serve.deployment(EngineServer).options(
+        name=f"engine-{model.name}",
+        num_replicas=model.replicas,
+        # 2: the next render waits inside the replica while the current one runs.
+        max_ongoing_requests=2,
+        ray_actor_options=options,
+        health_check_period_s=10,
+        graceful_shutdown_timeout_s=30,
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
+    ).bind(model.model_dump_json(), artifacts_url)

@@ -1,0 +1,62 @@
+"""Prometheus metrics of the Serve application, exposed by the scheduler replica.
+
+Engines report step timings and results through their render streams, so one
+endpoint covers the whole application however many engine replicas there are."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from farm.jobs.records import ClaimedRender
+from farm.metering.cost import Charge
+
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+RENDER_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class ServeMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.finished = Counter("farm_renders_finished_total", "Renders that reached a final state.",
+                                ["model", "state"], registry=r)
+        self.started = Counter("farm_attempts_started_total", "Render attempts dispatched to an engine.",
+                               ["model"], registry=r)
+        self.queue_wait = Histogram("farm_queue_wait_seconds", "Submit to first dispatch.", ["model"],
+                                    buckets=RENDER_BUCKETS, registry=r)
+        self.duration = Histogram("farm_render_duration_seconds", "First dispatch to final state.",
+                                  ["model", "state"], buckets=RENDER_BUCKETS, registry=r)
+        self.step = Histogram("farm_denoising_step_duration_seconds", "One denoising step of one render.",
+                              ["model", "device_kind"], buckets=STEP_BUCKETS, registry=r)
+        self.frames = Counter("farm_frames_generated_total", "Frames delivered in succeeded renders.",
+                              ["model"], registry=r)
+        self.cost = Counter("farm_cost_dollars_total", "Metered cost.", ["model", "device_kind", "phase"],
+                            registry=r)
+        self.device_seconds = Counter("farm_device_seconds_total", "Metered device time.",
+                                      ["model", "device_kind", "phase"], registry=r)
+        self.running_renders = Gauge("farm_renders_running", "Renders on engines now.", ["model"], registry=r)
+
+    def serve_http(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def attempt_started(self, claimed: ClaimedRender, queue_wait_s: float | None) -> None:
+        self.started.labels(claimed.spec.model).inc()
+        if queue_wait_s is not None:
+            self.queue_wait.labels(claimed.spec.model).observe(max(queue_wait_s, 0.0))
+
+    def step_finished(self, model: str, device_kind: str, seconds: float) -> None:
+        self.step.labels(model, device_kind).observe(seconds)
+
+    def render_finished(self, model: str, state: str, duration_s: float | None, frames: int,
+                        charges: list[Charge]) -> None:
+        self.finished.labels(model, state).inc()
+        if duration_s is not None:
+            self.duration.labels(model, state).observe(duration_s)
+        if frames:
+            self.frames.labels(model).inc(frames)
+        for charge in charges:
+            self.cost.labels(model, charge.device_kind, charge.phase).inc(charge.dollars)
+            self.device_seconds.labels(model, charge.device_kind, charge.phase).inc(charge.device_seconds)
+
+    def running(self, model: str, count: int) -> None:
+        self.running_renders.labels(model).set(count)

@@ -1,0 +1,66 @@
+"""Artifacts (MP4s and their manifests) under an fsspec URL: a local directory by
+default, s3:// or any other fsspec filesystem in a cluster.
+
+Each attempt writes under its own prefix, so an attempt that lost its lease but is
+still running can never overwrite the one that finished. Writes go to a temporary
+name first and are renamed into place, so a reader never sees half a file."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+
+import fsspec
+
+VIDEO_NAME = "video.mp4"
+MANIFEST_NAME = "manifest.json"
+
+
+class ArtifactStore:
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+
+    def attempt_prefix(self, render_id: str, attempt: int) -> str:
+        return f"{self.root}/renders/{render_id}/attempt-{attempt}"
+
+    def uri(self, path: str) -> str:
+        return self.fs.unstrip_protocol(path)
+
+    def write(self, render_id: str, attempt: int, video: bytes, manifest: dict) -> tuple[str, str]:
+        """Writes the MP4 and its manifest; returns their URIs."""
+        prefix = self.attempt_prefix(render_id, attempt)
+        self.fs.makedirs(prefix, exist_ok=True)
+        video_path = self._put(f"{prefix}/{VIDEO_NAME}", video)
+        manifest_path = self._put(f"{prefix}/{MANIFEST_NAME}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+        return self.uri(video_path), self.uri(manifest_path)
+
+    def _put(self, path: str, data: bytes) -> str:
+        partial = f"{path}.partial-{secrets.token_hex(4)}"
+        try:
+            with self.fs.open(partial, "wb") as f:
+                f.write(data)
+            self.fs.mv(partial, path)
+        except BaseException:
+            if self.fs.exists(partial):
+                self.fs.rm(partial)
+            raise
+        return path
+
+    def delete_attempt(self, render_id: str, attempt: int) -> None:
+        prefix = self.attempt_prefix(render_id, attempt)
+        if self.fs.exists(prefix):
+            self.fs.rm(prefix, recursive=True)
+
+    def size(self, uri: str) -> int:
+        fs, path = fsspec.core.url_to_fs(uri)
+        return fs.size(path)
+
+    def read_chunks(self, uri: str, chunk_bytes: int, offset: int = 0) -> Iterator[tuple[int, bytes]]:
+        fs, path = fsspec.core.url_to_fs(uri)
+        with fs.open(path, "rb") as f:
+            f.seek(offset)
+            while chunk := f.read(chunk_bytes):
+                yield offset, chunk
+                offset += len(chunk)

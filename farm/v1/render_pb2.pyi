@@ -1,0 +1,314 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Task(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_UNSPECIFIED: _ClassVar[Task]
+    TASK_TEXT_TO_VIDEO: _ClassVar[Task]
+    TASK_IMAGE_TO_VIDEO: _ClassVar[Task]
+
+class RenderState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RENDER_STATE_UNSPECIFIED: _ClassVar[RenderState]
+    RENDER_STATE_QUEUED: _ClassVar[RenderState]
+    RENDER_STATE_RUNNING: _ClassVar[RenderState]
+    RENDER_STATE_SUCCEEDED: _ClassVar[RenderState]
+    RENDER_STATE_FAILED: _ClassVar[RenderState]
+    RENDER_STATE_CANCELLED: _ClassVar[RenderState]
+
+class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STAGE_UNSPECIFIED: _ClassVar[Stage]
+    STAGE_LOADING: _ClassVar[Stage]
+    STAGE_ENCODING_PROMPT: _ClassVar[Stage]
+    STAGE_DENOISING: _ClassVar[Stage]
+    STAGE_DECODING: _ClassVar[Stage]
+    STAGE_POSTPROCESSING: _ClassVar[Stage]
+    STAGE_WRITING: _ClassVar[Stage]
+
+class ArtifactKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ARTIFACT_KIND_VIDEO: _ClassVar[ArtifactKind]
+    ARTIFACT_KIND_MANIFEST: _ClassVar[ArtifactKind]
+TASK_UNSPECIFIED: Task
+TASK_TEXT_TO_VIDEO: Task
+TASK_IMAGE_TO_VIDEO: Task
+RENDER_STATE_UNSPECIFIED: RenderState
+RENDER_STATE_QUEUED: RenderState
+RENDER_STATE_RUNNING: RenderState
+RENDER_STATE_SUCCEEDED: RenderState
+RENDER_STATE_FAILED: RenderState
+RENDER_STATE_CANCELLED: RenderState
+STAGE_UNSPECIFIED: Stage
+STAGE_LOADING: Stage
+STAGE_ENCODING_PROMPT: Stage
+STAGE_DENOISING: Stage
+STAGE_DECODING: Stage
+STAGE_POSTPROCESSING: Stage
+STAGE_WRITING: Stage
+ARTIFACT_KIND_VIDEO: ArtifactKind
+ARTIFACT_KIND_MANIFEST: ArtifactKind
+
+class RenderSpec(_message.Message):
+    __slots__ = ("model", "task", "prompt", "negative_prompt", "image", "width", "height", "num_frames", "fps", "num_inference_steps", "guidance_scale", "seed", "priority", "labels", "idempotency_key")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    task: Task
+    prompt: str
+    negative_prompt: str
+    image: bytes
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    priority: int
+    labels: _containers.ScalarMap[str, str]
+    idempotency_key: str
+    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., priority: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class SubmitRenderRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: RenderSpec
+    def __init__(self, spec: _Optional[_Union[RenderSpec, _Mapping]] = ...) -> None: ...
+
+class PhaseCost(_message.Message):
+    __slots__ = ("phase", "device_kind", "device_seconds", "dollars", "attempt")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DOLLARS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    device_kind: str
+    device_seconds: float
+    dollars: float
+    attempt: int
+    def __init__(self, phase: _Optional[str] = ..., device_kind: _Optional[str] = ..., device_seconds: _Optional[float] = ..., dollars: _Optional[float] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class CostBreakdown(_message.Message):
+    __slots__ = ("total_dollars", "phases")
+    TOTAL_DOLLARS_FIELD_NUMBER: _ClassVar[int]
+    PHASES_FIELD_NUMBER: _ClassVar[int]
+    total_dollars: float
+    phases: _containers.RepeatedCompositeFieldContainer[PhaseCost]
+    def __init__(self, total_dollars: _Optional[float] = ..., phases: _Optional[_Iterable[_Union[PhaseCost, _Mapping]]] = ...) -> None: ...
+
+class Render(_message.Message):
+    __slots__ = ("id", "spec", "state", "stage", "step", "total_steps", "attempt", "created_at", "started_at", "finished_at", "artifact_uri", "manifest_uri", "cost", "error", "seed", "cancel_requested")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_URI_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_URI_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    spec: RenderSpec
+    state: RenderState
+    stage: Stage
+    step: int
+    total_steps: int
+    attempt: int
+    created_at: _timestamp_pb2.Timestamp
+    started_at: _timestamp_pb2.Timestamp
+    finished_at: _timestamp_pb2.Timestamp
+    artifact_uri: str
+    manifest_uri: str
+    cost: CostBreakdown
+    error: str
+    seed: int
+    cancel_requested: bool
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[RenderSpec, _Mapping]] = ..., state: _Optional[_Union[RenderState, str]] = ..., stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., attempt: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., artifact_uri: _Optional[str] = ..., manifest_uri: _Optional[str] = ..., cost: _Optional[_Union[CostBreakdown, _Mapping]] = ..., error: _Optional[str] = ..., seed: _Optional[int] = ..., cancel_requested: _Optional[bool] = ...) -> None: ...
+
+class GetRenderRequest(_message.Message):
+    __slots__ = ("render_id",)
+    RENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    render_id: str
+    def __init__(self, render_id: _Optional[str] = ...) -> None: ...
+
+class WatchRenderRequest(_message.Message):
+    __slots__ = ("render_id", "after_sequence")
+    RENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    render_id: str
+    after_sequence: int
+    def __init__(self, render_id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+
+class RenderEvent(_message.Message):
+    __slots__ = ("render_id", "sequence", "time", "state", "stage", "step", "total_steps", "attempt", "message")
+    RENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    render_id: str
+    sequence: int
+    time: _timestamp_pb2.Timestamp
+    state: RenderState
+    stage: Stage
+    step: int
+    total_steps: int
+    attempt: int
+    message: str
+    def __init__(self, render_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[RenderState, str]] = ..., stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., attempt: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class CancelRenderRequest(_message.Message):
+    __slots__ = ("render_id",)
+    RENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    render_id: str
+    def __init__(self, render_id: _Optional[str] = ...) -> None: ...
+
+class ListRendersRequest(_message.Message):
+    __slots__ = ("states", "model", "page_size", "page_token")
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    states: _containers.RepeatedScalarFieldContainer[RenderState]
+    model: str
+    page_size: int
+    page_token: str
+    def __init__(self, states: _Optional[_Iterable[_Union[RenderState, str]]] = ..., model: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListRendersResponse(_message.Message):
+    __slots__ = ("renders", "next_page_token")
+    RENDERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    renders: _containers.RepeatedCompositeFieldContainer[Render]
+    next_page_token: str
+    def __init__(self, renders: _Optional[_Iterable[_Union[Render, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class FetchArtifactRequest(_message.Message):
+    __slots__ = ("render_id", "kind", "offset")
+    RENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    render_id: str
+    kind: ArtifactKind
+    offset: int
+    def __init__(self, render_id: _Optional[str] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class ArtifactChunk(_message.Message):
+    __slots__ = ("data", "offset", "total_bytes", "content_type")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    offset: int
+    total_bytes: int
+    content_type: str
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., content_type: _Optional[str] = ...) -> None: ...
+
+class EstimateCostRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: RenderSpec
+    def __init__(self, spec: _Optional[_Union[RenderSpec, _Mapping]] = ...) -> None: ...
+
+class CostEstimate(_message.Message):
+    __slots__ = ("dollars", "device_seconds", "device_kind")
+    DOLLARS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
+    dollars: float
+    device_seconds: float
+    device_kind: str
+    def __init__(self, dollars: _Optional[float] = ..., device_seconds: _Optional[float] = ..., device_kind: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelLimits(_message.Message):
+    __slots__ = ("size_multiple", "max_width", "max_height", "frame_step", "min_frames", "max_frames", "max_steps", "max_prompt_chars", "max_image_bytes")
+    SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
+    MAX_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FRAME_STEP_FIELD_NUMBER: _ClassVar[int]
+    MIN_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    size_multiple: int
+    max_width: int
+    max_height: int
+    frame_step: int
+    min_frames: int
+    max_frames: int
+    max_steps: int
+    max_prompt_chars: int
+    max_image_bytes: int
+    def __init__(self, size_multiple: _Optional[int] = ..., max_width: _Optional[int] = ..., max_height: _Optional[int] = ..., frame_step: _Optional[int] = ..., min_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_image_bytes: _Optional[int] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "family", "tasks", "limits", "defaults", "ready", "device_kind")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    family: str
+    tasks: _containers.RepeatedScalarFieldContainer[Task]
+    limits: ModelLimits
+    defaults: RenderSpec
+    ready: bool
+    device_kind: str
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[Task, str]]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., defaults: _Optional[_Union[RenderSpec, _Mapping]] = ..., ready: _Optional[bool] = ..., device_kind: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
