@@ -1,0 +1,58 @@
+"""Fixtures shared by unit and integration tests: job stores on SQLite and on the
+PostgreSQL server at 127.0.0.1:5432 (each test gets its own schema there)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+
+from farm.config import Family, ModelConfig, Task
+
+POSTGRES_URL = os.environ.get("FARM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def postgres_schema_url(schema: str) -> str:
+    return f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh schema in the test database, dropped afterwards."""
+    import sqlalchemy
+
+    schema = f"farm_test_{secrets.token_hex(4)}"
+    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    try:
+        yield postgres_schema_url(schema)
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'farm.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def store(store_url):
+    from farm.jobs.store import JobStore
+
+    job_store = JobStore(store_url)
+    yield job_store
+    job_store.close()
+
+
+def sample_models() -> dict[str, ModelConfig]:
+    return {
+        "ltx": ModelConfig(name="ltx", family=Family.LTX_VIDEO,
+                           sources={Task.TEXT_TO_VIDEO: "ltx-dir", Task.IMAGE_TO_VIDEO: "ltx-dir"}),
+        "cog": ModelConfig(name="cog", family=Family.COGVIDEOX, sources={Task.TEXT_TO_VIDEO: "cog-dir"}),
+    }

@@ -1,0 +1,130 @@
+"""Spec validation: every field has a limit, and the error names the field and the limit."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from farm.config import Task
+from farm.errors import InvalidArgument
+from farm.jobs.spec import MAX_SEED, RenderSpec, ResolvedSpec, resolve_spec
+from tests.conftest import sample_models
+
+MODELS = sample_models()
+
+
+def png(width=64, height=48) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 200, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def spec(**overrides) -> RenderSpec:
+    values = dict(model="ltx", task=Task.TEXT_TO_VIDEO, prompt="a boat on a lake")
+    values.update(overrides)
+    return RenderSpec(**values)
+
+
+def violations(**overrides) -> dict[str, str]:
+    with pytest.raises(InvalidArgument) as caught:
+        resolve_spec(spec(**overrides), MODELS)
+    return {v.field: v.description for v in caught.value.violations}
+
+
+def test_defaults_fill_empty_fields():
+    resolved = resolve_spec(spec(), MODELS)
+    defaults = MODELS["ltx"].defaults
+    assert (resolved.width, resolved.height, resolved.num_frames) == (defaults.width, defaults.height, defaults.num_frames)
+    assert resolved.num_inference_steps == defaults.num_inference_steps
+    assert resolved.guidance_scale == defaults.guidance_scale
+    assert 0 <= resolved.seed <= MAX_SEED
+    assert resolved.priority == 50
+
+
+def test_given_values_are_kept_and_round_trip_through_json():
+    resolved = resolve_spec(spec(width=512, height=320, num_frames=25, fps=12, num_inference_steps=7,
+                                 guidance_scale=0.0, seed=7, priority=90, labels={"team": "ads"}), MODELS)
+    again = ResolvedSpec.from_json(resolved.to_json())
+    assert again == resolved
+    assert (again.width, again.num_frames, again.guidance_scale, again.seed) == (512, 25, 0.0, 7)
+
+
+def test_unknown_model_lists_served_models():
+    problems = violations(model="sora")
+    assert "cog" in problems["spec.model"] and "ltx" in problems["spec.model"]
+
+
+def test_task_the_model_does_not_do():
+    problems = violations(model="cog", task=Task.IMAGE_TO_VIDEO, image=png())
+    assert "does not do image-to-video" in problems["spec.task"]
+
+
+def test_missing_task():
+    assert "must be set" in violations(task=None)["spec.task"]
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("width", 500, "not a multiple of 32"),
+    ("height", 4096, "outside 32..1280"),
+    ("num_frames", 24, "8*k+1"),
+    ("num_frames", 265, "8*k+1 frames from 9 to 257"),
+    ("num_inference_steps", 10_000, "outside 1..200"),
+    ("fps", 500, "outside 1..60"),
+    ("guidance_scale", -1.0, "outside 0..30"),
+    ("guidance_scale", float("nan"), "outside 0..30"),
+    ("seed", MAX_SEED + 1, f"0..{MAX_SEED}"),
+    ("priority", 101, "outside 0..100"),
+])
+def test_out_of_range_fields_name_the_limit(field, value, expected):
+    assert expected in violations(**{field: value})[f"spec.{field}"]
+
+
+def test_frame_count_error_says_which_counts_work():
+    message = violations(model="cog", num_frames=50)["spec.num_frames"]
+    assert "4*k+1" in message and "5, 9, ..., 49" in message
+
+
+def test_prompt_limits():
+    assert "must not be empty" in violations(prompt="  ")["spec.prompt"]
+    limit = MODELS["ltx"].limits.max_prompt_chars
+    assert f"maximum is {limit}" in violations(prompt="x" * (limit + 1))["spec.prompt"]
+    assert f"maximum is {limit}" in violations(negative_prompt="x" * (limit + 1))["spec.negative_prompt"]
+
+
+def test_image_to_video_needs_a_decodable_image():
+    assert "needs the first frame" in violations(task=Task.IMAGE_TO_VIDEO)["spec.image"]
+    assert "cannot be decoded" in violations(task=Task.IMAGE_TO_VIDEO, image=b"not an image")["spec.image"]
+    truncated = png(256, 256)[:200]
+    assert "cannot be decoded" in violations(task=Task.IMAGE_TO_VIDEO, image=truncated)["spec.image"]
+    resolved = resolve_spec(spec(task=Task.IMAGE_TO_VIDEO, image=png()), MODELS)
+    assert resolved.image == png()
+
+
+def test_image_size_limits():
+    limits = MODELS["ltx"].limits
+    huge = b"\x89PNG" + b"0" * limits.max_image_bytes
+    assert f"maximum is {limits.max_image_bytes}" in violations(task=Task.IMAGE_TO_VIDEO, image=huge)["spec.image"]
+
+
+def test_text_to_video_refuses_an_image():
+    assert "only for image-to-video" in violations(image=png())["spec.image"]
+
+
+def test_labels_and_idempotency_key_limits():
+    assert "keys are" in violations(labels={"Bad Key": "x"})["spec.labels['Bad Key']"]
+    assert "maximum is 32" in violations(labels={f"k{i}": "v" for i in range(33)})["spec.labels"]
+    assert "maximum is 128" in violations(idempotency_key="k" * 129)["spec.idempotency_key"]
+
+
+def test_every_bad_field_is_reported_at_once():
+    problems = violations(width=33, num_frames=10, num_inference_steps=999)
+    assert {"spec.width", "spec.num_frames", "spec.num_inference_steps"} <= set(problems)
+
+
+def test_fingerprint_is_of_the_request_as_sent():
+    first = spec(prompt="a")
+    assert first.fingerprint() == spec(prompt="a").fingerprint()
+    assert first.fingerprint() != spec(prompt="b").fingerprint()
+    assert first.fingerprint() != spec(prompt="a", seed=1).fingerprint()
