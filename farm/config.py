@@ -131,8 +131,10 @@ class RenderDefaults(_Section):
 
 FAMILY_LIMITS: dict[Family, ModelLimits] = {
     Family.LTX_VIDEO: ModelLimits(size_multiple=32, frame_step=8, min_frames=9, max_frames=257),
+    # CogVideoX's VAE decodes latent frames in pairs: with an odd count of latent
+    # frames it returns 3 extra frames (zai-org/CogVideo#786), so only 8k+1 are exact.
     Family.COGVIDEOX: ModelLimits(
-        size_multiple=16, frame_step=4, min_frames=5, max_frames=49, max_width=1360, max_height=768
+        size_multiple=16, frame_step=8, min_frames=9, max_frames=49, max_width=1360, max_height=768
     ),
 }
 FAMILY_DEFAULTS: dict[Family, RenderDefaults] = {

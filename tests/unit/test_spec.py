@@ -71,6 +71,9 @@ def test_missing_task():
     ("num_frames", 24, "8*k+1"),
     ("num_frames", 265, "8*k+1 frames from 9 to 257"),
     ("num_inference_steps", 10_000, "outside 1..200"),
+    ("num_inference_steps", 0, "outside 1..200"),
+    ("width", 0, "outside 32..1280"),
+    ("num_frames", 0, "8*k+1"),
     ("fps", 500, "outside 1..60"),
     ("guidance_scale", -1.0, "outside 0..30"),
     ("guidance_scale", float("nan"), "outside 0..30"),
@@ -82,8 +85,8 @@ def test_out_of_range_fields_name_the_limit(field, value, expected):
 
 
 def test_frame_count_error_says_which_counts_work():
-    message = violations(model="cog", num_frames=50)["spec.num_frames"]
-    assert "4*k+1" in message and "5, 9, ..., 49" in message
+    message = violations(model="cog", num_frames=13)["spec.num_frames"]
+    assert "8*k+1" in message and "9, 17, ..., 49" in message
 
 
 def test_prompt_limits():

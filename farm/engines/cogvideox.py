@@ -1,0 +1,156 @@
+"""CogVideoX: which diffusers pipeline serves which task, and how a request drives it.
+
+Text-to-video and image-to-video are different checkpoints (the image-to-video
+transformer takes the image latents as extra input channels), so a CogVideoX
+model names a different source per task and the engine loads two pipelines.
+
+The engine (`farm.engines.pipeline_engine`) splits a render into three timed phases:
+it encodes the prompt with `encode_prompt`, runs the pipeline to latents, and
+decodes them with `decode_latents`, which is what `CogVideoXPipeline.__call__`
+does after its denoising loop.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    CogVideoXDPMScheduler,
+    CogVideoXImageToVideoPipeline,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+)
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from PIL import Image
+
+from farm.config import Family, Task
+from farm.engines.base import EngineRequest
+
+FAMILY = Family.COGVIDEOX
+
+PIPELINE_CLASSES: dict[Task, type[DiffusionPipeline]] = {
+    Task.TEXT_TO_VIDEO: CogVideoXPipeline,
+    Task.IMAGE_TO_VIDEO: CogVideoXImageToVideoPipeline,
+}
+
+
+# The CogVideoX VAE decodes two latent frames (8 video frames) at a time and handles
+# the first frame alone only in a batch of three, so it returns exactly num_frames
+# only when the latent frame count, (num_frames - 1) / 4 + 1, is odd: num_frames = 8k + 1.
+# Otherwise it returns 3 frames more (the first one repeated), e.g. 16 for 13.
+FRAME_STEP = 8
+
+
+def call_kwargs(request: EngineRequest, image: Image.Image | None) -> dict:
+    """Pipeline arguments for everything but the prompt (CogVideoX takes no frame rate)."""
+    if (request.num_frames - 1) % FRAME_STEP != 0:
+        raise ValueError(
+            f"CogVideoX renders {FRAME_STEP}k+1 frames (9, 17, 25, 33, 41, 49); "
+            f"{request.num_frames} frames would decode to {request.num_frames + 3}"
+        )
+    kwargs = dict(
+        height=request.height,
+        width=request.width,
+        num_frames=request.num_frames,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+    )
+    if request.task == Task.IMAGE_TO_VIDEO:
+        kwargs["image"] = image
+    return kwargs
+
+
+def encode_prompt(pipe: CogVideoXPipeline, request: EngineRequest, device: torch.device) -> dict:
+    """Prompt embeddings, as keyword arguments for the pipeline call."""
+    embeds, negative_embeds = pipe.encode_prompt(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or None,
+        do_classifier_free_guidance=request.guidance_scale > 1.0,
+        device=device,
+    )
+    return dict(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds)
+
+
+def decode_latents(
+    pipe: CogVideoXPipeline, latents: torch.Tensor, request: EngineRequest, generator: torch.Generator
+) -> torch.Tensor:
+    """Latents (B, F, C, H, W) from `output_type="latent"` -> video tensor (B, C, F, H, W) in [-1, 1]."""
+    # CogVideoX 1.5 pads the latent frames up to a multiple of its temporal patch;
+    # the pipeline drops that padding before decoding, and so do we.
+    latent_frames = (request.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+    patch_size_t = pipe.transformer.config.patch_size_t
+    padding_frames = 0
+    if patch_size_t is not None and latent_frames % patch_size_t != 0:
+        padding_frames = patch_size_t - latent_frames % patch_size_t
+    return pipe.decode_latents(latents[:, padding_frames:])
+
+
+def build_tiny_pipelines(text_encoder, tokenizer) -> dict[Task, DiffusionPipeline]:
+    """Random-weight CogVideoX 1.0 pipelines with the real compression: VAE 8x spatial, 4x temporal, patch 2.
+
+    Like CogVideoX-5B they use 3D rotary embeddings (no learned positional table),
+    so every size that is a multiple of 16 works, at any frame count 4k+1.
+    """
+    torch.manual_seed(0)
+    latent_channels = 4
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        # Two channels and one resnet per block: on CPU, PyTorch runs 3D convolutions
+        # this narrow on its slow reference kernel (one core), so every full-resolution
+        # layer costs ~5 ms a frame batch whatever its width; fewer layers is what helps.
+        block_out_channels=(2, 2, 2, 2),
+        latent_channels=latent_channels,
+        layers_per_block=0,
+        norm_num_groups=1,
+        temporal_compression_ratio=4,
+        scaling_factor=0.7,
+    )
+    # The CogVideoX-5B scheduler config.
+    scheduler = CogVideoXDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        set_alpha_to_one=True,
+        snr_shift_scale=1.0,
+        timestep_spacing="trailing",
+    )
+
+    def transformer(in_channels: int) -> CogVideoXTransformer3DModel:
+        return CogVideoXTransformer3DModel(
+            num_attention_heads=2,
+            attention_head_dim=16,
+            in_channels=in_channels,
+            out_channels=latent_channels,
+            time_embed_dim=16,
+            text_embed_dim=text_encoder.config.d_model,
+            num_layers=1,
+            sample_width=90,
+            sample_height=60,
+            sample_frames=49,
+            patch_size=2,
+            temporal_compression_ratio=4,
+            max_text_seq_length=226,
+            use_rotary_positional_embeddings=True,
+            use_learned_positional_embeddings=False,
+        )
+
+    text_to_video = CogVideoXPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer(latent_channels),
+        scheduler=scheduler,
+    )
+    # The image-to-video transformer sees the noisy latents and the image latents side by side.
+    image_to_video = CogVideoXImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer(2 * latent_channels),
+        scheduler=scheduler,
+    )
+    return {Task.TEXT_TO_VIDEO: text_to_video, Task.IMAGE_TO_VIDEO: image_to_video}

@@ -1,0 +1,292 @@
+"""`DiffusersEngine`: one model's diffusers pipelines behind the `Engine` protocol.
+
+A render runs in three phases, each timed on the device that ran it:
+
+- ENCODING_PROMPT: the family's `encode_prompt` (the pipeline's own text encoding);
+- DENOISING: the pipeline call with those embeddings and ``output_type="latent"``
+  (this includes the pipeline's set-up, e.g. encoding the conditioning image);
+- DECODING: the family's `decode_latents` (what the pipeline does after its loop)
+  and the pipeline's video processor, to uint8 frames.
+
+Cancellation is cooperative: after every denoising step the stop check runs; when
+it says stop, the pipeline's ``_interrupt`` flag ends the loop (the diffusers
+pattern) and, because the pipeline was asked for latents, nothing is decoded:
+`RenderCancelled` is raised instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+import transformers
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from packaging.version import Version
+from PIL import Image, UnidentifiedImageError
+
+from farm.config import ModelConfig, Task
+from farm.engines import family_module
+from farm.engines.base import (
+    DECODING,
+    DENOISING,
+    ENCODING_PROMPT,
+    EngineRequest,
+    PhaseTiming,
+    Progress,
+    RenderCancelled,
+    RenderOutput,
+)
+from farm.engines.hf_progress import no_progress_bars
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# Price-table kinds by a substring of the CUDA device name; longer names first so
+# that "A100" is not read as "A10", nor "L40S" as "L4".
+_GPU_KINDS = ("GH200", "H200", "H100", "B200", "A100", "A10G", "A10", "L40S", "L40", "L4", "A6000", "V100", "T4")
+
+# diffusers renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns).
+_DTYPE_KWARG = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device of a config value; auto means cuda when present, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of a config value; auto means bfloat16 on a GPU, float32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}") from None
+
+
+def detect_device_kind(device: torch.device) -> str:
+    """The price-table kind of a device: H100, A100, L40S, ... from the GPU name, or CPU."""
+    if device.type != "cuda":
+        return "CPU"
+    name = torch.cuda.get_device_name(device)
+    upper = name.upper()
+    for kind in _GPU_KINDS:
+        if kind in upper:
+            return kind
+    return name.removeprefix("NVIDIA ").strip()
+
+
+def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Float frames in [0, 1] -> uint8, rounding as diffusers does when it makes PIL images."""
+    return np.round(np.clip(frames, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def weights_sha256(model_dirs: list[Path]) -> str:
+    """sha256 over every weight file of the given directories, in sorted order, names included."""
+    digest = hashlib.sha256()
+    for model_dir in model_dirs:
+        files = sorted(p for p in model_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+        for path in files:
+            digest.update(path.relative_to(model_dir).as_posix().encode() + b"\0")
+            with open(path, "rb") as f:
+                while chunk := f.read(8 * 1024 * 1024):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def local_model_dir(source: str, revision: str | None) -> Path:
+    """Where a source's files are: the directory itself, or a hub id's snapshot in the local cache."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    # Only reads the cache that from_pretrained has just filled; never downloads.
+    return Path(snapshot_download(source, revision=revision, local_files_only=True))
+
+
+class DiffusersEngine:
+    """Serves one model (every task in its `sources`) on one device."""
+
+    def __init__(self, model: ModelConfig):
+        self.model = model
+        self.model_name = model.name
+        self.family = family_module(model.family)
+        self.device = resolve_device(model.device)
+        self.dtype = resolve_dtype(model.dtype, self.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(model.cpu_threads or os.cpu_count() or 1)
+        self.device_kind = model.device_kind or detect_device_kind(self.device)
+        self.backend = f"eager-{_dtype_name(self.dtype)}"
+        with no_progress_bars():
+            self.pipelines = self._load_pipelines()
+        self.weights_sha256 = weights_sha256(
+            [local_model_dir(source, model.revision) for source in sorted(set(model.sources.values()))]
+        )
+        # Pipelines keep per-call state (_interrupt, scheduler timesteps): one render at a time.
+        self._render_lock = threading.Lock()
+
+    def _load_pipelines(self) -> dict[Task, DiffusionPipeline]:
+        """Loads each distinct source once; tasks sharing a source share its components."""
+        loaded: dict[str, DiffusionPipeline] = {}
+        pipelines: dict[Task, DiffusionPipeline] = {}
+        for task, source in self.model.sources.items():
+            pipeline_class = self._pipeline_class(task)
+            if source in loaded:
+                shared = loaded[source]
+                pipe = shared if type(shared) is pipeline_class else pipeline_class(**shared.components)
+            else:
+                pipe = pipeline_class.from_pretrained(
+                    source, revision=self.model.revision, **{_DTYPE_KWARG: self.dtype}
+                ).to(self.device)
+                loaded[source] = pipe
+            pipe.set_progress_bar_config(disable=True)
+            pipelines[task] = pipe
+        return pipelines
+
+    def _pipeline_class(self, task: Task) -> type[DiffusionPipeline]:
+        try:
+            return self.family.PIPELINE_CLASSES[Task(task)]
+        except (KeyError, ValueError):
+            served = [t.value for t in self.family.PIPELINE_CLASSES]
+            raise ValueError(
+                f"model {self.model_name} ({self.model.family.value}) cannot serve task {task!r}; "
+                f"its family serves {served}"
+            ) from None
+
+    def pipeline(self, task: Task) -> DiffusionPipeline:
+        """The loaded pipeline that serves a task."""
+        try:
+            return self.pipelines[Task(task)]
+        except (KeyError, ValueError):
+            raise ValueError(
+                f"model {self.model_name} does not serve task {task!r} (it serves {[t.value for t in self.pipelines]})"
+            ) from None
+
+    def render(
+        self,
+        request: EngineRequest,
+        on_progress: Callable[[Progress], None],
+        should_stop: Callable[[], bool],
+    ) -> RenderOutput:
+        pipe = self.pipeline(request.task)
+        # Built first so that a request the pipeline cannot serve fails before any work.
+        call_kwargs = self.family.call_kwargs(request, _conditioning_image(request))
+        with self._render_lock, torch.inference_mode():
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            timings: list[PhaseTiming] = []
+            if should_stop():
+                raise RenderCancelled(timings, 0)
+
+            on_progress(Progress(ENCODING_PROMPT))
+            with self._timed(ENCODING_PROMPT, timings):
+                prompt_kwargs = self.family.encode_prompt(pipe, request, self.device)
+            if should_stop():
+                raise RenderCancelled(timings, 0)
+
+            total_steps = request.num_inference_steps
+            on_progress(Progress(DENOISING, 0, total_steps))
+            generator = torch.Generator(device=self.device).manual_seed(request.seed)
+            stopped_after_step: int | None = None
+            # The first step's time also holds the pipeline's set-up (noise, image latents).
+            last_step_end = self._clock()
+
+            def on_step_end(pipeline: DiffusionPipeline, index: int, timestep, callback_kwargs: dict) -> dict:
+                nonlocal stopped_after_step, last_step_end
+                now = self._clock()
+                on_progress(Progress(DENOISING, index + 1, total_steps, now - last_step_end))
+                last_step_end = now
+                if stopped_after_step is None and should_stop():
+                    stopped_after_step = index + 1
+                    pipeline._interrupt = True  # the pipeline skips the remaining steps
+                return {}
+
+            with self._timed(DENOISING, timings):
+                latents = pipe(
+                    **call_kwargs,
+                    **prompt_kwargs,
+                    generator=generator,
+                    output_type="latent",
+                    return_dict=False,
+                    callback_on_step_end=on_step_end,
+                )[0]
+            if stopped_after_step is not None:
+                raise RenderCancelled(timings, stopped_after_step)
+
+            on_progress(Progress(DECODING))
+            with self._timed(DECODING, timings):
+                video = self.family.decode_latents(pipe, latents, request, generator)
+                frames = pipe.video_processor.postprocess_video(video, output_type="np")[0]
+            peak_memory = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        expected_shape = (request.num_frames, request.height, request.width, 3)
+        if frames.shape != expected_shape:
+            raise RuntimeError(
+                f"{self.model_name} decoded frames of shape {frames.shape}, not the requested {expected_shape}"
+            )
+        return RenderOutput(frames=frames_to_uint8(frames), timings=timings, peak_memory_bytes=peak_memory)
+
+    def check_health(self) -> None:
+        """Runs a tiny computation on the device; raises if the device is unusable."""
+        with torch.inference_mode():
+            values = torch.arange(16, dtype=torch.float32, device=self.device)
+            total = float((values * 2).sum().cpu())
+        if total != 240.0:
+            raise RuntimeError(f"device {self.device} computed {total} for a sum that is 240")
+
+    def describe(self) -> dict:
+        return {
+            "model": self.model_name,
+            "family": self.model.family.value,
+            "sources": {task.value: source for task, source in self.model.sources.items()},
+            "revision": self.model.revision,
+            "weights_sha256": self.weights_sha256,
+            "backend": self.backend,
+            "dtype": _dtype_name(self.dtype),
+            "device": str(self.device),
+            "device_kind": self.device_kind,
+            "versions": {
+                "torch": torch.__version__,
+                "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__,
+            },
+        }
+
+    def _clock(self) -> float:
+        # CUDA work is asynchronous: wait for it, or the clock reads launch time, not run time.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str, timings: list[PhaseTiming]) -> Iterator[None]:
+        start = self._clock()
+        yield
+        timings.append(PhaseTiming(phase=phase, device_kind=self.device_kind, seconds=self._clock() - start))
+
+
+def _conditioning_image(request: EngineRequest) -> Image.Image | None:
+    if request.task != Task.IMAGE_TO_VIDEO:
+        return None
+    if not request.image:
+        raise ValueError("an image-to-video render needs an image")
+    try:
+        with Image.open(io.BytesIO(request.image)) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"the conditioning image cannot be read: {error}") from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
