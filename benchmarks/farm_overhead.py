@@ -1,0 +1,140 @@
+"""What the farm costs around its engine.
+
+1. Efficiency under a backlog: N renders (each about 1 s in the tiny engine)
+   submitted at once through the gRPC gateway, versus a bare loop in one process
+   making the same engine calls and writing the same MP4s. Ratio of throughputs,
+   both measured in this run. Goal: >= 0.90.
+2. Idle overhead: one render on an idle farm, submit-to-SUCCEEDED as the client
+   sees it, minus the bare time of the same render; median of 10. Goal: < 150 ms.
+
+Run: .venv/bin/python benchmarks/farm_overhead.py [--renders 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from farm.client import FarmClient, find_api_key
+from farm.config import FarmConfig, Task
+from farm.engines.base import EngineRequest
+from farm.v1 import render_pb2 as pb
+
+MODEL = "ltx-video-tiny"
+# Sized so that one render takes about a second in the tiny engine on 2 cores.
+SHAPE = dict(width=512, height=384, num_frames=41, num_inference_steps=20, guidance_scale=3.0, fps=24)
+
+
+def bare_loop(config: FarmConfig, count: int) -> list[float]:
+    """The same engine calls and MP4 writes as the farm, in one process, no farm."""
+    from farm.engines import load_engine
+    from farm.postproc.encode import encode_mp4
+    from farm.serve.engine import build_manifest
+    from farm.storage.artifacts import ArtifactStore
+
+    engine = load_engine(config.model(MODEL))
+    artifacts = ArtifactStore(str(config.home / "bare-artifacts"))
+    durations = []
+    for index in range(count + 1):  # the first is warm-up
+        request = EngineRequest(render_id=f"bare{index}", attempt=1, task=Task.TEXT_TO_VIDEO, prompt="a harbor at dusk",
+                                negative_prompt="", image=None, seed=index, **SHAPE)
+        started = time.perf_counter()
+        output = engine.render(request, lambda progress: None, lambda: False)
+        video = encode_mp4(output.frames, request.fps)
+        timings = [(t.phase, t.device_kind, t.seconds) for t in output.timings]
+        artifacts.write(request.render_id, 1, video,
+                        build_manifest(engine.describe(), request, timings, output.frames.shape, None))
+        if index:
+            durations.append(time.perf_counter() - started)
+    return durations
+
+
+def spec(seed: int) -> pb.RenderSpec:
+    return pb.RenderSpec(model=MODEL, task=pb.TASK_TEXT_TO_VIDEO, prompt="a harbor at dusk", seed=seed, **SHAPE)
+
+
+def start_farm(config_path: Path, home: Path) -> tuple[subprocess.Popen, str]:
+    ready = home / "gateway.ready"
+    log = open(home / "serve.log", "ab")
+    process = subprocess.Popen([sys.executable, "-m", "farm", "serve", "--config", str(config_path),
+                                "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True, env=dict(os.environ, FARM_HOME=str(home)))
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"farm serve exited; see {home / 'serve.log'}")
+        if ready.exists():
+            target = f"127.0.0.1:{ready.read_text().strip()}"
+            with FarmClient(target) as probe:
+                if probe.is_serving():
+                    return process, target
+        time.sleep(0.5)
+    raise SystemExit("farm did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--renders", type=int, default=20)
+    parser.add_argument("--idle-runs", type=int, default=10)
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="farm-bench-", dir="/tmp"))
+    values = {"home": str(home), "gateway": {"port": 0, "metrics_port": 0}, "scheduler": {"metrics_port": 0}}
+    config_path = home / "farm.yaml"
+    config_path.write_text(yaml.safe_dump(values))
+    config = FarmConfig(**values)
+    from farm.engines.tiny import make_tiny_models
+
+    make_tiny_models(config.models_dir)
+
+    print("bare loop ...", flush=True)
+    bare = bare_loop(config, args.renders)
+    bare_median = statistics.median(bare)
+    bare_throughput = len(bare) / sum(bare)
+    print(f"bare: {bare_median * 1000:.0f} ms per render (median), {bare_throughput:.3f} renders/s", flush=True)
+
+    process, target = start_farm(config_path, home)
+    try:
+        with FarmClient(target, find_api_key(home)) as client:
+            client.wait(client.submit(spec(0)).id)  # warm-up
+            print(f"backlog of {args.renders} ...", flush=True)
+            started = time.perf_counter()
+            ids = [client.submit(spec(i + 1)).id for i in range(args.renders)]
+            finals = [client.wait(rid) for rid in ids]
+            farm_elapsed = time.perf_counter() - started
+            assert all(r.state == pb.RENDER_STATE_SUCCEEDED for r in finals), [r.error for r in finals]
+            farm_throughput = args.renders / farm_elapsed
+
+            print("idle overhead ...", flush=True)
+            idle = []
+            for i in range(args.idle_runs):
+                time.sleep(0.5)
+                begun = time.perf_counter()
+                render = client.submit(spec(1000 + i))
+                client.wait(render.id)
+                idle.append(time.perf_counter() - begun)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=120)
+
+    efficiency = farm_throughput / bare_throughput
+    overhead_ms = (statistics.median(idle) - bare_median) * 1000
+    print(f"machine: {platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
+    print(f"farm: {args.renders} renders in {farm_elapsed:.2f} s = {farm_throughput:.3f} renders/s")
+    print(f"efficiency (farm / bare throughput): {efficiency:.3f}  (goal >= 0.90)")
+    print(f"idle submit-to-SUCCEEDED median {statistics.median(idle) * 1000:.0f} ms, bare {bare_median * 1000:.0f} ms, "
+          f"overhead {overhead_ms:.0f} ms  (goal < 150 ms)")
+
+
+if __name__ == "__main__":
+    main()

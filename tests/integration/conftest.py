@@ -1,0 +1,112 @@
+"""One real farm for the whole integration session: a local Ray cluster with the
+Serve application (started in this process, once: Ray takes ~10 s to start on two
+cores) and the gateway as a child process on loopback, so that tests can kill and
+restart it. State lives in a fresh FARM_HOME."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from farm.client import FarmClient
+from farm.config import FarmConfig
+
+STARTUP_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GatewayProcess:
+    """`farm gateway` in a child process, as an operator would run it."""
+
+    def __init__(self, config_path: Path, config: FarmConfig):
+        self.config_path, self.config = config_path, config
+        self.target = f"127.0.0.1:{config.gateway.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        ready = self.config.home / "gateway.ready"
+        ready.unlink(missing_ok=True)
+        log = open(self.config.logs_dir / "gateway.log", "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "farm", "gateway", "--config", str(self.config_path),
+                                         "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"gateway exited; see {self.config.logs_dir / 'gateway.log'}"
+            if ready.exists():
+                with FarmClient(self.target) as probe:
+                    if probe.is_serving():
+                        return
+            time.sleep(0.2)
+        raise TimeoutError("gateway did not become SERVING")
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def farm_config() -> tuple[FarmConfig, Path]:
+    # Short path: Ray's unix sockets live under it.
+    home = Path(tempfile.mkdtemp(prefix="farm-it-", dir="/tmp"))
+    values = {
+        "home": str(home),
+        "gateway": {"port": free_port(), "metrics_port": free_port()},
+        "scheduler": {"metrics_port": free_port(), "heartbeat_interval_s": 0.5, "lease_seconds": 10},
+        "ray": {"num_cpus": 8, "app_name": "farm-test"},
+    }
+    config_path = home / "farm.yaml"
+    config_path.write_text(yaml.safe_dump(values))
+    os.environ["FARM_HOME"] = str(home)
+    return FarmConfig(**values), config_path
+
+
+@pytest.fixture(scope="session")
+def inference_plane(farm_config):
+    from farm.embedded import prepare_home, start_inference_plane, stop_inference_plane
+
+    config, _ = farm_config
+    prepare_home(config)
+    start_inference_plane(config)
+    yield config
+    stop_inference_plane(config)
+
+
+@pytest.fixture(scope="session")
+def gateway(farm_config, inference_plane) -> GatewayProcess:
+    config, config_path = farm_config
+    process = GatewayProcess(config_path, config)
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def api_key(farm_config, gateway) -> str:
+    config, _ = farm_config
+    return (config.keys_dir / "default.key").read_text().strip()
+
+
+@pytest.fixture
+def client(gateway, api_key):
+    with FarmClient(gateway.target, api_key) as c:
+        yield c
