@@ -84,7 +84,8 @@ def submit(
     task: str = typer.Option("t2v", help="t2v (text-to-video) or i2v (image-to-video)."),
     image: Optional[Path] = typer.Option(None, help="First frame for image-to-video (PNG or JPEG)."),
     negative_prompt: str = typer.Option("", "--negative-prompt"),
-    width: int = 0, height: int = 0, frames: int = typer.Option(0, "--frames"), fps: int = 0,
+    width: int = typer.Option(0, help="0: the model's default (so are the others)."), height: int = 0,
+    frames: int = typer.Option(0, "--frames"), fps: int = 0,
     steps: int = typer.Option(0, "--steps"), guidance: Optional[float] = typer.Option(None, "--guidance"),
     seed: Optional[int] = None, priority: Optional[int] = None,
     label: list[str] = typer.Option([], help="key=value, repeatable."),
@@ -104,9 +105,13 @@ def submit(
     labels = dict(item.split("=", 1) for item in label)
     spec = pb.RenderSpec(
         model=model, task=TASK_TO_PB[Task(TASKS[task])], prompt=prompt, negative_prompt=negative_prompt,
-        image=image.read_bytes() if image else b"", width=width, height=height, num_frames=frames, fps=fps,
-        num_inference_steps=steps, labels=labels, idempotency_key=idempotency_key,
+        image=image.read_bytes() if image else b"", labels=labels, idempotency_key=idempotency_key,
     )
+    # 0 on the command line means "the model's default": leave the field unset.
+    for field, value in (("width", width), ("height", height), ("num_frames", frames), ("fps", fps),
+                         ("num_inference_steps", steps)):
+        if value:
+            setattr(spec, field, value)
     if guidance is not None:
         spec.guidance_scale = guidance
     if seed is not None:

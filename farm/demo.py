@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from farm.config import FarmConfig
 
@@ -111,21 +110,20 @@ def _report(client, jobs, output_dir: Path, console: Console) -> int:
     from farm.postproc.encode import probe_mp4
     from farm.v1 import render_pb2 as pb
 
-    table = Table("render", "model", "task", "state", "video", "cost $")
     failures = 0
     for render_id, model, task in jobs:
         render = client.get(render_id)
         state = pb.RenderState.Name(render.state).removeprefix("RENDER_STATE_")
-        video = "-"
+        seconds = sum(p.device_seconds for p in render.cost.phases)
+        console.print(f"[bold]{model} {task}[/bold]: {state}, ${render.cost.total_dollars:.6f} "
+                      f"for {seconds:.2f} device-seconds (render {render_id})")
         if render.state == pb.RENDER_STATE_SUCCEEDED:
             data = client.fetch(render_id)
             path = output_dir / f"{model}-{task}.mp4"
             path.write_bytes(data)
             info = probe_mp4(data)
-            video = f"{path} ({info['frames']} frames {info['width']}x{info['height']} @ {info['fps']:g} fps)"
+            console.print(f"  {path}: {info['frames']} frames, {info['width']}x{info['height']} at {info['fps']:g} fps")
         else:
             failures += 1
-            video = render.error
-        table.add_row(render_id, model, task, state, video, f"{render.cost.total_dollars:.6f}")
-    console.print(table)
+            console.print(f"  {render.error}", style="red")
     return 1 if failures else 0

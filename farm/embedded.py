@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 from pathlib import Path
 
 from farm.config import FarmConfig
@@ -33,9 +35,15 @@ def start_inference_plane(config: FarmConfig) -> None:
 
     if not ray.is_initialized():
         temp_dir = config.home / "ray"
+        num_cpus = config.ray.num_cpus
+        if num_cpus is None and config.ray.address is None:
+            # Logical CPUs: enough for every replica even on a small machine; the
+            # engines share the real cores through their torch threads.
+            wanted = sum(m.num_cpus * m.replicas for m in config.served_models())
+            num_cpus = max(os.cpu_count() or 1, math.ceil(wanted))
         ray.init(
             address=config.ray.address,
-            num_cpus=config.ray.num_cpus,
+            num_cpus=num_cpus if config.ray.address is None else None,
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=True,

@@ -27,17 +27,21 @@ def spec_from_pb(message: pb.RenderSpec) -> RenderSpec:
         prompt=message.prompt,
         negative_prompt=message.negative_prompt,
         image=message.image,
-        width=message.width,
-        height=message.height,
-        num_frames=message.num_frames,
-        fps=message.fps,
-        num_inference_steps=message.num_inference_steps,
-        guidance_scale=message.guidance_scale if message.HasField("guidance_scale") else None,
-        seed=message.seed if message.HasField("seed") else None,
-        priority=message.priority if message.HasField("priority") else None,
+        width=_optional(message, "width"),
+        height=_optional(message, "height"),
+        num_frames=_optional(message, "num_frames"),
+        fps=_optional(message, "fps"),
+        num_inference_steps=_optional(message, "num_inference_steps"),
+        guidance_scale=_optional(message, "guidance_scale"),
+        seed=_optional(message, "seed"),
+        priority=_optional(message, "priority"),
         labels=dict(message.labels),
         idempotency_key=message.idempotency_key,
     )
+
+
+def _optional(message, field: str):
+    return getattr(message, field) if message.HasField(field) else None
 
 
 def spec_to_pb(spec: ResolvedSpec, with_image: bool = False) -> pb.RenderSpec:

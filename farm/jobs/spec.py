@@ -24,18 +24,18 @@ MAX_IDEMPOTENCY_KEY_CHARS = 128
 
 @dataclasses.dataclass(frozen=True)
 class RenderSpec:
-    """A spec as the client sent it; zeros and Nones mean "the model's default"."""
+    """A spec as the client sent it; None means "the model's default"."""
 
     model: str
     task: Task | None
     prompt: str = ""
     negative_prompt: str = ""
     image: bytes = b""
-    width: int = 0
-    height: int = 0
-    num_frames: int = 0
-    fps: int = 0
-    num_inference_steps: int = 0
+    width: int | None = None
+    height: int | None = None
+    num_frames: int | None = None
+    fps: int | None = None
+    num_inference_steps: int | None = None
     guidance_scale: float | None = None
     seed: int | None = None
     priority: int | None = None
@@ -115,15 +115,15 @@ def resolve_spec(spec: RenderSpec, models: dict[str, ModelConfig]) -> ResolvedSp
         if len(text) > limits.max_prompt_chars:
             bad(field, f"is {len(text)} characters; the maximum is {limits.max_prompt_chars}")
 
-    width = spec.width or defaults.width
-    height = spec.height or defaults.height
+    width = defaults.width if spec.width is None else spec.width
+    height = defaults.height if spec.height is None else spec.height
     for field, value, maximum in (("spec.width", width, limits.max_width), ("spec.height", height, limits.max_height)):
         if value % limits.size_multiple:
             bad(field, f"{value} is not a multiple of {limits.size_multiple}, which {model.name} needs")
         elif not limits.min_size <= value <= maximum:
             bad(field, f"{value} is outside {limits.min_size}..{maximum}")
 
-    num_frames = spec.num_frames or defaults.num_frames
+    num_frames = defaults.num_frames if spec.num_frames is None else spec.num_frames
     step = limits.frame_step
     if (num_frames - 1) % step or not limits.min_frames <= num_frames <= limits.max_frames:
         bad(
@@ -132,11 +132,11 @@ def resolve_spec(spec: RenderSpec, models: dict[str, ModelConfig]) -> ResolvedSp
             f"(e.g. {limits.min_frames}, {limits.min_frames + step}, ..., {limits.max_frames}); got {num_frames}",
         )
 
-    fps = spec.fps or defaults.fps
+    fps = defaults.fps if spec.fps is None else spec.fps
     if not 1 <= fps <= limits.max_fps:
         bad("spec.fps", f"{fps} is outside 1..{limits.max_fps}")
 
-    steps = spec.num_inference_steps or defaults.num_inference_steps
+    steps = defaults.num_inference_steps if spec.num_inference_steps is None else spec.num_inference_steps
     if not 1 <= steps <= limits.max_steps:
         bad("spec.num_inference_steps", f"{steps} is outside 1..{limits.max_steps}")
 

@@ -90,6 +90,8 @@ def scheduler_deployment(config: FarmConfig, engines: dict):
     return serve.deployment(SchedulerServer).options(
         name="scheduler",
         num_replicas=1,
-        ray_actor_options={"num_cpus": 0.1},
+        # It mostly waits on the store and on engines; reserving no CPU lets it start on
+        # a node whose CPUs the engines have taken.
+        ray_actor_options={"num_cpus": 0},
         logging_config={"enable_access_log": False, "log_level": "INFO"},
     ).bind(config.model_dump_json(), engines)
