@@ -32,7 +32,7 @@ from farm.v1 import render_pb2 as pb
 
 MODEL = "ltx-video-tiny"
 # Sized so that one render takes about a second in the tiny engine on 2 cores.
-SHAPE = dict(width=512, height=384, num_frames=41, num_inference_steps=20, guidance_scale=3.0, fps=24)
+SHAPE = dict(width=384, height=256, num_frames=33, num_inference_steps=20, guidance_scale=3.0, fps=24)
 
 
 def bare_loop(config: FarmConfig, count: int) -> list[float]:
@@ -50,13 +50,26 @@ def bare_loop(config: FarmConfig, count: int) -> list[float]:
                                 negative_prompt="", image=None, seed=index, **SHAPE)
         started = time.perf_counter()
         output = engine.render(request, lambda progress: None, lambda: False)
+        encode_started = time.perf_counter()
         video = encode_mp4(output.frames, request.fps)
         timings = [(t.phase, t.device_kind, t.seconds) for t in output.timings]
+        timings.append(("ENCODING", "CPU", time.perf_counter() - encode_started))
         artifacts.write(request.render_id, 1, video,
                         build_manifest(engine.describe(), request, timings, output.frames.shape, None))
         if index:
             durations.append(time.perf_counter() - started)
     return durations
+
+
+def phase_medians(artifacts: Path) -> dict[str, float]:
+    import json
+    from collections import defaultdict
+
+    seconds = defaultdict(list)
+    for manifest in artifacts.glob("renders/*/attempt-1/manifest.json"):
+        for timing in json.loads(manifest.read_text())["timings"]:
+            seconds[timing["phase"]].append(timing["seconds"])
+    return {phase: round(statistics.median(values), 3) for phase, values in seconds.items()}
 
 
 def spec(seed: int) -> pb.RenderSpec:
@@ -97,11 +110,10 @@ def main() -> None:
 
     make_tiny_models(config.models_dir)
 
-    print("bare loop ...", flush=True)
+    # The bare loop runs before the farm starts and again after it stops; their
+    # union is the reference, so a drift in the machine's speed hits both sides.
+    print("bare loop (before) ...", flush=True)
     bare = bare_loop(config, args.renders)
-    bare_median = statistics.median(bare)
-    bare_throughput = len(bare) / sum(bare)
-    print(f"bare: {bare_median * 1000:.0f} ms per render (median), {bare_throughput:.3f} renders/s", flush=True)
 
     process, target = start_farm(config_path, home)
     try:
@@ -110,11 +122,17 @@ def main() -> None:
             print(f"backlog of {args.renders} ...", flush=True)
             started = time.perf_counter()
             ids = [client.submit(spec(i + 1)).id for i in range(args.renders)]
-            finals = [client.wait(rid) for rid in ids]
+            # Renders of one priority run oldest first: following the last one is enough.
+            client.wait(ids[-1])
+            finals = [client.get(rid) for rid in ids]
             farm_elapsed = time.perf_counter() - started
             assert all(r.state == pb.RENDER_STATE_SUCCEEDED for r in finals), [r.error for r in finals]
             farm_throughput = args.renders / farm_elapsed
 
+            # Diagnostic: the bare loop again with the farm idle beside it tells how much of
+            # the gap is the farm's background activity rather than its render path.
+            print("bare loop beside the idle farm ...", flush=True)
+            beside = bare_loop(config, max(args.renders // 2, 3))
             print("idle overhead ...", flush=True)
             idle = []
             for i in range(args.idle_runs):
@@ -126,8 +144,17 @@ def main() -> None:
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=120)
+    print("bare loop (after) ...", flush=True)
+    bare += bare_loop(config, args.renders)
+    bare_median = statistics.median(bare)
+    bare_throughput = len(bare) / sum(bare)
+    print(f"bare: {bare_median * 1000:.0f} ms per render (median), {bare_throughput:.3f} renders/s")
+    print(f"bare beside the idle farm: {statistics.median(beside) * 1000:.0f} ms per render (median), "
+          f"{len(beside) / sum(beside):.3f} renders/s")
 
     efficiency = farm_throughput / bare_throughput
+    print("median seconds per phase, bare:", phase_medians(config.home / "bare-artifacts"))
+    print("median seconds per phase, farm:", phase_medians(config.home / "artifacts"))
     overhead_ms = (statistics.median(idle) - bare_median) * 1000
     print(f"machine: {platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
     print(f"farm: {args.renders} renders in {farm_elapsed:.2f} s = {farm_throughput:.3f} renders/s")

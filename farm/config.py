@@ -45,7 +45,7 @@ class GatewayConfig(_Section):
     """Prometheus endpoint of the gateway on `host`; 0 disables it."""
     max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024 * 1024)
     """Largest request the gateway accepts; must exceed the largest image a model accepts."""
-    watch_poll_interval_s: float = Field(0.02, gt=0, le=5)
+    watch_poll_interval_s: float = Field(0.04, gt=0, le=5)
     """How often WatchRender looks for new events in the store."""
     fetch_chunk_bytes: int = Field(1024 * 1024, ge=4096, le=4 * 1024 * 1024)
     """Size of the chunks FetchArtifact streams."""
@@ -75,8 +75,15 @@ class SchedulerConfig(_Section):
     """How often the scheduler renews its leases, publishes pool status and looks for cancels."""
     poll_interval_s: float = Field(0.02, gt=0, le=5)
     """How often the scheduler looks for queued renders while it has free engine slots."""
-    event_flush_interval_s: float = Field(0.02, gt=0, le=5)
-    """Progress events are written to the store in batches at this interval."""
+    event_flush_interval_s: float = Field(0.1, gt=0, le=5)
+    """Progress events are written to the store in batches at this interval (final
+    states are written at once)."""
+    prefetch_per_replica: int = Field(1, ge=0, le=8)
+    """Renders dispatched to a busy engine replica to wait there, so it starts the
+    next one the moment it finishes. They hold a lease and show stage LOADING."""
+    cancel_poll_interval_s: float = Field(0.5, gt=0, le=5)
+    """How often the scheduler asks the store which running renders were cancelled
+    (progress writes also bring cancel requests back, within event_flush_interval_s)."""
     max_attempts: int = Field(3, ge=1, le=20)
     """A render whose lease is lost this many times fails."""
     metrics_port: int = Field(9465, ge=0, le=65535)

@@ -17,6 +17,7 @@ from farm.config import FarmConfig
 from farm.engines.base import EngineRequest, PhaseTiming
 from farm.errors import EngineLost
 from farm.jobs.records import ClaimedRender, ProgressUpdate
+from farm.jobs.schema import utcnow
 from farm.jobs.states import AttemptOutcome, Stage
 from farm.jobs.store import JobStore
 from farm.metering.cost import price_timings
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class RenderStream(Protocol):
-    """Events of one attempt from an engine, as dicts (see `farm.serve.engine`)."""
+    """Events of one attempt from an engine, in lists of dicts (see `farm.serve.engine`)."""
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]: ...
 
@@ -60,6 +61,7 @@ class _Running:
     stream: RenderStream | None = None
     task: asyncio.Task | None = None
     cancel_sent: bool = False
+    engine_started: bool = False
     # Phases finished so far, for charging work done before a cancel.
     timings: list[PhaseTiming] = dataclasses.field(default_factory=list)
 
@@ -85,7 +87,10 @@ class Scheduler:
         self.metrics = metrics
         self.running: dict[str, _Running] = {}
         self._pending: list[ProgressUpdate] = []
+        self._progress_arrived = asyncio.Event()
         self._wake = asyncio.Event()
+        self._changes = store.change_detector()
+        self._maybe_more = True
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
 
@@ -101,8 +106,10 @@ class Scheduler:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._flush()
+        self._changes.close()
 
     def wake(self) -> None:
+        self._maybe_more = True
         self._wake.set()
 
     def running_count(self, model: str) -> int:
@@ -119,28 +126,44 @@ class Scheduler:
                 claimed = 0
             if not claimed:
                 self._wake.clear()
+                # With every slot busy only a finishing render can make room: no polling.
+                timeout = self.settings.poll_interval_s if self._free_slots() else None
                 try:
-                    await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_s)
+                    await asyncio.wait_for(self._wake.wait(), timeout)
                 except asyncio.TimeoutError:
                     pass
 
+    def _free_slots(self) -> dict[str, int]:
+        depth = 1 + self.settings.prefetch_per_replica
+        free = {model: pool.slots * depth - self.running_count(model) for model, pool in self.pools.items()}
+        return {model: slots for model, slots in free.items() if slots > 0}
+
     async def _claim_once(self) -> int:
-        free = {model: pool.slots - self.running_count(model) for model, pool in self.pools.items()}
-        if not any(slots > 0 for slots in free.values()):
+        free = self._free_slots()
+        if not free:
+            return 0
+        # Cheap checks first: an idle farm must not spend a core polling the store.
+        if not (self._changes.changed() or self._maybe_more):
+            return 0
+        self._maybe_more = False
+        if not await asyncio.to_thread(self.store.has_queued, list(free)):
             return 0
         claimed = await asyncio.to_thread(self.store.claim, free, self.owner, self.settings.lease_seconds)
+        # Slots filled up: more may be queued than was claimed; look again when one frees.
+        self._maybe_more = len(claimed) >= sum(free.values())
         for render in claimed:
             entry = _Running(render)
             self.running[render.id] = entry
-            wait = (render.claimed_at - render.created_at).total_seconds() if render.attempt == 1 else None
-            self.metrics.attempt_started(render, wait)
             entry.task = asyncio.create_task(self._run_attempt(entry), name=f"render-{render.id}")
         self._publish_running()
         return len(claimed)
 
     async def _flush_loop(self) -> None:
         while True:
+            await self._progress_arrived.wait()
+            # Waiting a moment after the first event batches the ones that follow it.
             await asyncio.sleep(self.settings.event_flush_interval_s)
+            self._progress_arrived.clear()
             try:
                 await self._flush()
             except Exception:
@@ -151,10 +174,13 @@ class Scheduler:
             return
         batch, self._pending = self._pending, []
         try:
-            await asyncio.to_thread(self.store.record_progress, self.owner, batch)
+            cancelled = await asyncio.to_thread(self.store.record_progress, self.owner, batch)
         except Exception:
             self._pending = batch + self._pending
+            self._progress_arrived.set()
             raise
+        for render_id in cancelled:
+            self._cancel(render_id)
 
     async def _lease_loop(self) -> None:
         while True:
@@ -180,10 +206,10 @@ class Scheduler:
             self._cancel(render_id)
 
     async def _cancel_loop(self) -> None:
-        # Cheaper and faster than the lease loop: only asks which running renders a
-        # client wants cancelled, so an engine stops within a step or two.
+        # Progress writes already bring back cancel requests; this catches renders
+        # that report nothing for a while (waiting in a replica, decoding).
         while True:
-            await asyncio.sleep(self.settings.poll_interval_s * 5)
+            await asyncio.sleep(self.settings.cancel_poll_interval_s)
             if not self.running:
                 continue
             try:
@@ -214,11 +240,12 @@ class Scheduler:
         error: str | None = None
         try:
             entry.stream = pool.render(engine_request(claimed))
-            async for event in entry.stream:
-                if event["kind"] == "progress":
-                    self._on_progress(entry, pool, event)
-                elif event["kind"] == "done":
-                    outcome, result = AttemptOutcome.SUCCEEDED, event
+            async for batch in entry.stream:
+                for event in batch:
+                    if event["kind"] == "progress":
+                        self._on_progress(entry, pool, event)
+                    elif event["kind"] == "done":
+                        outcome, result = AttemptOutcome.SUCCEEDED, event
             if outcome is None:
                 outcome, error = AttemptOutcome.FAILED, "the engine ended the render without a result"
         except asyncio.CancelledError:
@@ -242,6 +269,11 @@ class Scheduler:
     def _on_progress(self, entry: _Running, pool: EnginePool, event: dict[str, Any]) -> None:
         claimed = entry.claimed
         stage = Stage(event["stage"])
+        if not entry.engine_started:
+            # Queue wait ends when an engine starts on it, not when it was leased.
+            entry.engine_started = True
+            waited = (utcnow() - claimed.created_at).total_seconds() if claimed.attempt == 1 else None
+            self.metrics.attempt_started(claimed, waited)
         for phase, kind, seconds in event.get("finished_phases", ()):
             entry.timings.append(PhaseTiming(phase, kind, seconds))
         if event.get("step_seconds"):
@@ -250,6 +282,7 @@ class Scheduler:
         self._pending.append(
             ProgressUpdate(claimed.id, claimed.attempt, stage, event.get("step", 0), event.get("total_steps", 0))
         )
+        self._progress_arrived.set()
 
     async def _release(self, claimed: ClaimedRender, reason: str) -> None:
         await self._flush()

@@ -21,5 +21,6 @@ def build_app(args: FarmConfig | dict[str, Any] | None = None) -> Application:
     else:
         args = dict(args or {})
         config = load_config(args.pop("config_path", None), **args)
-    engines = {m.name: engine_deployment(m, config.artifacts_url) for m in config.served_models()}
+    engines = {m.name: engine_deployment(m, config.artifacts_url, config.scheduler.prefetch_per_replica)
+               for m in config.served_models()}
     return scheduler_deployment(config, engines)

@@ -8,10 +8,12 @@ the stop flag makes the pipeline return at its next step boundary, before decodi
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import hashlib
 import logging
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -24,6 +26,8 @@ from farm.storage.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
 CPU = "CPU"
+WAKE_INTERVAL_S = 0.025
+GIL_SWITCH_INTERVAL_S = 0.02
 
 
 def build_manifest(engine_info: dict, request: EngineRequest, timings: list, output_shape: tuple,
@@ -56,6 +60,10 @@ class EngineServer:
         from farm.engines import load_engine
 
         self.model = ModelConfig.model_validate_json(model_json)
+        # The pipeline thread is the replica's real work; Serve's own threads need the
+        # GIL only briefly. A longer switch interval stops them from preempting the
+        # pipeline's Python code every 5 ms (it matters when steps are milliseconds).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.engine = load_engine(self.model)
         self.artifacts = ArtifactStore(artifacts_url)
         # One render at a time per replica: a second request waits here, already
@@ -70,22 +78,42 @@ class EngineServer:
         self.engine.check_health()
 
     async def render(self, request: EngineRequest):
+        """Streams lists of events. The engine thread only appends to a deque and
+        wakes this loop when it is not already awake: one wake-up and one stream item
+        per batch, not per step, so the loop does not fight the engine for the GIL."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        pending: collections.deque = collections.deque()
+        arrived = asyncio.Event()
         stop = threading.Event()
 
+        last_wake = 0.0
+
         def emit(event: dict[str, Any]) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            nonlocal last_wake
+            pending.append(event)
+            # Steps shorter than WAKE_INTERVAL_S travel together; stage changes, results
+            # and errors go at once.
+            now = time.monotonic()
+            urgent = event["kind"] != "progress" or not event.get("step")
+            if (urgent or now - last_wake >= WAKE_INTERVAL_S) and not arrived.is_set():
+                last_wake = now
+                loop.call_soon_threadsafe(arrived.set)
 
         job = loop.run_in_executor(self._executor, self._render_blocking, request, emit, stop)
         try:
-            while True:
-                event = await events.get()
-                if event["kind"] == "error":
-                    raise event["error"]
-                yield event
-                if event["kind"] == "done":
-                    break
+            finished = False
+            while not finished:
+                await arrived.wait()
+                arrived.clear()
+                batch = []
+                while pending:
+                    event = pending.popleft()
+                    if event["kind"] == "error":
+                        raise event["error"]
+                    batch.append(event)
+                    finished = finished or event["kind"] == "done"
+                if batch:
+                    yield batch
             await job
         except asyncio.CancelledError:
             stop.set()
@@ -137,15 +165,15 @@ class EngineServer:
             emit({"kind": "error", "error": error})
 
 
-def engine_deployment(model: ModelConfig, artifacts_url: str):
+def engine_deployment(model: ModelConfig, artifacts_url: str, prefetch: int):
     options: dict[str, Any] = {"num_cpus": model.num_cpus}
     if model.num_gpus:
         options["num_gpus"] = model.num_gpus
     return serve.deployment(EngineServer).options(
         name=f"engine-{model.name}",
         num_replicas=model.replicas,
-        # 2: the next render waits inside the replica while the current one runs.
-        max_ongoing_requests=2,
+        # Room for the renders the scheduler prefetches, plus health and info calls.
+        max_ongoing_requests=2 + prefetch,
         ray_actor_options=options,
         health_check_period_s=10,
         graceful_shutdown_timeout_s=30,
