@@ -225,6 +225,160 @@ def tenants_create(name: str, config_path: Optional[Path] = ConfigOption,
     print(key)
 
 
+def _store(config_path: Optional[Path]):
+    from farm.jobs.store import JobStore
+
+    config = load_config(config_path)
+    config.home.mkdir(parents=True, exist_ok=True)
+    return config, JobStore(config.store_url)
+
+
+@tenants_app.command("list")
+def tenants_list(config_path: Optional[Path] = ConfigOption):
+    """Tenants, their active key ids, limits and budgets."""
+    _, store = _store(config_path)
+    table = Table("tenant", "weight", "keys", "max running", "max queued", "budget", "left")
+    for tenant in store.list_tenants():
+        budget = left = "-"
+        if tenant.budget_nanodollars is not None:
+            status = store.budget_status(tenant.id)
+            budget = f"${tenant.budget_nanodollars / 1e9:,.2f}/{tenant.budget_period}"
+            left = f"${status.left_nanodollars / 1e9:,.6f}"
+        table.add_row(tenant.name, f"{tenant.weight:g}", " ".join(tenant.key_ids) or "-",
+                      str(tenant.max_running or "-"), str(tenant.max_queued or "-"), budget, left)
+    console.print(table)
+
+
+@tenants_app.command("rotate-key")
+def tenants_rotate_key(name: str, config_path: Optional[Path] = ConfigOption):
+    """Issue a new key (printed once) and revoke the tenant's older keys."""
+    _, store = _store(config_path)
+    key = store.rotate_key(name)
+    console.print(f"new API key for {name}, shown once; older keys are revoked:", style="bold")
+    print(key)
+
+
+@tenants_app.command("revoke-key")
+def tenants_revoke_key(key_id: str = typer.Argument(..., help="The 12 hex characters after farm_ (see list)."),
+                       config_path: Optional[Path] = ConfigOption):
+    """Revoke one key at once: its next request is UNAUTHENTICATED."""
+    _, store = _store(config_path)
+    store.revoke_key(key_id)
+    console.print(f"revoked {key_id}")
+
+
+@tenants_app.command("set-budget")
+def tenants_set_budget(name: str, dollars: Optional[float] = typer.Argument(None, help="Omit to remove the budget."),
+                       period: str = typer.Option("month", help="day or month (UTC)."),
+                       config_path: Optional[Path] = ConfigOption):
+    """Limit what a tenant may spend per day or month; submits beyond it are refused."""
+    _, store = _store(config_path)
+    tenant = store.set_budget(name, dollars, period)
+    console.print(f"{tenant.name}: budget " + (f"${dollars:,.2f} per {period}" if dollars is not None else "removed"))
+
+
+@tenants_app.command("set-limits")
+def tenants_set_limits(name: str,
+                       max_running: Optional[int] = typer.Option(None, help="Renders on engines at once; 0 removes."),
+                       max_queued: Optional[int] = typer.Option(None, help="Renders waiting; 0 removes."),
+                       weight: Optional[float] = typer.Option(None, help="Fair-share weight."),
+                       config_path: Optional[Path] = ConfigOption):
+    """Set a tenant's concurrency limits and fair-share weight."""
+    _, store = _store(config_path)
+    t = store.set_limits(name, max_running=max_running, max_queued=max_queued, weight=weight)
+    console.print(f"{t.name}: max running {t.max_running or '-'}, max queued {t.max_queued or '-'}, weight {t.weight:g}")
+
+
+@app.command()
+def usage(
+    tenant: Optional[str] = typer.Option(None, help="Any tenant (reads the store); default: yours, over gRPC."),
+    since: str = typer.Option(..., help="ISO date or time, UTC, inclusive."),
+    until: Optional[str] = typer.Option(None, help="ISO date or time, UTC, exclusive (default: now)."),
+    by: str = typer.Option("model", help="model, device, day or phase."),
+    output_format: str = typer.Option("table", "--format", help="table, csv or json."),
+    target: str = TargetOption, api_key: Optional[str] = KeyOption, config_path: Optional[Path] = ConfigOption,
+):
+    """What a tenant was charged, from the ledger."""
+    import csv
+    import datetime as dt
+
+    from farm.errors import invalid
+
+    def parse(value: str, field: str) -> dt.datetime:
+        try:
+            moment = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise invalid(field, f"{value!r} is not an ISO date or time") from None
+        return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+    if output_format not in ("table", "csv", "json"):
+        raise invalid("format", f"{output_format!r} is not one of table, csv, json")
+    if by not in ("model", "device", "day", "phase"):
+        raise invalid("by", f"{by!r} is not one of model, device, day, phase")
+    start = parse(since, "since")
+    end = parse(until, "until") if until else dt.datetime.now(dt.timezone.utc)
+    if tenant:
+        _, store = _store(config_path)
+        rows = [(r.key, r.renders, r.device_seconds, r.nanodollars)
+                for r in store.usage(store.tenant(tenant).id, start, end, by)]
+    else:
+        from google.protobuf.timestamp_pb2 import Timestamp
+
+        from farm.v1 import render_pb2 as pb
+
+        request = pb.GetUsageRequest(group_by=pb.UsageGrouping.Value(f"USAGE_GROUPING_{by.upper()}"))
+        for field, moment in (("since", start), ("until", end)):
+            stamp = Timestamp()
+            stamp.FromDatetime(moment)
+            getattr(request, field).CopyFrom(stamp)
+        with _client(target, api_key, config_path) as client:
+            report = client.stub.GetUsage(request, metadata=client.metadata, timeout=60)
+        rows = [(r.key, r.renders, r.device_seconds, r.nanodollars) for r in report.rows]
+    total = sum(r[3] for r in rows)
+    if output_format == "json":
+        print(json.dumps({"rows": [{"key": k, "renders": n, "device_seconds": s, "dollars": d / 1e9}
+                                   for k, n, s, d in rows], "total_dollars": total / 1e9}, indent=2))
+    elif output_format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow([by, "renders", "device_seconds", "dollars"])
+        for key, renders, seconds, money in rows:
+            writer.writerow([key, renders, f"{seconds:.6f}", f"{money / 1e9:.9f}"])
+    else:
+        table = Table(by, "renders", "device-seconds", "dollars")
+        for key, renders, seconds, money in rows:
+            table.add_row(key, str(renders), f"{seconds:,.3f}", f"${money / 1e9:,.6f}")
+        table.add_row("total", "", "", f"${total / 1e9:,.6f}", style="bold")
+        console.print(table)
+
+
+@app.command()
+def calibrate(model: str = typer.Option(..., "--model", "-m"),
+              renders: int = typer.Option(24, help="Calibration renders to run first (0: fit what is recorded)."),
+              max_size: int = typer.Option(768, help="Largest width/height in the grid."),
+              target: str = TargetOption, api_key: Optional[str] = KeyOption,
+              config_path: Optional[Path] = ConfigOption):
+    """Measure a grid of renders on the farm, fit the model's timing model, store it."""
+    from farm.metering.calibrate import calibration_specs, fit_and_store
+    from farm.v1 import render_pb2 as pb
+
+    config, store = _store(config_path)
+    model_config = config.model(model)
+    if model_config is None:
+        raise typer.BadParameter(f"unknown model {model!r}")
+    with _client(target, api_key, config_path) as client:
+        info = {m.name: m for m in client.models().models}[model]
+        ids = []
+        for index, fields in enumerate(calibration_specs(model_config, renders, max_size=max_size)):
+            spec = pb.RenderSpec(model=model, task=pb.TASK_TEXT_TO_VIDEO, prompt="calibration", seed=index, **fields)
+            ids.append(client.submit(spec).id)
+        for render_id in ids:
+            if client.wait(render_id).state != pb.RENDER_STATE_SUCCEEDED:
+                console.print(f"calibration render {render_id} did not succeed", style="red")
+    timing = fit_and_store(store, model_config, info.device_kind)
+    console.print(f"{model} on {info.device_kind}: fitted from {timing.samples} renders")
+    console.print_json(json.dumps(timing.to_json()))
+
+
 def _print_render(render) -> None:
     from farm.v1 import render_pb2 as pb
 

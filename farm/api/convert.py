@@ -7,7 +7,7 @@ import datetime as dt
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from farm.config import ModelConfig, Task
-from farm.jobs.records import EventRecord, RenderRecord
+from farm.jobs.records import BudgetStatus, EventRecord, RenderRecord
 from farm.jobs.spec import RenderSpec, ResolvedSpec
 from farm.jobs.states import RenderState, Stage
 from farm.metering.cost import to_dollars
@@ -106,3 +106,10 @@ def model_to_pb(model: ModelConfig, ready: bool, device_kind: str) -> pb.ModelIn
         ),
         ready=ready, device_kind=device_kind,
     )
+
+
+def budget_to_pb(status: BudgetStatus) -> pb.Budget:
+    return pb.Budget(period=status.period, budget_dollars=to_dollars(status.budget_nanodollars),
+                     spent_dollars=to_dollars(status.spent_nanodollars),
+                     reserved_dollars=to_dollars(status.reserved_nanodollars),
+                     left_dollars=to_dollars(status.left_nanodollars))

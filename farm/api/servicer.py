@@ -4,6 +4,8 @@ thread, bounded by the client's deadline) and converts the answer."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,13 +20,19 @@ from farm.errors import FailedPrecondition, invalid
 from farm.jobs.spec import resolve_spec
 from farm.jobs.states import RenderState
 from farm.jobs.store import JobStore
-from farm.metering.estimate import estimate
+from farm.metering.calibrate import measured_samples
+from farm.metering.estimate import Estimate, TimingModel, estimate_cost, fit_timing_model
 from farm.storage.artifacts import ArtifactStore
 from farm.v1 import render_pb2 as pb
 from farm.v1 import render_pb2_grpc
 
 T = TypeVar("T")
 RENDER_ID_MAX = 32
+# A model without a stored calibration is fitted from this many measured renders.
+MIN_SAMPLES_TO_FIT = 4
+TIMING_CACHE_S = 30.0
+USAGE_GROUPS = {pb.USAGE_GROUPING_MODEL: "model", pb.USAGE_GROUPING_DEVICE: "device",
+                pb.USAGE_GROUPING_DAY: "day", pb.USAGE_GROUPING_PHASE: "phase"}
 
 
 def _check_render_id(render_id: str) -> str:
@@ -41,6 +49,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         self.metrics = metrics
         self.models = {m.name: m for m in config.served_models()}
         self.artifacts = ArtifactStore(config.artifacts_url)
+        self._timings: dict[tuple[str, str], tuple[float, TimingModel | None]] = {}
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Runs a blocking store call without holding the event loop, and gives up
@@ -50,11 +59,29 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the call ran")
         return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), timeout=remaining)
 
+    async def _estimate(self, context, spec) -> Estimate:
+        """The spec's predicted cost on the pool that will run it."""
+        model = self.models[spec.model]
+        pools = {p.model: p for p in await self._call(context, self.store.pools)}
+        device_kind = pools[spec.model].device_kind if spec.model in pools else (model.device_kind or "CPU")
+        key, now = (spec.model, device_kind), time.monotonic()
+        cached = self._timings.get(key)
+        if cached is None or now - cached[0] > TIMING_CACHE_S:
+            stored = await self._call(context, self.store.cost_model, *key)
+            timing = TimingModel.from_json(stored) if stored else None
+            if timing is None:
+                samples = await self._call(context, measured_samples, self.store, model, device_kind, 200)
+                timing = fit_timing_model(samples, model) if len(samples) >= MIN_SAMPLES_TO_FIT else None
+            self._timings[key] = cached = (now, timing)
+        return estimate_cost(spec, model, cached[1], device_kind, self.config.prices)
+
     async def SubmitRender(self, request: pb.SubmitRenderRequest, context) -> pb.Render:
         tenant = current_tenant()
         spec_request = convert.spec_from_pb(request.spec)
         spec = resolve_spec(spec_request, self.models)
-        record, created = await self._call(context, self.store.submit, tenant.id, spec_request, spec)
+        estimate = await self._estimate(context, spec)
+        record, created = await self._call(context, self.store.submit, tenant.id, spec_request, spec,
+                                           estimate.nanodollars)
         if created:
             self.metrics.submitted.labels(spec.model, spec.task.value).inc()
         return convert.render_to_pb(record)
@@ -116,13 +143,30 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
 
     async def EstimateCost(self, request: pb.EstimateCostRequest, context) -> pb.CostEstimate:
         spec = resolve_spec(convert.spec_from_pb(request.spec), self.models)
-        history = await self._call(context, self.store.recent_timings, spec.model)
-        pools = {p.model: p for p in await self._call(context, self.store.pools)}
-        model = self.models[spec.model]
-        device_kind = pools[spec.model].device_kind if spec.model in pools else (model.device_kind or "CPU")
-        result = estimate(spec, history, device_kind, self.config.prices)
+        result = await self._estimate(context, spec)
+        phases = [pb.PhaseCost(phase=phase, device_kind=result.device_kind, device_seconds=seconds)
+                  for phase, seconds in sorted(result.phases.items())]
         return pb.CostEstimate(dollars=result.nanodollars / 1e9, device_seconds=result.device_seconds,
-                               device_kind=device_kind)
+                               device_kind=result.device_kind, calibrated=result.calibrated, phases=phases)
+
+    async def GetUsage(self, request: pb.GetUsageRequest, context) -> pb.UsageReport:
+        tenant = current_tenant()
+        if not request.HasField("since") or not request.HasField("until"):
+            raise invalid("since" if not request.HasField("since") else "until", "is required")
+        since = request.since.ToDatetime(tzinfo=dt.timezone.utc)
+        until = request.until.ToDatetime(tzinfo=dt.timezone.utc)
+        if request.group_by not in USAGE_GROUPS:
+            raise invalid("group_by", f"{request.group_by} is not a usage grouping")
+        rows = await self._call(context, self.store.usage, tenant.id, since, until, USAGE_GROUPS[request.group_by])
+        budget = await self._call(context, self.store.budget_status, tenant.id)
+        total = sum(row.nanodollars for row in rows)
+        report = pb.UsageReport(
+            rows=[pb.UsageRow(key=r.key, renders=r.renders, device_seconds=r.device_seconds,
+                              dollars=r.nanodollars / 1e9, nanodollars=r.nanodollars) for r in rows],
+            total_dollars=total / 1e9, total_nanodollars=total)
+        if budget is not None:
+            report.budget.CopyFrom(convert.budget_to_pb(budget))
+        return report
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         pools = {p.model: p for p in await self._call(context, self.store.pools)}

@@ -15,6 +15,32 @@ class TenantRecord:
     id: str
     name: str
     weight: float
+    budget_period: str | None = None
+    budget_nanodollars: int | None = None
+    max_running: int | None = None
+    max_queued: int | None = None
+    key_ids: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetStatus:
+    period: str
+    period_start: dt.datetime
+    budget_nanodollars: int
+    spent_nanodollars: int
+    reserved_nanodollars: int
+
+    @property
+    def left_nanodollars(self) -> int:
+        return self.budget_nanodollars - self.spent_nanodollars - self.reserved_nanodollars
+
+
+@dataclasses.dataclass(frozen=True)
+class UsageRow:
+    key: str
+    renders: int
+    device_seconds: float
+    nanodollars: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +93,7 @@ class ClaimedRender:
 
     id: str
     tenant_id: str
+    tenant_name: str
     attempt: int
     spec: ResolvedSpec
     created_at: dt.datetime

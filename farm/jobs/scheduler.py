@@ -49,8 +49,12 @@ class SchedulerMetrics(Protocol):
 
     def step_finished(self, model: str, device_kind: str, seconds: float) -> None: ...
 
-    def render_finished(self, model: str, state: str, duration_s: float | None, frames: int,
+    def render_finished(self, tenant: str, model: str, state: str, duration_s: float | None, frames: int,
                         charges: list) -> None: ...
+
+    def attempt_absorbed(self, model: str, charges: list) -> None: ...
+
+    def budget_left(self, tenant: str, dollars: float) -> None: ...
 
     def running(self, model: str, count: int) -> None: ...
 
@@ -256,7 +260,7 @@ class Scheduler:
             if entry.cancel_sent:
                 outcome = AttemptOutcome.CANCELLED
             else:
-                await self._release(claimed, f"engine lost: {lost.message}")
+                await self._release(entry, f"engine lost: {lost.message}")
                 return
         except Exception as failure:
             if entry.cancel_sent:
@@ -284,10 +288,15 @@ class Scheduler:
         )
         self._progress_arrived.set()
 
-    async def _release(self, claimed: ClaimedRender, reason: str) -> None:
+    async def _release(self, entry: _Running, reason: str) -> None:
+        claimed = entry.claimed
+        # What the lost attempt did is recorded, as absorbed by the farm: not charged.
+        absorbed = price_timings(self.config.prices, [(t.phase, t.device_kind, t.seconds) for t in entry.timings])
         await self._flush()
-        await asyncio.to_thread(self.store.release, self.owner, claimed.id, claimed.attempt, reason,
-                                self.settings.max_attempts)
+        released = await asyncio.to_thread(self.store.release, self.owner, claimed.id, claimed.attempt, reason,
+                                           self.settings.max_attempts, absorbed)
+        if released:
+            self.metrics.attempt_absorbed(claimed.spec.model, absorbed)
         self.running.pop(claimed.id, None)
         self._publish_running()
         self.wake()
@@ -317,5 +326,12 @@ class Scheduler:
             return
         duration = (record.finished_at - record.started_at).total_seconds() if record.started_at else None
         frames = claimed.spec.num_frames if outcome is AttemptOutcome.SUCCEEDED else 0
-        self.metrics.render_finished(claimed.spec.model, record.state.value, duration, frames, charges)
+        self.metrics.render_finished(claimed.tenant_name, claimed.spec.model, record.state.value, duration, frames,
+                                     charges)
+        await self._publish_budget(claimed.tenant_id, claimed.tenant_name)
+
+    async def _publish_budget(self, tenant_id: str, tenant_name: str) -> None:
+        status = await asyncio.to_thread(self.store.budget_status, tenant_id)
+        if status is not None:
+            self.metrics.budget_left(tenant_name, status.left_nanodollars / 1e9)
 

@@ -62,6 +62,13 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     weight: Mapped[float] = mapped_column(Float, default=1.0)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Spending limit per period ("day" or "month", UTC); None means no budget.
+    budget_period: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    budget_nanodollars: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Renders on engines at once (the scheduler holds back the rest) and renders
+    # waiting (a submit beyond it is refused); None means unlimited.
+    max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_queued: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ApiKey(Base):
@@ -102,6 +109,8 @@ class Render(Base):
     artifact_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
     manifest_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
     cost_nanodollars: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The estimate held against the tenant's budget while the render is not final.
+    reserved_nanodollars: Mapped[int] = mapped_column(BigInteger, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Sequence number of the render's newest event; watchers compare it to resume.
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
@@ -160,11 +169,24 @@ class LedgerEntry(Base):
     device_kind: Mapped[str] = mapped_column(String(32))
     device_seconds: Mapped[float] = mapped_column(Float)
     nanodollars: Mapped[int] = mapped_column(BigInteger)
+    # False: an attempt lost to a farm fault, recorded but absorbed by the farm.
+    charged: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     __table_args__ = (
         UniqueConstraint("render_id", "attempt", "phase", "device_kind"),
         Index("ix_ledger_tenant_created", "tenant_id", "created_at"),
     )
+
+
+class CostModel(Base):
+    """Fitted timing coefficients per (model, device kind), written by `farm calibrate`."""
+
+    __tablename__ = "cost_models"
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    coefficients_json: Mapped[str] = mapped_column(Text)
+    samples: Mapped[int] = mapped_column(Integer)
+    fitted_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Pool(Base):

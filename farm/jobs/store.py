@@ -15,14 +15,24 @@ import secrets
 import time
 from collections.abc import Iterable, Iterator
 
-from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy import create_engine, event, func, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from farm.errors import AlreadyExists, FailedPrecondition, NotFound, Unauthenticated, invalid
+from farm.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    QuotaViolation,
+    ResourceExhausted,
+    Unauthenticated,
+    invalid,
+)
+from farm.jobs.fairshare import Candidate, pick_fair
 from farm.jobs import schema as t
 from farm.jobs.records import (
+    BudgetStatus,
     ChargeRecord,
     ClaimedRender,
     EventRecord,
@@ -31,6 +41,7 @@ from farm.jobs.records import (
     ProgressUpdate,
     RenderRecord,
     TenantRecord,
+    UsageRow,
 )
 from farm.jobs.spec import RenderSpec, ResolvedSpec
 from farm.jobs.states import AttemptOutcome, RenderState, Stage, check_transition
@@ -38,6 +49,13 @@ from farm.metering.cost import Charge
 
 KEY_PREFIX = "farm"
 MAX_PAGE_SIZE = 1000
+BUDGET_PERIODS = ("day", "month")
+MAX_BUDGET_DOLLARS = 10_000_000
+USAGE_GROUPS = ("model", "device", "day", "phase")
+# What a client refused for a full queue is told to wait before retrying.
+QUEUE_FULL_RETRY_S = 10.0
+# Arbitrary constant: the PostgreSQL advisory lock that serializes claims.
+CLAIM_LOCK = 7_405_112_002
 
 
 def new_render_id() -> str:
@@ -101,7 +119,7 @@ class JobStore:
                 key = self._issue_key(session, tenant.id)
         except IntegrityError:
             raise AlreadyExists(f"tenant {name!r} already exists") from None
-        return TenantRecord(tenant.id, tenant.name, tenant.weight), key
+        return _tenant_record(tenant), key
 
     def _issue_key(self, session: Session, tenant_id: str) -> str:
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
@@ -111,7 +129,147 @@ class JobStore:
     def tenant_by_name(self, name: str) -> TenantRecord | None:
         with self._read() as session:
             row = session.scalar(select(t.Tenant).where(t.Tenant.name == name))
-            return TenantRecord(row.id, row.name, row.weight) if row else None
+            return _tenant_record(row) if row else None
+
+    def tenant(self, name: str) -> TenantRecord:
+        record = self.tenant_by_name(name)
+        if record is None:
+            raise NotFound(f"tenant {name!r} not found")
+        return record
+
+    def list_tenants(self) -> list[TenantRecord]:
+        with self._read() as session:
+            keys: dict[str, list[str]] = {}
+            for key in session.scalars(select(t.ApiKey).where(t.ApiKey.revoked_at.is_(None))):
+                keys.setdefault(key.tenant_id, []).append(key.key_id)
+            return [_tenant_record(row, tuple(keys.get(row.id, ())))
+                    for row in session.scalars(select(t.Tenant).order_by(t.Tenant.name))]
+
+    def rotate_key(self, name: str) -> str:
+        """Issues a new key and revokes every older one in the same transaction."""
+        with self._write() as session:
+            tenant = self._tenant_row(session, name)
+            session.execute(update(t.ApiKey).where(t.ApiKey.tenant_id == tenant.id, t.ApiKey.revoked_at.is_(None))
+                            .values(revoked_at=t.utcnow()))
+            return self._issue_key(session, tenant.id)
+
+    def revoke_key(self, key_id: str) -> None:
+        """Revokes one key; the next request with it is UNAUTHENTICATED."""
+        if len(key_id) != 12:
+            raise invalid("key_id", "is the 12 hex characters after `farm_` in a key (see `farm tenants list`)")
+        with self._write() as session:
+            key = session.get(t.ApiKey, key_id)
+            if key is None:
+                raise NotFound(f"API key {key_id!r} not found")
+            key.revoked_at = key.revoked_at or t.utcnow()
+
+    def set_budget(self, name: str, dollars: float | None, period: str = "month") -> TenantRecord:
+        """Sets (or with dollars=None removes) the tenant's spending limit per period."""
+        if dollars is not None:
+            if not (0 <= dollars <= MAX_BUDGET_DOLLARS) or dollars != dollars:
+                raise invalid("budget", f"{dollars} is outside 0..{MAX_BUDGET_DOLLARS} dollars")
+            if period not in BUDGET_PERIODS:
+                raise invalid("period", f"{period!r} is not one of {', '.join(BUDGET_PERIODS)}")
+        with self._write() as session:
+            tenant = self._tenant_row(session, name)
+            tenant.budget_period = period if dollars is not None else None
+            tenant.budget_nanodollars = round(dollars * 1e9) if dollars is not None else None
+        return self.tenant(name)
+
+    def set_limits(self, name: str, *, max_running: int | None = None, max_queued: int | None = None,
+                   weight: float | None = None, clear: bool = False) -> TenantRecord:
+        """Sets the given limits; 0 (or clear=True) removes a limit."""
+        for field, value, top in (("max_running", max_running, 100_000), ("max_queued", max_queued, 10_000_000)):
+            if value is not None and not 0 <= value <= top:
+                raise invalid(field, f"{value} is outside 0..{top} (0 removes the limit)")
+        if weight is not None and not 0 < weight <= 1000:
+            raise invalid("weight", f"{weight} is outside (0, 1000]")
+        with self._write() as session:
+            tenant = self._tenant_row(session, name)
+            if clear:
+                tenant.max_running = tenant.max_queued = None
+            if max_running is not None:
+                tenant.max_running = max_running or None
+            if max_queued is not None:
+                tenant.max_queued = max_queued or None
+            if weight is not None:
+                tenant.weight = weight
+        return self.tenant(name)
+
+    def _tenant_row(self, session: Session, name: str) -> t.Tenant:
+        row = session.scalar(self._lock(select(t.Tenant).where(t.Tenant.name == name)))
+        if row is None:
+            raise NotFound(f"tenant {name!r} not found")
+        return row
+
+    def budget_status(self, tenant_id: str) -> BudgetStatus | None:
+        with self._read() as session:
+            tenant = session.get(t.Tenant, tenant_id)
+            return self._budget_status(session, tenant) if tenant else None
+
+    def _budget_status(self, session: Session, tenant: t.Tenant) -> BudgetStatus | None:
+        if tenant.budget_nanodollars is None:
+            return None
+        start = period_start(tenant.budget_period or "month", t.utcnow())
+        spent = session.scalar(
+            select(func.coalesce(func.sum(t.LedgerEntry.nanodollars), 0)).where(
+                t.LedgerEntry.tenant_id == tenant.id, t.LedgerEntry.charged.is_(True),
+                t.LedgerEntry.created_at >= start))
+        reserved = session.scalar(
+            select(func.coalesce(func.sum(t.Render.reserved_nanodollars), 0)).where(
+                t.Render.tenant_id == tenant.id,
+                t.Render.state.in_([RenderState.QUEUED.value, RenderState.RUNNING.value])))
+        return BudgetStatus(tenant.budget_period or "month", start, tenant.budget_nanodollars, int(spent),
+                            int(reserved))
+
+    def _check_limits(self, session: Session, tenant: t.Tenant, estimate_nanodollars: int) -> None:
+        """Raises ResourceExhausted when this submit would pass a limit. Runs inside the
+        submit's write transaction with the tenant row locked, so concurrent submits
+        cannot each see the same money left."""
+        if tenant.max_queued is not None:
+            queued = session.scalar(select(func.count()).where(
+                t.Render.tenant_id == tenant.id, t.Render.state == RenderState.QUEUED.value))
+            if queued >= tenant.max_queued:
+                raise ResourceExhausted(
+                    f"tenant {tenant.name} has {queued} renders queued; its limit is {tenant.max_queued}",
+                    [QuotaViolation(f"tenant:{tenant.name}/max_queued",
+                                    f"{queued} of {tenant.max_queued} queued renders used; 0 left")],
+                    retry_after_s=QUEUE_FULL_RETRY_S)
+        status = self._budget_status(session, tenant)
+        if status is not None and estimate_nanodollars > status.left_nanodollars:
+            left = max(status.left_nanodollars, 0) / 1e9
+            raise ResourceExhausted(
+                f"tenant {tenant.name}'s {status.period}ly budget of ${status.budget_nanodollars / 1e9:.6f} has "
+                f"${left:.6f} left; this render is estimated at ${estimate_nanodollars / 1e9:.6f}",
+                [QuotaViolation(f"tenant:{tenant.name}/budget:{status.period}",
+                                f"${left:.6f} of ${status.budget_nanodollars / 1e9:.6f} left "
+                                f"(spent ${status.spent_nanodollars / 1e9:.6f}, reserved "
+                                f"${status.reserved_nanodollars / 1e9:.6f}); needs ${estimate_nanodollars / 1e9:.6f}")])
+
+    def usage(self, tenant_id: str, since: dt.datetime, until: dt.datetime, by: str) -> list[UsageRow]:
+        """Charged ledger rows of a tenant in [since, until), grouped."""
+        if by not in USAGE_GROUPS:
+            raise invalid("by", f"{by!r} is not one of {', '.join(USAGE_GROUPS)}")
+        if until <= since:
+            raise invalid("until", f"{until.isoformat()} is not after since ({since.isoformat()})")
+        with self._read() as session:
+            rows = session.execute(
+                select(t.LedgerEntry.render_id, t.LedgerEntry.model, t.LedgerEntry.device_kind,
+                       t.LedgerEntry.phase, t.LedgerEntry.created_at, t.LedgerEntry.device_seconds,
+                       t.LedgerEntry.nanodollars)
+                .where(t.LedgerEntry.tenant_id == tenant_id, t.LedgerEntry.charged.is_(True),
+                       t.LedgerEntry.created_at >= since, t.LedgerEntry.created_at < until)
+            ).all()
+        groups: dict[str, list] = {}
+        for row in rows:
+            created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=dt.timezone.utc)
+            key = {"model": row.model, "device": row.device_kind, "phase": row.phase,
+                   "day": created.date().isoformat()}[by]
+            group = groups.setdefault(key, [set(), 0.0, 0])
+            group[0].add(row.render_id)
+            group[1] += row.device_seconds
+            group[2] += row.nanodollars
+        return [UsageRow(key, len(ids), seconds, money) for key, (ids, seconds, money) in sorted(groups.items())]
 
     def authenticate(self, api_key: str) -> TenantRecord:
         key_id, secret = parse_api_key(api_key)
@@ -125,13 +283,15 @@ class JobStore:
             raise Unauthenticated("unknown API key")
         if row.ApiKey.revoked_at is not None:
             raise Unauthenticated("API key revoked")
-        return TenantRecord(row.Tenant.id, row.Tenant.name, row.Tenant.weight)
+        return _tenant_record(row.Tenant)
 
     # -- renders: the gateway's side ----------------------------------------------------
 
-    def submit(self, tenant_id: str, request: RenderSpec, spec: ResolvedSpec) -> tuple[RenderRecord, bool]:
-        """Queues a render; returns (render, created). With an idempotency key already
-        used by this tenant, returns the first render (created=False)."""
+    def submit(self, tenant_id: str, request: RenderSpec, spec: ResolvedSpec,
+               estimate_nanodollars: int = 0) -> tuple[RenderRecord, bool]:
+        """Queues a render, reserving its estimated cost against the tenant's budget;
+        returns (render, created). With an idempotency key already used by this
+        tenant, returns the first render (created=False) and reserves nothing."""
         fingerprint = request.fingerprint()
         key = spec.idempotency_key or None
         if key:
@@ -141,11 +301,15 @@ class JobStore:
         render_id = new_render_id()
         try:
             with self._write() as session:
+                tenant = session.scalar(self._lock(select(t.Tenant).where(t.Tenant.id == tenant_id)))
+                if tenant is None:
+                    raise NotFound(f"tenant {tenant_id!r} not found")
+                self._check_limits(session, tenant, estimate_nanodollars)
                 row = t.Render(
                     id=render_id, tenant_id=tenant_id, idempotency_key=key, request_fingerprint=fingerprint,
                     model=spec.model, task=spec.task.value, spec_json=spec.to_json(), image=spec.image or None,
                     priority=spec.priority, seed=spec.seed, state=RenderState.QUEUED.value, attempt=1,
-                    created_at=t.utcnow(),
+                    created_at=t.utcnow(), reserved_nanodollars=estimate_nanodollars,
                 )
                 session.add(row)
                 session.flush()
@@ -253,23 +417,33 @@ class JobStore:
     # -- renders: the scheduler's side ----------------------------------------------------
 
     def claim(self, free_slots: dict[str, int], owner: str, lease_seconds: float) -> list[ClaimedRender]:
-        """Leases up to free_slots[model] queued renders of each model, highest
-        priority first, then oldest."""
+        """Leases up to free_slots[model] queued renders of each model: higher
+        priority first, then by weighted fair share between tenants, then oldest."""
         claimed: list[ClaimedRender] = []
         now = t.utcnow()
         with self._write() as session:
+            if not self.is_sqlite:
+                # Fair share needs one consistent view of the queue: claims run one at a
+                # time (SQLite's write lock does this by itself). They take milliseconds.
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK})
+            tenants = {row.id: row for row in session.scalars(select(t.Tenant))}
+            running = dict(session.execute(
+                select(t.Render.tenant_id, func.count()).where(t.Render.state == RenderState.RUNNING.value)
+                .group_by(t.Render.tenant_id)).all())
             for model, slots in free_slots.items():
                 if slots <= 0:
                     continue
-                stmt = (
-                    select(t.Render)
-                    .where(t.Render.state == RenderState.QUEUED.value, t.Render.model == model)
-                    .order_by(t.Render.priority.desc(), t.Render.created_at, t.Render.id)
-                    .limit(slots)
+                picked = pick_fair(
+                    slots, self._queued_heads(session, model, slots), running,
+                    {tid: row.weight for tid, row in tenants.items()},
+                    {tid: row.max_running for tid, row in tenants.items()},
                 )
-                if not self.is_sqlite:
-                    stmt = stmt.with_for_update(skip_locked=True)
-                for row in session.scalars(stmt):
+                for candidate in picked:
+                    running[candidate.tenant_id] = running.get(candidate.tenant_id, 0) + 1
+                    row = session.scalar(self._lock(select(t.Render).where(
+                        t.Render.id == candidate.render_id, t.Render.state == RenderState.QUEUED.value)))
+                    if row is None:  # cancelled since the heads were read
+                        continue
                     check_transition(RenderState(row.state), RenderState.RUNNING)
                     row.state = RenderState.RUNNING.value
                     row.stage = Stage.LOADING.value
@@ -281,12 +455,27 @@ class JobStore:
                     self._add_event(session, row, f"attempt {row.attempt} started")
                     claimed.append(
                         ClaimedRender(
-                            id=row.id, tenant_id=row.tenant_id, attempt=row.attempt,
-                            spec=ResolvedSpec.from_json(row.spec_json, row.image),
+                            id=row.id, tenant_id=row.tenant_id, tenant_name=tenants[row.tenant_id].name,
+                            attempt=row.attempt, spec=ResolvedSpec.from_json(row.spec_json, row.image),
                             created_at=row.created_at, claimed_at=now,
                         )
                     )
         return claimed
+
+    def _queued_heads(self, session: Session, model: str, depth: int) -> dict[str, list[Candidate]]:
+        """The first `depth` queued renders of each tenant with work for the model."""
+        tenants = session.scalars(
+            select(t.Render.tenant_id).where(t.Render.state == RenderState.QUEUED.value, t.Render.model == model)
+            .distinct())
+        heads = {}
+        for tenant_id in tenants:
+            rows = session.execute(
+                select(t.Render.id, t.Render.priority, t.Render.created_at)
+                .where(t.Render.state == RenderState.QUEUED.value, t.Render.model == model,
+                       t.Render.tenant_id == tenant_id)
+                .order_by(t.Render.priority.desc(), t.Render.created_at, t.Render.id).limit(depth)).all()
+            heads[tenant_id] = [Candidate(r.id, tenant_id, r.priority, r.created_at) for r in rows]
+        return heads
 
     def change_detector(self) -> "ChangeDetector":
         return ChangeDetector(self.url if self.is_sqlite else None)
@@ -359,6 +548,7 @@ class JobStore:
         outcome: AttemptOutcome,
         *,
         charges: list[Charge] = (),
+        absorbed: list[Charge] = (),
         artifact_uri: str | None = None,
         manifest_uri: str | None = None,
         error: str | None = None,
@@ -368,7 +558,8 @@ class JobStore:
     ) -> RenderRecord | None:
         """Ends an attempt and its render in one transaction with its ledger rows.
         Returns None, writing nothing, when the attempt no longer holds the lease (a
-        replay, or a zombie attempt after a requeue): a render is never charged twice."""
+        replay, or a zombie attempt after a requeue): a render is never charged twice.
+        `absorbed` are earlier work of this attempt that the farm does not charge."""
         state = {
             AttemptOutcome.SUCCEEDED: RenderState.SUCCEEDED,
             AttemptOutcome.FAILED: RenderState.FAILED,
@@ -379,30 +570,34 @@ class JobStore:
             if row is None or row.attempt != attempt:
                 return None
             self._end_attempt(session, row, outcome, error, device_kind, node, timings)
-            for charge in charges:
-                session.add(
-                    t.LedgerEntry(
-                        render_id=row.id, tenant_id=row.tenant_id, model=row.model, attempt=attempt,
-                        phase=charge.phase, device_kind=charge.device_kind,
-                        device_seconds=charge.device_seconds, nanodollars=charge.nanodollars,
-                    )
-                )
+            self._add_ledger(session, row, attempt, charges, charged=True)
             row.cost_nanodollars += sum(c.nanodollars for c in charges)
             row.artifact_uri, row.manifest_uri, row.error = artifact_uri, manifest_uri, error
             message = {"SUCCEEDED": "succeeded", "FAILED": f"failed: {error}", "CANCELLED": "cancelled"}[state.value]
             self._finish_row(session, row, state, message=message)
         return self.get(None, render_id)
 
-    def release(self, owner: str, render_id: str, attempt: int, reason: str, max_attempts: int) -> bool:
+    def release(self, owner: str, render_id: str, attempt: int, reason: str, max_attempts: int,
+                absorbed: list[Charge] = ()) -> bool:
         """Gives back a lease the farm could not honour (the replica died): the attempt
-        is LOST and not charged; the render is requeued with attempt + 1, or fails after
-        max_attempts."""
+        is LOST, its work recorded as absorbed by the farm, not charged; the render is
+        requeued with attempt + 1, or fails after max_attempts."""
         with self._write() as session:
             row = self._leased(session, owner, {render_id}).get(render_id)
             if row is None or row.attempt != attempt:
                 return False
+            self._add_ledger(session, row, attempt, absorbed, charged=False)
             self._requeue_row(session, row, reason, max_attempts)
             return True
+
+    def _add_ledger(self, session: Session, row: t.Render, attempt: int, charges: Iterable[Charge],
+                    charged: bool) -> None:
+        for charge in charges:
+            session.add(t.LedgerEntry(
+                render_id=row.id, tenant_id=row.tenant_id, model=row.model, attempt=attempt, phase=charge.phase,
+                device_kind=charge.device_kind, device_seconds=charge.device_seconds,
+                nanodollars=charge.nanodollars, charged=charged,
+            ))
 
     def requeue_expired(self, max_attempts: int) -> list[str]:
         """Sends renders whose lease expired back to the queue (attempt + 1), or
@@ -447,6 +642,7 @@ class JobStore:
         check_transition(RenderState(row.state), state)
         row.state = state.value
         row.finished_at = t.utcnow()
+        row.reserved_nanodollars = 0  # the ledger now holds what it really cost
         row.lease_owner = row.lease_expires_at = None
         self._add_event(session, row, message)
 
@@ -494,10 +690,24 @@ class JobStore:
         return [(ResolvedSpec.from_json(spec), [tuple(x) for x in json.loads(timings)])
                 for spec, timings in rows if timings]
 
+    def save_cost_model(self, model: str, device_kind: str, coefficients: dict, samples: int) -> None:
+        with self._write() as session:
+            row = session.get(t.CostModel, (model, device_kind))
+            if row is None:
+                row = t.CostModel(model=model, device_kind=device_kind)
+                session.add(row)
+            row.coefficients_json, row.samples, row.fitted_at = json.dumps(coefficients), samples, t.utcnow()
+
+    def cost_model(self, model: str, device_kind: str) -> dict | None:
+        with self._read() as session:
+            row = session.get(t.CostModel, (model, device_kind))
+            return json.loads(row.coefficients_json) if row else None
+
     # -- ledger --------------------------------------------------------------------------
 
-    def ledger_total_nanodollars(self, tenant_id: str | None = None) -> int:
-        stmt = select(func.coalesce(func.sum(t.LedgerEntry.nanodollars), 0))
+    def ledger_total_nanodollars(self, tenant_id: str | None = None, charged: bool = True) -> int:
+        stmt = select(func.coalesce(func.sum(t.LedgerEntry.nanodollars), 0)).where(
+            t.LedgerEntry.charged.is_(charged))
         if tenant_id:
             stmt = stmt.where(t.LedgerEntry.tenant_id == tenant_id)
         with self._read() as session:
@@ -509,7 +719,8 @@ class JobStore:
             charges = tuple(
                 ChargeRecord(c.attempt, c.phase, c.device_kind, c.device_seconds, c.nanodollars)
                 for c in session.scalars(
-                    select(t.LedgerEntry).where(t.LedgerEntry.render_id == row.id).order_by(t.LedgerEntry.id)
+                    select(t.LedgerEntry).where(t.LedgerEntry.render_id == row.id, t.LedgerEntry.charged.is_(True))
+                    .order_by(t.LedgerEntry.id)
                 )
             )
         return RenderRecord(
@@ -548,6 +759,17 @@ class ChangeDetector:
     def close(self) -> None:
         if self._connection is not None:
             self._connection.close()
+
+
+def period_start(period: str, now: dt.datetime) -> dt.datetime:
+    """Start (UTC) of the budget period holding `now`."""
+    day = now.astimezone(dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day if period == "day" else day.replace(day=1)
+
+
+def _tenant_record(row: t.Tenant, key_ids: tuple[str, ...] = ()) -> TenantRecord:
+    return TenantRecord(row.id, row.name, row.weight, row.budget_period, row.budget_nanodollars, row.max_running,
+                        row.max_queued, key_ids)
 
 
 def _event_record(e: t.Event) -> EventRecord:

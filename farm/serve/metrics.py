@@ -30,10 +30,15 @@ class ServeMetrics:
                               ["model", "device_kind"], buckets=STEP_BUCKETS, registry=r)
         self.frames = Counter("farm_frames_generated_total", "Frames delivered in succeeded renders.",
                               ["model"], registry=r)
-        self.cost = Counter("farm_cost_dollars_total", "Metered cost.", ["model", "device_kind", "phase"],
-                            registry=r)
-        self.device_seconds = Counter("farm_device_seconds_total", "Metered device time.",
-                                      ["model", "device_kind", "phase"], registry=r)
+        labels = ["tenant", "model", "device_kind", "phase"]
+        self.cost = Counter("farm_cost_dollars_total", "Cost charged to tenants.", labels, registry=r)
+        self.device_seconds = Counter("farm_device_seconds_total", "Device time charged to tenants.", labels,
+                                      registry=r)
+        self.absorbed = Counter("farm_absorbed_dollars_total", "Cost of attempts lost to farm faults, not charged.",
+                                ["model", "device_kind"], registry=r)
+        self.budget_remaining = Gauge("farm_budget_remaining_dollars",
+                                      "Budget left in the current period (after reservations).", ["tenant"],
+                                      registry=r)
         self.running_renders = Gauge("farm_renders_running", "Renders on engines now.", ["model"], registry=r)
 
     def serve_http(self, host: str, port: int) -> None:
@@ -47,7 +52,7 @@ class ServeMetrics:
     def step_finished(self, model: str, device_kind: str, seconds: float) -> None:
         self.step.labels(model, device_kind).observe(seconds)
 
-    def render_finished(self, model: str, state: str, duration_s: float | None, frames: int,
+    def render_finished(self, tenant: str, model: str, state: str, duration_s: float | None, frames: int,
                         charges: list[Charge]) -> None:
         self.finished.labels(model, state).inc()
         if duration_s is not None:
@@ -55,8 +60,15 @@ class ServeMetrics:
         if frames:
             self.frames.labels(model).inc(frames)
         for charge in charges:
-            self.cost.labels(model, charge.device_kind, charge.phase).inc(charge.dollars)
-            self.device_seconds.labels(model, charge.device_kind, charge.phase).inc(charge.device_seconds)
+            self.cost.labels(tenant, model, charge.device_kind, charge.phase).inc(charge.dollars)
+            self.device_seconds.labels(tenant, model, charge.device_kind, charge.phase).inc(charge.device_seconds)
+
+    def attempt_absorbed(self, model: str, charges: list[Charge]) -> None:
+        for charge in charges:
+            self.absorbed.labels(model, charge.device_kind).inc(charge.dollars)
+
+    def budget_left(self, tenant: str, dollars: float) -> None:
+        self.budget_remaining.labels(tenant).set(dollars)
 
     def running(self, model: str, count: int) -> None:
         self.running_renders.labels(model).set(count)

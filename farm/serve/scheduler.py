@@ -70,6 +70,8 @@ class SchedulerServer:
         pools = {}
         for model in self.config.served_models():
             info = await engines[model.name].info.remote()
+            # A device without a price is a start-up error, never a free render.
+            self.config.prices.price_of(info["device_kind"])
             pools[model.name] = ServePool(model.name, engines[model.name], model.replicas, info["device_kind"])
         owner = f"scheduler-{socket.gethostname()}-{os.getpid()}"
         self.scheduler = Scheduler(self.store, pools, self.config, owner, self.metrics)
@@ -83,7 +85,8 @@ class SchedulerServer:
         }
 
     async def __del__(self):
-        await self.scheduler.stop()
+        if hasattr(self, "scheduler"):  # the constructor may have failed
+            await self.scheduler.stop()
 
 
 def scheduler_deployment(config: FarmConfig, engines: dict):

@@ -39,6 +39,13 @@ class ArtifactKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ARTIFACT_KIND_VIDEO: _ClassVar[ArtifactKind]
     ARTIFACT_KIND_MANIFEST: _ClassVar[ArtifactKind]
+
+class UsageGrouping(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    USAGE_GROUPING_MODEL: _ClassVar[UsageGrouping]
+    USAGE_GROUPING_DEVICE: _ClassVar[UsageGrouping]
+    USAGE_GROUPING_DAY: _ClassVar[UsageGrouping]
+    USAGE_GROUPING_PHASE: _ClassVar[UsageGrouping]
 TASK_UNSPECIFIED: Task
 TASK_TEXT_TO_VIDEO: Task
 TASK_IMAGE_TO_VIDEO: Task
@@ -57,6 +64,10 @@ STAGE_POSTPROCESSING: Stage
 STAGE_WRITING: Stage
 ARTIFACT_KIND_VIDEO: ArtifactKind
 ARTIFACT_KIND_MANIFEST: ArtifactKind
+USAGE_GROUPING_MODEL: UsageGrouping
+USAGE_GROUPING_DEVICE: UsageGrouping
+USAGE_GROUPING_DAY: UsageGrouping
+USAGE_GROUPING_PHASE: UsageGrouping
 
 class RenderSpec(_message.Message):
     __slots__ = ("model", "task", "prompt", "negative_prompt", "image", "width", "height", "num_frames", "fps", "num_inference_steps", "guidance_scale", "seed", "priority", "labels", "idempotency_key")
@@ -254,14 +265,68 @@ class EstimateCostRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[RenderSpec, _Mapping]] = ...) -> None: ...
 
 class CostEstimate(_message.Message):
-    __slots__ = ("dollars", "device_seconds", "device_kind")
+    __slots__ = ("dollars", "device_seconds", "device_kind", "calibrated", "phases")
     DOLLARS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    PHASES_FIELD_NUMBER: _ClassVar[int]
     dollars: float
     device_seconds: float
     device_kind: str
-    def __init__(self, dollars: _Optional[float] = ..., device_seconds: _Optional[float] = ..., device_kind: _Optional[str] = ...) -> None: ...
+    calibrated: bool
+    phases: _containers.RepeatedCompositeFieldContainer[PhaseCost]
+    def __init__(self, dollars: _Optional[float] = ..., device_seconds: _Optional[float] = ..., device_kind: _Optional[str] = ..., calibrated: _Optional[bool] = ..., phases: _Optional[_Iterable[_Union[PhaseCost, _Mapping]]] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ("since", "until", "group_by")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    since: _timestamp_pb2.Timestamp
+    until: _timestamp_pb2.Timestamp
+    group_by: UsageGrouping
+    def __init__(self, since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Union[UsageGrouping, str]] = ...) -> None: ...
+
+class UsageRow(_message.Message):
+    __slots__ = ("key", "renders", "device_seconds", "dollars", "nanodollars")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    RENDERS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DOLLARS_FIELD_NUMBER: _ClassVar[int]
+    NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    renders: int
+    device_seconds: float
+    dollars: float
+    nanodollars: int
+    def __init__(self, key: _Optional[str] = ..., renders: _Optional[int] = ..., device_seconds: _Optional[float] = ..., dollars: _Optional[float] = ..., nanodollars: _Optional[int] = ...) -> None: ...
+
+class Budget(_message.Message):
+    __slots__ = ("period", "budget_dollars", "spent_dollars", "reserved_dollars", "left_dollars")
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_DOLLARS_FIELD_NUMBER: _ClassVar[int]
+    SPENT_DOLLARS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_DOLLARS_FIELD_NUMBER: _ClassVar[int]
+    LEFT_DOLLARS_FIELD_NUMBER: _ClassVar[int]
+    period: str
+    budget_dollars: float
+    spent_dollars: float
+    reserved_dollars: float
+    left_dollars: float
+    def __init__(self, period: _Optional[str] = ..., budget_dollars: _Optional[float] = ..., spent_dollars: _Optional[float] = ..., reserved_dollars: _Optional[float] = ..., left_dollars: _Optional[float] = ...) -> None: ...
+
+class UsageReport(_message.Message):
+    __slots__ = ("rows", "total_dollars", "total_nanodollars", "budget")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_DOLLARS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_NANODOLLARS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
+    total_dollars: float
+    total_nanodollars: int
+    budget: Budget
+    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ..., total_dollars: _Optional[float] = ..., total_nanodollars: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -76,6 +76,11 @@ class RenderServiceStub:
                 request_serializer=farm_dot_v1_dot_render__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=farm_dot_v1_dot_render__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/farm.v1.RenderService/GetUsage',
+                request_serializer=farm_dot_v1_dot_render__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=farm_dot_v1_dot_render__pb2.UsageReport.FromString,
+                _registered_method=True)
 
 
 class RenderServiceServicer:
@@ -138,6 +143,13 @@ class RenderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """What the caller's tenant was charged in a time range, grouped, and its budget.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RenderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +192,11 @@ def add_RenderServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=farm_dot_v1_dot_render__pb2.ListModelsRequest.FromString,
                     response_serializer=farm_dot_v1_dot_render__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=farm_dot_v1_dot_render__pb2.GetUsageRequest.FromString,
+                    response_serializer=farm_dot_v1_dot_render__pb2.UsageReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +417,33 @@ class RenderService:
             '/farm.v1.RenderService/ListModels',
             farm_dot_v1_dot_render__pb2.ListModelsRequest.SerializeToString,
             farm_dot_v1_dot_render__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/farm.v1.RenderService/GetUsage',
+            farm_dot_v1_dot_render__pb2.GetUsageRequest.SerializeToString,
+            farm_dot_v1_dot_render__pb2.UsageReport.FromString,
             options,
             channel_credentials,
             insecure,

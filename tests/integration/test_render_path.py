@@ -23,9 +23,10 @@ CASES = [
 ]
 
 
-def small_spec(model="ltx-video-tiny", task=T2V, width=128, height=96, frames=9, fps=8, steps=3, **extra):
+def small_spec(model="ltx-video-tiny", task=T2V, width=128, height=96, frames=9, fps=8, steps=3, seed=1234,
+               **extra):
     spec = pb.RenderSpec(model=model, task=task, prompt="a paper boat drifting on a pond", width=width,
-                         height=height, num_frames=frames, fps=fps, num_inference_steps=steps, seed=1234, **extra)
+                         height=height, num_frames=frames, fps=fps, num_inference_steps=steps, seed=seed, **extra)
     if task == I2V and not spec.image:
         spec.image = first_frame_png(width, height)
     return spec
