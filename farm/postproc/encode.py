@@ -8,27 +8,60 @@ import io
 import numpy as np
 
 
+def check_frames(frames: np.ndarray) -> None:
+    """Raises ValueError unless frames is what every post-processing stage takes:
+    a uint8 numpy array (F, H, W, 3), RGB."""
+    if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        described = f"{frames.dtype} {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
+        raise ValueError(f"frames must be uint8 (F, H, W, 3), got {described}")
+
+
+def frame_rate(fps: int | float | fractions.Fraction) -> fractions.Fraction:
+    """fps as an exact fraction: 24 -> 24, 29.97002997 -> 30000/1001 (floats are
+    read as the nearest fraction with a denominator of at most 1001)."""
+    rate = fractions.Fraction(fps).limit_denominator(1001)
+    if rate <= 0:
+        raise ValueError(f"fps must be positive, got {fps!r}")
+    return rate
+
+
 def encode_mp4(frames: np.ndarray, fps: int, *, crf: int = 18, preset: str = "veryfast") -> bytes:
     """Encodes uint8 frames (F, H, W, 3) as H.264 in MP4, one frame per 1/fps s.
     Width and height must be even (yuv420p); every model's size multiple is."""
+    return encode_h264_mp4(frames, fps, start_frame=0, crf=crf, preset=preset)
+
+
+def encode_h264_mp4(
+    frames: np.ndarray,
+    fps: int | float | fractions.Fraction,
+    *,
+    start_frame: int = 0,
+    crf: int = 18,
+    preset: str = "veryfast",
+) -> bytes:
+    """Encodes uint8 frames (F, H, W, 3) as H.264 (yuv420p) in MP4, frame i with
+    pts start_frame + i in time base 1/fps. The stream starts with an IDR
+    frame and has no B-frames, so every GOP is closed and decode order is
+    presentation order (what joining segments without re-encoding needs)."""
     import av
 
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
+    check_frames(frames)
     count, height, width, _ = frames.shape
     if width % 2 or height % 2:
         raise ValueError(f"H.264 in yuv420p needs even sizes, got {width}x{height}")
+    rate = frame_rate(fps)
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fractions.Fraction(fps, 1))
+        stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.time_base = fractions.Fraction(1, fps)
-        # No B-frame reordering surprises for players; CRF keeps quality, not bitrate, fixed.
-        stream.options = {"crf": str(crf), "preset": preset, "movflags": "+faststart"}
-        stream.codec_context.options = {"bf": "0"}
+        stream.time_base = 1 / rate
+        # CRF keeps quality, not bitrate, fixed.
+        stream.options = {"crf": str(crf), "preset": preset}
+        # No B-frame reordering surprises for players; closed GOPs.
+        stream.codec_context.options = {"bf": "0", "flags": "+cgop"}
         for index in range(count):
             frame = av.VideoFrame.from_ndarray(frames[index], format="rgb24")
-            frame.pts = index
+            frame.pts = start_frame + index
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
