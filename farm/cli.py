@@ -18,7 +18,9 @@ app = typer.Typer(help="farm: a render farm for AI video generation.", no_args_i
                   pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Served models and the tiny random-weight ones.", no_args_is_help=True)
 tenants_app = typer.Typer(help="Tenants and their API keys (talks to the store directly).", no_args_is_help=True)
+engines_app = typer.Typer(help="Optimized engine builds (ONNX, compile, FP8).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(engines_app, name="engines")
 app.add_typer(tenants_app, name="tenants")
 console = Console()
 
@@ -377,6 +379,40 @@ def calibrate(model: str = typer.Option(..., "--model", "-m"),
     timing = fit_and_store(store, model_config, info.device_kind)
     console.print(f"{model} on {info.device_kind}: fitted from {timing.samples} renders")
     console.print_json(json.dumps(timing.to_json()))
+
+
+@engines_app.command("build")
+def engines_build(model: str = typer.Option(..., "--model", "-m"),
+                  backend: str = typer.Option(..., help="eager, compile, fp8 or onnx."),
+                  shape: list[str] = typer.Option(..., help="WIDTHxHEIGHTxFRAMES, repeatable."),
+                  no_guidance: bool = typer.Option(False, help="Build for guidance_scale <= 1 (batch 1)."),
+                  force: bool = typer.Option(False, help="Rebuild even if the cache has it."),
+                  config_path: Optional[Path] = ConfigOption):
+    """Export or compile a model's transformer ahead of time into the engine cache."""
+    from farm.engines.backends.shapes import parse_shape
+    from farm.engines.build import build_engine
+    from farm.errors import invalid
+
+    config = load_config(config_path)
+    model_config = config.model(model)
+    if model_config is None:
+        raise invalid("model", f"unknown model {model!r}")
+    from pydantic import ValidationError
+
+    from farm.config import BackendConfig
+
+    try:
+        chosen = BackendConfig.model_validate({**model_config.backend.model_dump(), "name": backend})
+    except ValidationError as error:
+        raise invalid("backend", error.errors()[0]["msg"]) from None
+    model_config = model_config.model_copy(update={"backend": chosen})
+    for text in shape:
+        try:
+            bucket = parse_shape(text, batch=1 if no_guidance else 2)
+        except ValueError as error:
+            raise invalid("shape", str(error)) from None
+        path = build_engine(model_config, bucket, force=force)
+        console.print(f"{model} {backend} {text}: {path}")
 
 
 def _print_render(render) -> None:

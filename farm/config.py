@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -152,6 +152,47 @@ FAMILY_DEFAULTS: dict[Family, RenderDefaults] = {
 }
 
 
+class BackendConfig(_Section):
+    """How a model's transformer runs: the backend, its ahead-of-time builds, step caching, VAE tiling."""
+
+    name: Literal["eager", "compile", "fp8", "onnx"] = "eager"
+    """eager: the diffusers model as loaded, in the model's dtype. compile: torch.compile of the
+    transformer (with CUDA graphs on a GPU), built per shape by `farm engines build`. fp8: FP8 linear
+    layers in the transformer blocks plus compile; needs a GPU with FP8 tensor cores (Ada, Hopper or
+    newer). onnx: the transformer exported to ONNX per shape and run by ONNX Runtime (TensorRT or CUDA
+    execution provider in FP16 on a GPU, CPU provider in float32 on CPU)."""
+    first_block_cache_threshold: float | None = Field(None, ge=0)
+    """First-Block Cache: a step whose first transformer block changes its output by less than this
+    (relative mean absolute difference from the previous step) reuses the previous step's residual
+    of the remaining blocks. None turns it off; 0 never skips; around 0.05-0.1 is typical. Not with onnx."""
+    onnx_provider: Literal["auto", "tensorrt", "cuda", "cpu"] = "auto"
+    """ONNX Runtime execution provider for the onnx backend. auto: TensorRT if onnxruntime offers it,
+    else CUDA, on a GPU engine; CPU on a CPU engine."""
+    cache_dir: str | None = None
+    """Directory of ahead-of-time engine builds (ONNX graphs, TensorRT engines, compile caches).
+    None means $FARM_HOME/engine-cache."""
+    missing_build: Literal["eager", "refuse"] = "eager"
+    """What a render does when the backend needs a build for its shape and none exists:
+    eager runs it on the eager transformer and notes that in the render's manifest;
+    refuse fails it with the command that would build the engine."""
+    vae_tiling: bool = False
+    """Decode with the VAE in spatial tiles and, where the VAE supports it, temporal tiles, so that
+    long or large videos fit in memory (tile edges are blended; output differs slightly from untiled)."""
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> "BackendConfig":
+        if self.name == "onnx" and self.first_block_cache_threshold is not None:
+            raise ValueError(
+                "backend: first_block_cache_threshold cannot be used with the onnx backend "
+                "(the exported graph runs every block); use eager, compile or fp8"
+            )
+        return self
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_home() / "engine-cache"
+
+
 class ModelConfig(_Section):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
     """The name clients put in a spec's `model`."""
@@ -180,6 +221,8 @@ class ModelConfig(_Section):
     """What a spec may ask of this model; None takes the family's limits."""
     defaults: RenderDefaults | None = None
     """Values for fields a spec leaves empty; None takes the family's defaults."""
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    """How the transformer runs (eager, compile, fp8, onnx), step caching and VAE tiling."""
 
     @model_validator(mode="after")
     def _fill_family_values(self) -> "ModelConfig":

@@ -69,6 +69,11 @@ class RenderOutput:
     """uint8 array of shape (num_frames, height, width, 3)."""
     timings: list[PhaseTiming]
     peak_memory_bytes: int | None = None
+    backend: str | None = None
+    """The backend that actually ran this render's transformer (e.g. onnx-cpu-float32, or the
+    eager fallback when its shape had no engine build); goes into the manifest."""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """Warnings for the manifest, e.g. that the render fell back to eager and why."""
 
 
 class RenderCancelled(Exception):

@@ -8,6 +8,13 @@ A render runs in three phases, each timed on the device that ran it:
 - DECODING: the family's `decode_latents` (what the pipeline does after its loop)
   and the pipeline's video processor, to uint8 frames.
 
+The transformer runs on the model's configured backend (`farm.engines.backends`):
+at load the engine prepares it (FP8 layers, First-Block Cache), enables VAE tiling if
+configured, and loads and warms up the ahead-of-time builds it finds in the engine
+cache (`farm.engines.build`). A render whose shape has no build runs eager with a note
+in its output (and so in its manifest), or is refused, as the config says. Every
+render reports the backend that actually ran it.
+
 Cancellation is cooperative: after every denoising step the stop check runs; when
 it says stop, the pipeline's ``_interrupt`` flag ends the loop (the diffusers
 pattern) and, because the pipeline was asked for latents, nothing is decoded:
@@ -19,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import threading
 import time
@@ -35,6 +43,14 @@ from PIL import Image, UnidentifiedImageError
 
 from farm.config import ModelConfig, Task
 from farm.engines import family_module
+from farm.engines.backends import ShapeBucket, create_backend
+from farm.engines.backends.base import (
+    Runner,
+    TransformerRouter,
+    first_output,
+    relative_error,
+)
+from farm.engines.backends.first_block_cache import apply_first_block_cache, reset_first_block_cache
 from farm.engines.base import (
     DECODING,
     DENOISING,
@@ -45,7 +61,10 @@ from farm.engines.base import (
     RenderCancelled,
     RenderOutput,
 )
+from farm.engines.build import BuildRecord, EngineBuildMissing, engine_key_fields, find_builds
 from farm.engines.hf_progress import no_progress_bars
+
+log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
@@ -106,6 +125,43 @@ def weights_sha256(model_dirs: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def pipeline_class_for(model: ModelConfig, task: Task) -> type[DiffusionPipeline]:
+    """The diffusers pipeline class that serves one task of a model's family."""
+    family = family_module(model.family)
+    try:
+        return family.PIPELINE_CLASSES[Task(task)]
+    except (KeyError, ValueError):
+        served = [t.value for t in family.PIPELINE_CLASSES]
+        raise ValueError(
+            f"model {model.name} ({model.family.value}) cannot serve task {task!r}; its family serves {served}"
+        ) from None
+
+
+def load_pipelines(model: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict[Task, DiffusionPipeline]:
+    """Loads each distinct source once; tasks sharing a source share its components."""
+    loaded: dict[str, DiffusionPipeline] = {}
+    pipelines: dict[Task, DiffusionPipeline] = {}
+    for task, source in model.sources.items():
+        pipeline_class = pipeline_class_for(model, task)
+        if source in loaded:
+            shared = loaded[source]
+            pipe = shared if type(shared) is pipeline_class else pipeline_class(**shared.components)
+        else:
+            pipe = pipeline_class.from_pretrained(source, revision=model.revision, **{_DTYPE_KWARG: dtype}).to(device)
+            loaded[source] = pipe
+        pipe.set_progress_bar_config(disable=True)
+        pipelines[task] = pipe
+    return pipelines
+
+
+def enable_vae_tiling(vae: torch.nn.Module) -> None:
+    """Spatial tiles, and temporal ones where the VAE has them (LTX-Video's framewise decoding;
+    CogVideoX's VAE already decodes a few latent frames at a time)."""
+    vae.enable_tiling()
+    if hasattr(vae, "use_framewise_decoding"):
+        vae.use_framewise_decoding = True
+
+
 def local_model_dir(source: str, revision: str | None) -> Path:
     """Where a source's files are: the directory itself, or a hub id's snapshot in the local cache."""
     if Path(source).is_dir():
@@ -128,42 +184,109 @@ class DiffusersEngine:
         if self.device.type == "cpu":
             torch.set_num_threads(model.cpu_threads or os.cpu_count() or 1)
         self.device_kind = model.device_kind or detect_device_kind(self.device)
-        self.backend = f"eager-{_dtype_name(self.dtype)}"
+        # Checked before the weights load: a backend this device cannot run fails at once.
+        self._backend = create_backend(model.backend, self.device, self.dtype)
+        self._backend.check_available()
         with no_progress_bars():
-            self.pipelines = self._load_pipelines()
+            self.pipelines = load_pipelines(model, self.device, self.dtype)
         self.weights_sha256 = weights_sha256(
             [local_model_dir(source, model.revision) for source in sorted(set(model.sources.values()))]
         )
+        self._apply_backend()
+        self.backend = self._with_step_cache(self._backend.label)
+        self.fallback_backend = self._with_step_cache(self._backend.fallback_label)
+        self._builds: dict[tuple[Task, ShapeBucket], Runner] = {}
+        self.rejected_builds: list[str] = []
+        if self._backend.builds_per_shape:
+            self._load_builds()
         # Pipelines keep per-call state (_interrupt, scheduler timesteps): one render at a time.
         self._render_lock = threading.Lock()
 
-    def _load_pipelines(self) -> dict[Task, DiffusionPipeline]:
-        """Loads each distinct source once; tasks sharing a source share its components."""
-        loaded: dict[str, DiffusionPipeline] = {}
-        pipelines: dict[Task, DiffusionPipeline] = {}
-        for task, source in self.model.sources.items():
-            pipeline_class = self._pipeline_class(task)
-            if source in loaded:
-                shared = loaded[source]
-                pipe = shared if type(shared) is pipeline_class else pipeline_class(**shared.components)
-            else:
-                pipe = pipeline_class.from_pretrained(
-                    source, revision=self.model.revision, **{_DTYPE_KWARG: self.dtype}
-                ).to(self.device)
-                loaded[source] = pipe
-            pipe.set_progress_bar_config(disable=True)
-            pipelines[task] = pipe
-        return pipelines
+    def _apply_backend(self) -> None:
+        """Prepares each distinct transformer once (LTX-Video's tasks share one) and routes its calls."""
+        config = self.model.backend
+        transformers = {id(pipe.transformer): pipe.transformer for pipe in self.pipelines.values()}
+        if config.vae_tiling:
+            for vae in {id(pipe.vae): pipe.vae for pipe in self.pipelines.values()}.values():
+                enable_vae_tiling(vae)
+        self._routers: dict[int, TransformerRouter] = {}
+        for key, transformer in transformers.items():
+            self._backend.prepare(transformer)
+            if config.first_block_cache_threshold is not None:
+                apply_first_block_cache(transformer, config.first_block_cache_threshold)
+            self._routers[key] = TransformerRouter(transformer)
 
-    def _pipeline_class(self, task: Task) -> type[DiffusionPipeline]:
-        try:
-            return self.family.PIPELINE_CLASSES[Task(task)]
-        except (KeyError, ValueError):
-            served = [t.value for t in self.family.PIPELINE_CLASSES]
-            raise ValueError(
-                f"model {self.model_name} ({self.model.family.value}) cannot serve task {task!r}; "
-                f"its family serves {served}"
-            ) from None
+    def _with_step_cache(self, label: str) -> str:
+        threshold = self.model.backend.first_block_cache_threshold
+        return label if threshold is None else f"{label}+fbc{threshold:g}"
+
+    def _load_builds(self) -> None:
+        """Loads every matching build in the engine cache and warms it up on its own sample call."""
+        cache_dir = self.model.backend.resolved_cache_dir
+        threshold = self.model.backend.first_block_cache_threshold
+        base_fields = engine_key_fields(self.weights_sha256, self._backend, threshold)
+        for record in find_builds(cache_dir, base_fields):
+            if record.task not in self.pipelines:
+                continue
+            try:
+                runner = self._backend.load(self.pipelines[record.task].transformer, record.call_signature(),
+                                            record.directory)
+                error = self._warm_up(record, runner)
+            except Exception as failure:  # noqa: BLE001 - a broken cached build must not stop the replica
+                self._reject(record, f"it failed to load: {type(failure).__name__}: {failure}")
+                continue
+            tolerance = self._backend.tolerance
+            if not error <= tolerance:
+                self._reject(record, f"its warm-up differs from eager by {error:.3e} (tolerance {tolerance:.1e})")
+                continue
+            self._builds[(record.task, record.shape)] = runner
+            log.info("%s: loaded %s build for %s %s", self.model_name, self.backend, record.task.value,
+                     record.shape.describe())
+
+    def _warm_up(self, record: BuildRecord, runner: Runner) -> float:
+        """Runs the build on the call it was verified on; returns its error against that eager output."""
+        transformer = self.pipelines[record.task].transformer
+        arguments = record.sample_call(self.device)
+        with torch.inference_mode(), transformer.cache_context("farm-warm-up"):
+            for _ in range(self._backend.warmup_calls):
+                output = first_output(runner(**arguments, return_dict=False))
+            error = relative_error(output, record.reference_output())
+        reset_first_block_cache(transformer)
+        return error
+
+    def _reject(self, record: BuildRecord, reason: str) -> None:
+        message = (
+            f"{record.backend} build for {record.task.value} {record.shape.describe()} at {record.directory} "
+            f"is not used: {reason}"
+        )
+        log.error("%s: %s", self.model_name, message)
+        self.rejected_builds.append(message)
+
+    def built_shapes(self, task: Task) -> list[ShapeBucket]:
+        """The shape buckets with a loaded build for a task."""
+        return sorted(shape for built_task, shape in self._builds if built_task == Task(task))
+
+    def _route(self, task: Task, shape: ShapeBucket) -> tuple[Runner | None, str, list[str]]:
+        """The runner for a render (None: eager forward), the backend it amounts to, and notes."""
+        if not self._backend.builds_per_shape:
+            return None, self.backend, []
+        runner = self._builds.get((Task(task), shape))
+        if runner is not None:
+            return runner, self.backend, []
+        built = ", ".join(s.describe() for s in self.built_shapes(task)) or "none"
+        missing = (
+            f"no {self._backend.label} engine is built for {Task(task).value} at {shape.describe()} "
+            f"(built for this task: {built})"
+        )
+        if self.model.backend.missing_build == "refuse":
+            guidance = "" if shape.guided else " (batch 1: guidance off)"
+            raise EngineBuildMissing(
+                f"model {self.model_name}: {missing}; build it with `farm engines build --model {self.model_name} "
+                f"--backend {self._backend.name} --shape {shape.spec}`{guidance}"
+            )
+        note = f"{missing}; it ran on {self.fallback_backend} instead"
+        log.warning("%s: %s", self.model_name, note)
+        return None, self.fallback_backend, [note]
 
     def pipeline(self, task: Task) -> DiffusionPipeline:
         """The loaded pipeline that serves a task."""
@@ -183,7 +306,12 @@ class DiffusersEngine:
         pipe = self.pipeline(request.task)
         # Built first so that a request the pipeline cannot serve fails before any work.
         call_kwargs = self.family.call_kwargs(request, _conditioning_image(request))
+        shape = ShapeBucket.for_render(request.width, request.height, request.num_frames, request.guidance_scale)
+        runner, backend_used, notes = self._route(request.task, shape)
+        router = self._routers[id(pipe.transformer)]
         with self._render_lock, torch.inference_mode():
+            # A render never reuses step-cache residuals of the one before (e.g. a cancelled one).
+            reset_first_block_cache(pipe.transformer)
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             timings: list[PhaseTiming] = []
@@ -213,7 +341,7 @@ class DiffusersEngine:
                     pipeline._interrupt = True  # the pipeline skips the remaining steps
                 return {}
 
-            with self._timed(DENOISING, timings):
+            with self._timed(DENOISING, timings), router.routed_to(runner):
                 latents = pipe(
                     **call_kwargs,
                     **prompt_kwargs,
@@ -235,7 +363,13 @@ class DiffusersEngine:
             raise RuntimeError(
                 f"{self.model_name} decoded frames of shape {frames.shape}, not the requested {expected_shape}"
             )
-        return RenderOutput(frames=frames_to_uint8(frames), timings=timings, peak_memory_bytes=peak_memory)
+        return RenderOutput(
+            frames=frames_to_uint8(frames),
+            timings=timings,
+            peak_memory_bytes=peak_memory,
+            backend=backend_used,
+            notes=notes,
+        )
 
     def check_health(self) -> None:
         """Runs a tiny computation on the device; raises if the device is unusable."""
@@ -253,6 +387,12 @@ class DiffusersEngine:
             "revision": self.model.revision,
             "weights_sha256": self.weights_sha256,
             "backend": self.backend,
+            "backend_config": self.model.backend.model_dump(),
+            "backend_details": self._backend.describe(),
+            "built_shapes": {
+                task.value: [shape.describe() for shape in self.built_shapes(task)] for task in self.pipelines
+            },
+            "rejected_builds": list(self.rejected_builds),
             "dtype": _dtype_name(self.dtype),
             "device": str(self.device),
             "device_kind": self.device_kind,

@@ -31,7 +31,7 @@ GIL_SWITCH_INTERVAL_S = 0.02
 
 
 def build_manifest(engine_info: dict, request: EngineRequest, timings: list, output_shape: tuple,
-                   peak_memory_bytes: int | None) -> dict:
+                   peak_memory_bytes: int | None, backend: str | None = None, notes: list[str] = ()) -> dict:
     """Everything needed to reproduce the render, and what it took."""
     spec = {
         "task": request.task.value, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
@@ -46,7 +46,9 @@ def build_manifest(engine_info: dict, request: EngineRequest, timings: list, out
         "spec": spec,
         "seed": request.seed,
         "model": engine_info,
-        "backend": engine_info.get("backend"),
+        # The backend that actually ran this render (an unbuilt shape falls back to eager).
+        "backend": backend or engine_info.get("backend"),
+        "notes": list(notes),
         "timings": [{"phase": p, "device_kind": k, "seconds": s} for p, k, s in timings],
         "output": {"frames": output_shape[0], "height": output_shape[1], "width": output_shape[2]},
         "peak_memory_bytes": peak_memory_bytes,
@@ -151,7 +153,7 @@ class EngineServer:
             timings = [(t.phase, t.device_kind, t.seconds) for t in output.timings]
             timings.append((ENCODING, CPU, encoded - started))
             manifest = build_manifest(self.engine.describe(), request, timings, output.frames.shape,
-                                      output.peak_memory_bytes)
+                                      output.peak_memory_bytes, output.backend, output.notes)
             artifact_uri, manifest_uri = self.artifacts.write(request.render_id, request.attempt, video, manifest)
             timings.append((WRITING, CPU, time.perf_counter() - encoded))
             emit({
