@@ -1,8 +1,9 @@
 """Cost estimates: a per-(model, device kind) timing model fitted from measured renders.
 
 Denoising dominates: each step runs the transformer over the latent tokens (x2 with
-classifier-free guidance, which runs as one batch), so seconds per step are fitted as
-c0 + c1*T + c2*T^2 in the token count T (the square is attention). VAE decoding and
+classifier-free guidance, which runs as one batch), so denoising seconds are fitted as
+k + steps * (c0 + c1*T + c2*T^2) in the token count T (the square is attention; k is
+the pipeline's set-up per render). VAE decoding and
 MP4 encoding grow with the output pixels; prompt encoding is about constant. Each
 term is fitted by least squares with non-negative coefficients, on the timings the
 farm recorded for real renders (`farm calibrate` runs a grid of them)."""
@@ -19,11 +20,9 @@ from farm.config import Family, ModelConfig, PriceConfig
 from farm.jobs.spec import ResolvedSpec
 
 TEMPORAL_COMPRESSION = {Family.LTX_VIDEO: 8, Family.COGVIDEOX: 4}
-DENOISE_FEATURES = ("one", "tokens", "tokens_squared")
-PIXEL_FEATURES = ("one", "pixels")
 # Before any measurement: deliberately pessimistic seconds per unit, so a budget is
 # never under-reserved (CPU-scale numbers; GPU pools fit their own model quickly).
-FALLBACK = {"DENOISING": (0.0, 2e-4, 0.0), "OTHER": (0.05, 2e-7)}
+FALLBACK = {"DENOISING": (0.5, 0.0, 2e-4, 0.0), "OTHER": (0.05, 2e-7)}
 PER_PIXEL_PHASES = ("DECODING", "ENCODING", "WRITING", "POSTPROCESSING")
 CPU_PHASES = ("ENCODING", "WRITING", "POSTPROCESSING")
 
@@ -42,7 +41,7 @@ def output_pixels(spec: ResolvedSpec) -> float:
 
 def _nonnegative_fit(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Least squares with every coefficient >= 0: the best of the fits over the
-    subsets of features whose solution is non-negative (three features at most)."""
+    subsets of features whose solution is non-negative (four features at most)."""
     best, best_error = np.zeros(features.shape[1]), float(np.sum(targets**2))
     for size in range(1, features.shape[1] + 1):
         for subset in itertools.combinations(range(features.shape[1]), size):
@@ -62,18 +61,19 @@ def _nonnegative_fit(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
 class TimingModel:
     """Seconds per phase as a function of the spec, for one (model, device kind)."""
 
-    denoise_per_step: tuple[float, float, float]
+    denoise: tuple[float, float, float, float]
+    """k, c0, c1, c2 of k + steps * (c0 + c1*T + c2*T^2)."""
     prompt_seconds: float
     per_pixel: dict[str, tuple[float, float]]
     samples: int
 
     def to_json(self) -> dict:
-        return {"denoise_per_step": list(self.denoise_per_step), "prompt_seconds": self.prompt_seconds,
+        return {"denoise": list(self.denoise), "prompt_seconds": self.prompt_seconds,
                 "per_pixel": {k: list(v) for k, v in self.per_pixel.items()}, "samples": self.samples}
 
     @classmethod
     def from_json(cls, data: dict) -> "TimingModel":
-        return cls(tuple(data["denoise_per_step"]), data["prompt_seconds"],
+        return cls(tuple(data["denoise"]), data["prompt_seconds"],
                    {k: tuple(v) for k, v in data["per_pixel"].items()}, data["samples"])
 
     @classmethod
@@ -83,8 +83,8 @@ class TimingModel:
 
     def phase_seconds(self, spec: ResolvedSpec, model: ModelConfig) -> dict[str, float]:
         tokens, pixels = latent_tokens(spec, model), output_pixels(spec)
-        c0, c1, c2 = self.denoise_per_step
-        seconds = {"DENOISING": spec.num_inference_steps * (c0 + c1 * tokens + c2 * tokens**2),
+        k, c0, c1, c2 = self.denoise
+        seconds = {"DENOISING": k + spec.num_inference_steps * (c0 + c1 * tokens + c2 * tokens**2),
                    "ENCODING_PROMPT": self.prompt_seconds}
         for phase, (p0, p1) in self.per_pixel.items():
             seconds[phase] = p0 + p1 * pixels
@@ -96,7 +96,7 @@ def fit_timing_model(samples: Sequence[tuple[ResolvedSpec, list[tuple[str, str, 
     """Fits from (spec, [(phase, device kind, seconds)]) of succeeded renders."""
     if not samples:
         raise ValueError(f"no measured renders of {model.name} to fit a timing model from")
-    per_step, denoise_rows, prompt = [], [], []
+    denoise_seconds, denoise_rows, prompt = [], [], []
     pixel_rows: dict[str, list[tuple[float, float]]] = {}
     for spec, timings in samples:
         phase_totals: dict[str, float] = {}
@@ -104,14 +104,15 @@ def fit_timing_model(samples: Sequence[tuple[ResolvedSpec, list[tuple[str, str, 
             phase_totals[phase] = phase_totals.get(phase, 0.0) + seconds
         tokens = latent_tokens(spec, model)
         if "DENOISING" in phase_totals:
-            denoise_rows.append((1.0, tokens, tokens**2))
-            per_step.append(phase_totals["DENOISING"] / spec.num_inference_steps)
+            steps = spec.num_inference_steps
+            denoise_rows.append((1.0, steps, steps * tokens, steps * tokens**2))
+            denoise_seconds.append(phase_totals["DENOISING"])
         if "ENCODING_PROMPT" in phase_totals:
             prompt.append(phase_totals["ENCODING_PROMPT"])
         for phase in PER_PIXEL_PHASES:
             if phase in phase_totals:
                 pixel_rows.setdefault(phase, []).append((output_pixels(spec), phase_totals[phase]))
-    denoise = _fit_scaled(np.array(denoise_rows), np.array(per_step))
+    denoise = _fit_scaled(np.array(denoise_rows), np.array(denoise_seconds))
     per_pixel = {}
     for phase, rows in pixel_rows.items():
         data = np.array(rows)
