@@ -15,17 +15,13 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).parent))
-from farm_overhead import start_farm  # noqa: E402
+from farm_overhead import start_farm, temporary_farm  # noqa: E402
 
 from farm.client import FarmClient, find_api_key  # noqa: E402
-from farm.config import FarmConfig  # noqa: E402
 from farm.jobs.store import JobStore  # noqa: E402
 from farm.metering.calibrate import calibration_specs, fit_and_store, measured_samples  # noqa: E402
 from farm.v1 import render_pb2 as pb  # noqa: E402
@@ -49,14 +45,7 @@ def main() -> None:
     import os
     import signal
 
-    home = Path(tempfile.mkdtemp(prefix="farm-est-", dir="/tmp"))
-    values = {"home": str(home), "gateway": {"port": 0, "metrics_port": 0}, "scheduler": {"metrics_port": 0}}
-    config_path = home / "farm.yaml"
-    config_path.write_text(yaml.safe_dump(values))
-    config = FarmConfig(**values)
-    from farm.engines.tiny import make_tiny_models
-
-    make_tiny_models(config.models_dir)
+    home, config_path, config = temporary_farm("farm-est-")
     model = config.model(args.model)
     process, target = start_farm(config_path, home)
     try:

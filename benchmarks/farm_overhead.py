@@ -95,20 +95,26 @@ def start_farm(config_path: Path, home: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("farm did not start")
 
 
+def temporary_farm(prefix: str) -> tuple[Path, Path, FarmConfig]:
+    """A fresh FARM_HOME with a config (ports picked by the OS) and the tiny models."""
+    from farm.engines.tiny import make_tiny_models
+
+    home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    values = {"home": str(home), "gateway": {"port": 0, "metrics_port": 0}, "scheduler": {"metrics_port": 0}}
+    config_path = home / "farm.yaml"
+    config_path.write_text(yaml.safe_dump(values))
+    config = FarmConfig(**values)
+    make_tiny_models(config.models_dir)
+    return home, config_path, config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--renders", type=int, default=20)
     parser.add_argument("--idle-runs", type=int, default=10)
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="farm-bench-", dir="/tmp"))
-    values = {"home": str(home), "gateway": {"port": 0, "metrics_port": 0}, "scheduler": {"metrics_port": 0}}
-    config_path = home / "farm.yaml"
-    config_path.write_text(yaml.safe_dump(values))
-    config = FarmConfig(**values)
-    from farm.engines.tiny import make_tiny_models
-
-    make_tiny_models(config.models_dir)
+    home, config_path, config = temporary_farm("farm-bench-")
 
     # The bare loop runs before the farm starts and again after it stops; their
     # union is the reference, so a drift in the machine's speed hits both sides.

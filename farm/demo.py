@@ -41,7 +41,6 @@ def first_frame_png(width: int = 256, height: int = 256) -> bytes:
 
 
 def run_demo(config: FarmConfig, output_dir: Path | None, console: Console) -> int:
-    from farm.api.convert import TASK_TO_PB
     from farm.client import FarmClient, find_api_key
     from farm.progress import follow_renders
     from farm.v1 import render_pb2 as pb

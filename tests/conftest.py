@@ -56,3 +56,13 @@ def sample_models() -> dict[str, ModelConfig]:
                            sources={Task.TEXT_TO_VIDEO: "ltx-dir", Task.IMAGE_TO_VIDEO: "ltx-dir"}),
         "cog": ModelConfig(name="cog", family=Family.COGVIDEOX, sources={Task.TEXT_TO_VIDEO: "cog-dir"}),
     }
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    """The tiny random-weight pipelines, written once per test session."""
+    from farm.engines.tiny import make_tiny_models
+
+    directory = tmp_path_factory.mktemp("models")
+    make_tiny_models(directory)
+    return directory

@@ -14,7 +14,7 @@ from farm.client import FarmClient
 from farm.demo import first_frame_png
 from farm.jobs.store import JobStore
 from farm.v1 import render_pb2 as pb
-from tests.integration.test_render_path import I2V, T2V, small_spec
+from tests.integration.test_render_path import I2V, small_spec
 
 
 def bad_request_fields(error: grpc.RpcError) -> dict[str, str]:

@@ -55,19 +55,12 @@ from farm.engines.build import (
     engine_key_fields,
 )
 from farm.engines.pipeline_engine import DiffusersEngine
-from farm.engines.tiny import make_tiny_models, tiny_model_configs
+from farm.engines.tiny import tiny_model_configs
 
 ONNX_FLOAT32_TOLERANCE = 1e-3
 FP8_TOLERANCE = 1.5e-1
 BUILT_SHAPE = ShapeBucket(64, 64, 9, batch=2)
 TRANSFORMER_CLASSES = {"ltx-video-tiny": LTXVideoTransformer3DModel, "cogvideox-tiny": CogVideoXTransformer3DModel}
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    models_dir = tmp_path_factory.mktemp("models")
-    make_tiny_models(models_dir)
-    return models_dir
 
 
 @pytest.fixture(scope="module")

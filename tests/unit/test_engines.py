@@ -31,13 +31,6 @@ FAMILIES_AND_TASKS = [
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory) -> Path:
-    models_dir = tmp_path_factory.mktemp("models")
-    make_tiny_models(models_dir)
-    return models_dir
-
-
-@pytest.fixture(scope="module")
 def engines(models_dir) -> dict[str, DiffusersEngine]:
     return {model.name: load_engine(model) for model in tiny_model_configs(models_dir)}
 
