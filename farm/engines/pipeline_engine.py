@@ -181,8 +181,9 @@ class DiffusersEngine:
         self.family = family_module(model.family)
         self.device = resolve_device(model.device)
         self.dtype = resolve_dtype(model.dtype, self.device)
+        self.cpu_threads = model.cpu_threads or os.cpu_count() or 1
         if self.device.type == "cpu":
-            torch.set_num_threads(model.cpu_threads or os.cpu_count() or 1)
+            torch.set_num_threads(self.cpu_threads)
         self.device_kind = model.device_kind or detect_device_kind(self.device)
         # Checked before the weights load: a backend this device cannot run fails at once.
         self._backend = create_backend(model.backend, self.device, self.dtype)

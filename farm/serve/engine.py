@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import hashlib
 import logging
+import os
 import socket
 import sys
 import threading
@@ -70,8 +71,16 @@ class EngineServer:
         self.artifacts = ArtifactStore(artifacts_url)
         # One render at a time per replica: a second request waits here, already
         # dispatched, so the engine starts it the moment the first one ends.
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="engine", initializer=self._set_thread_count)
         log.info("engine %s ready on %s (%s)", self.model.name, self.engine.device_kind, self.engine.backend)
+
+    def _set_thread_count(self) -> None:
+        # OpenMP's thread count is per OS thread, and Ray starts workers with
+        # OMP_NUM_THREADS=1: without this, torch in the render thread ran on one core.
+        import torch
+
+        torch.set_num_threads(self.engine.cpu_threads)
 
     def info(self) -> dict:
         return self.engine.describe()
@@ -169,6 +178,11 @@ class EngineServer:
 
 def engine_deployment(model: ModelConfig, artifacts_url: str, prefetch: int):
     options: dict[str, Any] = {"num_cpus": model.num_cpus}
+    if not model.num_gpus:
+        # Ray sets OMP_NUM_THREADS to the actor's CPU count (1), which caps torch's
+        # OpenMP threads in every thread but the first; a CPU engine uses its cores.
+        threads = model.cpu_threads or os.cpu_count() or 1
+        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
     if model.num_gpus:
         options["num_gpus"] = model.num_gpus
     return serve.deployment(EngineServer).options(
