@@ -16,10 +16,11 @@ from grpc_reflection.v1alpha import reflection
 
 from farm.api.interceptors import AuthInterceptor, ErrorInterceptor
 from farm.api.metrics import GatewayMetrics
-from farm.api.servicer import RenderServicer, _fresh
+from farm.api.servicer import RenderServicer
 from farm.api.watch import EventHub
 from farm.config import FarmConfig
 from farm.errors import AlreadyExists
+from farm.jobs.schema import utcnow
 from farm.jobs.store import JobStore
 from farm.v1 import render_pb2, render_pb2_grpc
 
@@ -99,7 +100,8 @@ class Gateway:
             try:
                 await asyncio.to_thread(self.store.ping)
                 pools = await asyncio.to_thread(self.store.pools)
-                ready = any(p.replicas > 0 and _fresh(p.updated_at, self.config) for p in pools)
+                now = utcnow()
+                ready = any(p.is_up(self.config.gateway.pool_stale_after_s, now) for p in pools)
             except Exception:
                 log.exception("health check of the store failed")
                 ready = False

@@ -17,6 +17,7 @@ from farm.api.metrics import GatewayMetrics
 from farm.api.watch import EventHub
 from farm.config import FarmConfig
 from farm.errors import FailedPrecondition, invalid
+from farm.jobs.schema import utcnow
 from farm.jobs.spec import resolve_spec
 from farm.jobs.states import RenderState
 from farm.jobs.store import JobStore
@@ -49,7 +50,8 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         self.metrics = metrics
         self.models = {m.name: m for m in config.served_models()}
         self.artifacts = ArtifactStore(config.artifacts_url)
-        self._timings: dict[tuple[str, str], tuple[float, TimingModel | None]] = {}
+        # model -> (when looked up, device kind of its pool, its timing model)
+        self._timings: dict[str, tuple[float, str, TimingModel | None]] = {}
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Runs a blocking store call without holding the event loop, and gives up
@@ -62,18 +64,20 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
     async def _estimate(self, context, spec) -> Estimate:
         """The spec's predicted cost on the pool that will run it."""
         model = self.models[spec.model]
-        pools = {p.model: p for p in await self._call(context, self.store.pools)}
-        device_kind = pools[spec.model].device_kind if spec.model in pools else (model.device_kind or "CPU")
-        key, now = (spec.model, device_kind), time.monotonic()
-        cached = self._timings.get(key)
+        now = time.monotonic()
+        cached = self._timings.get(spec.model)
+        # Submits are the hot path: the pool's device kind and the timing model are
+        # looked up at most every TIMING_CACHE_S, not on every call.
         if cached is None or now - cached[0] > TIMING_CACHE_S:
-            stored = await self._call(context, self.store.cost_model, *key)
+            pools = {p.model: p for p in await self._call(context, self.store.pools)}
+            device_kind = pools[spec.model].device_kind if spec.model in pools else (model.device_kind or "CPU")
+            stored = await self._call(context, self.store.cost_model, spec.model, device_kind)
             timing = TimingModel.from_json(stored) if stored else None
             if timing is None:
                 samples = await self._call(context, measured_samples, self.store, model, device_kind, 200)
                 timing = fit_timing_model(samples, model) if len(samples) >= MIN_SAMPLES_TO_FIT else None
-            self._timings[key] = cached = (now, timing)
-        return estimate_cost(spec, model, cached[1], device_kind, self.config.prices)
+            self._timings[spec.model] = cached = (now, device_kind, timing)
+        return estimate_cost(spec, model, cached[2], cached[1], self.config.prices)
 
     async def SubmitRender(self, request: pb.SubmitRenderRequest, context) -> pb.Render:
         tenant = current_tenant()
@@ -173,12 +177,6 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         models = []
         for model in self.models.values():
             pool = pools.get(model.name)
-            ready = pool is not None and pool.replicas > 0 and _fresh(pool.updated_at, self.config)
+            ready = pool is not None and pool.is_up(self.config.gateway.pool_stale_after_s, utcnow())
             models.append(convert.model_to_pb(model, ready, pool.device_kind if pool else (model.device_kind or "")))
         return pb.ListModelsResponse(models=models)
-
-
-def _fresh(updated_at, config: FarmConfig) -> bool:
-    from farm.jobs.schema import utcnow
-
-    return (utcnow() - updated_at).total_seconds() < config.gateway.pool_stale_after_s

@@ -126,3 +126,7 @@ class PoolRecord:
     replicas: int
     device_kind: str
     updated_at: dt.datetime
+
+    def is_up(self, stale_after_s: float, now: dt.datetime) -> bool:
+        """Has replicas, and its scheduler reported within `stale_after_s`."""
+        return self.replicas > 0 and (now - self.updated_at).total_seconds() < stale_after_s
