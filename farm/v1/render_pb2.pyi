@@ -70,7 +70,7 @@ USAGE_GROUPING_DAY: UsageGrouping
 USAGE_GROUPING_PHASE: UsageGrouping
 
 class RenderSpec(_message.Message):
-    __slots__ = ("model", "task", "prompt", "negative_prompt", "image", "width", "height", "num_frames", "fps", "num_inference_steps", "guidance_scale", "seed", "priority", "labels", "idempotency_key")
+    __slots__ = ("model", "task", "prompt", "negative_prompt", "image", "width", "height", "num_frames", "fps", "num_inference_steps", "guidance_scale", "seed", "priority", "labels", "idempotency_key", "postprocess", "placement")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,8 @@ class RenderSpec(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    POSTPROCESS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     model: str
     task: Task
     prompt: str
@@ -108,7 +110,89 @@ class RenderSpec(_message.Message):
     priority: int
     labels: _containers.ScalarMap[str, str]
     idempotency_key: str
-    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., priority: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    postprocess: PostprocessSpec
+    placement: Placement
+    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., priority: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., postprocess: _Optional[_Union[PostprocessSpec, _Mapping]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ...) -> None: ...
+
+class Placement(_message.Message):
+    __slots__ = ("require_device_kind", "prefer_device_kind")
+    REQUIRE_DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
+    PREFER_DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
+    require_device_kind: str
+    prefer_device_kind: str
+    def __init__(self, require_device_kind: _Optional[str] = ..., prefer_device_kind: _Optional[str] = ...) -> None: ...
+
+class PostprocessSpec(_message.Message):
+    __slots__ = ("interpolation_factor", "target_fps", "upscale_factor", "color_reference", "encoder", "candidates")
+    INTERPOLATION_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FPS_FIELD_NUMBER: _ClassVar[int]
+    UPSCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    COLOR_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    interpolation_factor: int
+    target_fps: int
+    upscale_factor: int
+    color_reference: ColorReference
+    encoder: EncoderSettings
+    candidates: int
+    def __init__(self, interpolation_factor: _Optional[int] = ..., target_fps: _Optional[int] = ..., upscale_factor: _Optional[int] = ..., color_reference: _Optional[_Union[ColorReference, _Mapping]] = ..., encoder: _Optional[_Union[EncoderSettings, _Mapping]] = ..., candidates: _Optional[int] = ...) -> None: ...
+
+class ColorReference(_message.Message):
+    __slots__ = ("render_id", "statistics", "strength")
+    RENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    render_id: str
+    statistics: LabStatistics
+    strength: float
+    def __init__(self, render_id: _Optional[str] = ..., statistics: _Optional[_Union[LabStatistics, _Mapping]] = ..., strength: _Optional[float] = ...) -> None: ...
+
+class LabStatistics(_message.Message):
+    __slots__ = ("mean", "std")
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EncoderSettings(_message.Message):
+    __slots__ = ("codec", "crf", "bitrate_kbps", "preset")
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    CRF_FIELD_NUMBER: _ClassVar[int]
+    BITRATE_KBPS_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    codec: str
+    crf: int
+    bitrate_kbps: int
+    preset: str
+    def __init__(self, codec: _Optional[str] = ..., crf: _Optional[int] = ..., bitrate_kbps: _Optional[int] = ..., preset: _Optional[str] = ...) -> None: ...
+
+class QualityReport(_message.Message):
+    __slots__ = ("temporal_consistency", "flicker", "motion_smoothness", "frozen", "issues")
+    TEMPORAL_CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
+    FLICKER_FIELD_NUMBER: _ClassVar[int]
+    MOTION_SMOOTHNESS_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    ISSUES_FIELD_NUMBER: _ClassVar[int]
+    temporal_consistency: float
+    flicker: float
+    motion_smoothness: float
+    frozen: bool
+    issues: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, temporal_consistency: _Optional[float] = ..., flicker: _Optional[float] = ..., motion_smoothness: _Optional[float] = ..., frozen: _Optional[bool] = ..., issues: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CandidateScore(_message.Message):
+    __slots__ = ("seed", "quality", "score", "chosen")
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    seed: int
+    quality: QualityReport
+    score: float
+    chosen: bool
+    def __init__(self, seed: _Optional[int] = ..., quality: _Optional[_Union[QualityReport, _Mapping]] = ..., score: _Optional[float] = ..., chosen: _Optional[bool] = ...) -> None: ...
 
 class SubmitRenderRequest(_message.Message):
     __slots__ = ("spec",)
@@ -139,7 +223,7 @@ class CostBreakdown(_message.Message):
     def __init__(self, total_dollars: _Optional[float] = ..., phases: _Optional[_Iterable[_Union[PhaseCost, _Mapping]]] = ...) -> None: ...
 
 class Render(_message.Message):
-    __slots__ = ("id", "spec", "state", "stage", "step", "total_steps", "attempt", "created_at", "started_at", "finished_at", "artifact_uri", "manifest_uri", "cost", "error", "seed", "cancel_requested")
+    __slots__ = ("id", "spec", "state", "stage", "step", "total_steps", "attempt", "created_at", "started_at", "finished_at", "artifact_uri", "manifest_uri", "cost", "error", "seed", "cancel_requested", "quality", "candidates", "preemptions", "device_kind")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +240,10 @@ class Render(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: RenderSpec
     state: RenderState
@@ -172,7 +260,11 @@ class Render(_message.Message):
     error: str
     seed: int
     cancel_requested: bool
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[RenderSpec, _Mapping]] = ..., state: _Optional[_Union[RenderState, str]] = ..., stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., attempt: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., artifact_uri: _Optional[str] = ..., manifest_uri: _Optional[str] = ..., cost: _Optional[_Union[CostBreakdown, _Mapping]] = ..., error: _Optional[str] = ..., seed: _Optional[int] = ..., cancel_requested: _Optional[bool] = ...) -> None: ...
+    quality: QualityReport
+    candidates: _containers.RepeatedCompositeFieldContainer[CandidateScore]
+    preemptions: int
+    device_kind: str
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[RenderSpec, _Mapping]] = ..., state: _Optional[_Union[RenderState, str]] = ..., stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., attempt: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., artifact_uri: _Optional[str] = ..., manifest_uri: _Optional[str] = ..., cost: _Optional[_Union[CostBreakdown, _Mapping]] = ..., error: _Optional[str] = ..., seed: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., quality: _Optional[_Union[QualityReport, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., preemptions: _Optional[int] = ..., device_kind: _Optional[str] = ...) -> None: ...
 
 class GetRenderRequest(_message.Message):
     __slots__ = ("render_id",)
@@ -355,7 +447,7 @@ class ModelLimits(_message.Message):
     def __init__(self, size_multiple: _Optional[int] = ..., max_width: _Optional[int] = ..., max_height: _Optional[int] = ..., frame_step: _Optional[int] = ..., min_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_image_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "tasks", "limits", "defaults", "ready", "device_kind")
+    __slots__ = ("name", "family", "tasks", "limits", "defaults", "ready", "device_kind", "device_kinds", "postprocess_limits")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
@@ -363,6 +455,8 @@ class ModelInfo(_message.Message):
     DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_KINDS_FIELD_NUMBER: _ClassVar[int]
+    POSTPROCESS_LIMITS_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     tasks: _containers.RepeatedScalarFieldContainer[Task]
@@ -370,7 +464,25 @@ class ModelInfo(_message.Message):
     defaults: RenderSpec
     ready: bool
     device_kind: str
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[Task, str]]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., defaults: _Optional[_Union[RenderSpec, _Mapping]] = ..., ready: _Optional[bool] = ..., device_kind: _Optional[str] = ...) -> None: ...
+    device_kinds: _containers.RepeatedScalarFieldContainer[str]
+    postprocess_limits: PostprocessLimits
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[Task, str]]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., defaults: _Optional[_Union[RenderSpec, _Mapping]] = ..., ready: _Optional[bool] = ..., device_kind: _Optional[str] = ..., device_kinds: _Optional[_Iterable[str]] = ..., postprocess_limits: _Optional[_Union[PostprocessLimits, _Mapping]] = ...) -> None: ...
+
+class PostprocessLimits(_message.Message):
+    __slots__ = ("max_interpolation_factor", "max_output_fps", "max_upscale_factor", "max_output_pixels", "max_output_frames", "max_candidates")
+    MAX_INTERPOLATION_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_FPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPSCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    max_interpolation_factor: int
+    max_output_fps: int
+    max_upscale_factor: int
+    max_output_pixels: int
+    max_output_frames: int
+    max_candidates: int
+    def __init__(self, max_interpolation_factor: _Optional[int] = ..., max_output_fps: _Optional[int] = ..., max_upscale_factor: _Optional[int] = ..., max_output_pixels: _Optional[int] = ..., max_output_frames: _Optional[int] = ..., max_candidates: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
