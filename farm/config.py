@@ -92,6 +92,23 @@ class SchedulerConfig(_Section):
     """Address the Serve application's Prometheus endpoint binds to."""
 
 
+class PostprocessLimits(_Section):
+    """What a spec's `postprocess` may ask of a model's renders."""
+
+    max_interpolation_factor: int = Field(8, ge=2, le=16)
+    """Largest frame interpolation factor (the smallest is 2)."""
+    max_output_fps: int = Field(120, ge=1)
+    """Highest frame rate after interpolation (by factor or target_fps)."""
+    max_upscale_factor: int = Field(4, ge=2, le=8)
+    """Largest upscale factor (the smallest is 2)."""
+    max_output_pixels: int = Field(3840 * 2160, ge=1)
+    """Largest output frame after upscaling, width x height."""
+    max_output_frames: int = Field(2049, ge=1)
+    """Most frames after interpolation."""
+    max_candidates: int = Field(8, ge=1, le=64)
+    """Most candidates (seeds rendered and scored, the best kept) one render may ask for."""
+
+
 class ModelLimits(_Section):
     size_multiple: int = Field(32, ge=1)
     """Width and height must be multiples of this (VAE compression times patch size)."""
@@ -119,6 +136,8 @@ class ModelLimits(_Section):
     """Highest output frame rate."""
     max_guidance_scale: float = Field(30.0, ge=0)
     """Highest classifier-free guidance scale."""
+    postprocess: PostprocessLimits = Field(default_factory=PostprocessLimits)
+    """Limits of post-processing (interpolation, upscaling, candidates)."""
 
 
 class RenderDefaults(_Section):
@@ -272,6 +291,77 @@ class RayConfig(_Section):
     """Name of the Serve application."""
 
 
+class QualityGate(_Section):
+    """Thresholds on the quality scores of a render's delivered clip and what happens
+    when one is crossed. A threshold left None is not checked."""
+
+    action: Literal["off", "fail", "retry"] = "off"
+    """off: scores are only reported. fail: a render that crosses a threshold fails
+    with the scores in its error. retry: it is rendered again with the next unused
+    seed, up to max_retries times, and fails if it still crosses one."""
+    min_temporal_consistency: float | None = Field(None, ge=0, le=1)
+    """Lowest temporal consistency (1 when no frame-to-frame change stands out)."""
+    max_flicker: float | None = Field(None, ge=0)
+    """Highest flicker, luminance levels of brightness change that motion does not explain."""
+    min_motion_smoothness: float | None = Field(None, ge=0, le=1)
+    """Lowest motion smoothness (1 when the amount of motion is steady)."""
+    reject_frozen: bool = True
+    """Whether a frozen clip (it stands still) crosses the gate."""
+    max_retries: int = Field(2, ge=0, le=10)
+    """Renders again with a new seed at most this many times (action retry)."""
+
+
+class PostprocConfig(_Section):
+    """The post-processing deployment: frame-parallel interpolation, upscaling, color
+    matching, quality scores and segment encoding of every render's frames."""
+
+    replicas: int = Field(2, ge=1, le=4096)
+    """Post-processing replicas (each single-threaded by default, so one per core)."""
+    max_replicas: int | None = Field(None, ge=1, le=4096)
+    """With a value above `replicas`, Serve autoscales the deployment between the two
+    by the chunks waiting for a replica."""
+    num_cpus: float = Field(1, gt=0)
+    """CPUs per replica (Ray resource); also the threads OpenCV and x264 use in it, and
+    the core-seconds per second that the replica's work is charged as."""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs per replica (for the learned upscaler); 0 runs on CPU."""
+    device_kind: str | None = None
+    """Price-table kind the replicas are charged as. None: CPU (per core-second) for a CPU
+    replica, the GPU's kind detected from its name for a GPU replica."""
+    chunk_frames: int = Field(16, ge=2, le=1024)
+    """Frames of the engine's output per chunk (neighbouring chunks share one seam frame).
+    Smaller chunks spread a clip over more replicas; each chunk costs one round trip
+    and one keyframe."""
+    max_ongoing_requests: int = Field(1, ge=1, le=64)
+    """Chunks a replica holds at once. 1: a chunk waits in the caller's queue until a
+    replica is free, which balances the load and loses nothing queued when a replica dies."""
+    chunk_retries: int = Field(3, ge=0, le=20)
+    """A chunk whose replica died is sent again (Serve routes it to a live replica) at
+    most this many times before the render fails; the render never restarts for it."""
+    upscaler_weights: str | None = None
+    """Weights of a learned super-resolution model (Real-ESRGAN, ESRGAN, SwinIR, ...; .pth or
+    .safetensors) loaded through spandrel; None upscales with Lanczos. The model runs at its
+    own scale and the result is resized to the requested factor."""
+    upscaler_tile: int = Field(256, ge=32)
+    """Tile side (input pixels) of the learned upscaler, bounding its memory."""
+    interpolator_weights: str | None = None
+    """A TorchScript file of a learned frame interpolator (RIFE family, exported with its
+    (frame0, frame1, t) -> frame interface, float tensors (1, 3, H, W) in [0, 1] and a
+    float t); None interpolates with optical flow."""
+    quality: QualityGate = Field(default_factory=QualityGate)
+    """Quality thresholds and what crossing one does."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "PostprocConfig":
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"postproc.max_replicas ({self.max_replicas}) is below replicas ({self.replicas})")
+        return self
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.num_cpus))
+
+
 class FarmConfig(BaseSettings):
     """The whole farm. See the module docstring for where values come from."""
 
@@ -296,6 +386,8 @@ class FarmConfig(BaseSettings):
     """Device prices for metering."""
     ray: RayConfig = Field(default_factory=RayConfig)
     """The Ray cluster."""
+    postproc: PostprocConfig = Field(default_factory=PostprocConfig)
+    """Post-processing replicas and quality thresholds."""
 
     @classmethod
     def settings_customise_sources(

@@ -22,6 +22,95 @@ MAX_LABEL_VALUE_CHARS = 256
 MAX_IDEMPOTENCY_KEY_CHARS = 128
 
 
+# Post-processing (see PostprocessSpec in protos/farm/v1/render.proto).
+MIN_INTERPOLATION_FACTOR = 2
+MIN_UPSCALE_FACTOR = 2
+MAX_CRF = 51
+DEFAULT_CRF = 18
+MIN_BITRATE_KBPS, MAX_BITRATE_KBPS = 100, 100_000
+CODECS = ("h264",)
+ENCODER_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+DEFAULT_PRESET = "veryfast"
+MAX_REFERENCE_ID_CHARS = 32
+# Bounds of Lab statistics: L is 0..100, a and b about -128..127.
+LAB_MEAN_RANGES = ((0.0, 100.0), (-128.0, 128.0), (-128.0, 128.0))
+MAX_LAB_STD = 128.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ColorReference:
+    """Colors to match: another render (render_id, resolved into its statistics by the
+    gateway at submit so the stored spec stands alone) or Lab statistics."""
+
+    render_id: str = ""
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    strength: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ColorReference":
+        mean, std = data.get("mean"), data.get("std")
+        return cls(render_id=data.get("render_id", ""), mean=tuple(mean) if mean is not None else None,
+                   std=tuple(std) if std is not None else None, strength=data.get("strength"))
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSettings:
+    codec: str = ""
+    crf: int | None = None
+    bitrate_kbps: int | None = None
+    preset: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PostprocessSpec:
+    """A spec's post-processing as the client sent it; None means "not asked"."""
+
+    interpolation_factor: int | None = None
+    target_fps: int | None = None
+    upscale_factor: int | None = None
+    color_reference: ColorReference | None = None
+    encoder: EncoderSettings = dataclasses.field(default_factory=EncoderSettings)
+    candidates: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedPostprocess:
+    """Checked post-processing with every default filled in: what the engine and the
+    post-processing replicas do with a render's frames."""
+
+    interpolation_factor: int = 1
+    """1: no interpolation. A target_fps was turned into target_fps / fps."""
+    upscale_factor: int = 1
+    """1: no upscaling."""
+    color_reference: ColorReference | None = None
+    """With mean, std and strength filled in (render_id kept to say where they came from)."""
+    codec: str = "h264"
+    crf: int | None = DEFAULT_CRF
+    """None when bitrate_kbps is set."""
+    bitrate_kbps: int | None = None
+    preset: str = DEFAULT_PRESET
+    candidates: int = 1
+    target_fps: int | None = None
+    """The frame rate asked for, if it was asked that way (for the record)."""
+
+    def output_fps(self, fps: int) -> int:
+        return fps * self.interpolation_factor
+
+    def output_frames(self, num_frames: int) -> int:
+        return (num_frames - 1) * self.interpolation_factor + 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ResolvedPostprocess":
+        data = dict(data)
+        if data.get("color_reference") is not None:
+            data["color_reference"] = ColorReference.from_dict(data["color_reference"])
+        return cls(**data)
+
+
 @dataclasses.dataclass(frozen=True)
 class RenderSpec:
     """A spec as the client sent it; None means "the model's default"."""
@@ -31,6 +120,7 @@ class RenderSpec:
     prompt: str = ""
     negative_prompt: str = ""
     image: bytes = b""
+    postprocess: PostprocessSpec | None = None
     width: int | None = None
     height: int | None = None
     num_frames: int | None = None
@@ -70,6 +160,8 @@ class ResolvedSpec:
     priority: int
     labels: dict[str, str]
     idempotency_key: str
+    postprocess: ResolvedPostprocess | None = None
+    """None: nothing asked (the clip is encoded with the default settings)."""
     image: bytes = b""
 
     def to_json(self) -> str:
@@ -82,6 +174,8 @@ class ResolvedSpec:
     def from_json(cls, text: str, image: bytes | None = None) -> "ResolvedSpec":
         data = json.loads(text)
         data["task"] = Task(data["task"])
+        if data.get("postprocess") is not None:
+            data["postprocess"] = ResolvedPostprocess.from_dict(data["postprocess"])
         return cls(**data, image=image or b"")
 
 
@@ -156,6 +250,8 @@ def resolve_spec(spec: RenderSpec, models: dict[str, ModelConfig]) -> ResolvedSp
     if len(spec.idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
         bad("spec.idempotency_key", f"is {len(spec.idempotency_key)} characters; the maximum is {MAX_IDEMPOTENCY_KEY_CHARS}")
 
+    postprocess = _resolve_postprocess(spec.postprocess, model, width, height, num_frames, fps, bad)
+
     if task is Task.IMAGE_TO_VIDEO:
         _check_image(spec.image, limits.max_image_bytes, limits.max_image_pixels, bad)
     elif spec.image:
@@ -169,7 +265,123 @@ def resolve_spec(spec: RenderSpec, models: dict[str, ModelConfig]) -> ResolvedSp
         width=width, height=height, num_frames=num_frames, fps=fps, num_inference_steps=steps,
         guidance_scale=float(guidance), seed=seed if seed is not None else secrets.randbelow(MAX_SEED + 1),
         priority=priority, labels=dict(spec.labels), idempotency_key=spec.idempotency_key, image=spec.image,
+        postprocess=postprocess,
     )
+
+
+def _resolve_postprocess(post: PostprocessSpec | None, model: ModelConfig, width: int, height: int,
+                         num_frames: int, fps: int, bad) -> ResolvedPostprocess | None:
+    """Checks `spec.postprocess` against the model's post-processing limits; returns it
+    with defaults filled in, or None when nothing was asked."""
+    if post is None:
+        return None
+    assert model.limits is not None
+    limits = model.limits.postprocess
+    prefix = "spec.postprocess"
+
+    factor, factor_field = 1, f"{prefix}.interpolation_factor"
+    if post.interpolation_factor is not None and post.target_fps is not None:
+        bad(f"{prefix}.target_fps", "give interpolation_factor or target_fps, not both")
+    elif post.interpolation_factor is not None:
+        factor = post.interpolation_factor
+        if not MIN_INTERPOLATION_FACTOR <= factor <= limits.max_interpolation_factor:
+            bad(factor_field, f"{factor} is outside {MIN_INTERPOLATION_FACTOR}..{limits.max_interpolation_factor}")
+            factor = 1
+    elif post.target_fps is not None:
+        factor_field = f"{prefix}.target_fps"
+        target = post.target_fps
+        if target <= fps:
+            bad(factor_field, f"{target} must be above the spec's fps ({fps})")
+        elif target % fps:
+            bad(factor_field, f"{target} must be a whole multiple of the spec's fps ({fps}), e.g. {2 * fps}")
+        elif target // fps > limits.max_interpolation_factor:
+            bad(factor_field, f"{target} is {target // fps}x the spec's fps ({fps}); the most is "
+                              f"{limits.max_interpolation_factor}x, {fps * limits.max_interpolation_factor} fps")
+        else:
+            factor = target // fps
+    if factor > 1:
+        if fps * factor > limits.max_output_fps:
+            bad(factor_field, f"gives {fps * factor} fps; the maximum output is {limits.max_output_fps} fps")
+        frames_out = (num_frames - 1) * factor + 1
+        if frames_out > limits.max_output_frames:
+            bad(factor_field, f"gives {frames_out} frames from {num_frames}; the maximum output is "
+                              f"{limits.max_output_frames} frames")
+
+    upscale = 1
+    if post.upscale_factor is not None:
+        upscale = post.upscale_factor
+        field = f"{prefix}.upscale_factor"
+        if not MIN_UPSCALE_FACTOR <= upscale <= limits.max_upscale_factor:
+            bad(field, f"{upscale} is outside {MIN_UPSCALE_FACTOR}..{limits.max_upscale_factor}")
+            upscale = 1
+        elif width * upscale * height * upscale > limits.max_output_pixels:
+            bad(field, f"gives {width * upscale}x{height * upscale} = {width * upscale * height * upscale} pixels "
+                       f"a frame; the maximum output is {limits.max_output_pixels} pixels")
+
+    color = _resolve_color(post.color_reference, f"{prefix}.color_reference", bad)
+
+    encoder = post.encoder
+    field = f"{prefix}.encoder"
+    codec = encoder.codec or CODECS[0]
+    if codec not in CODECS:
+        bad(f"{field}.codec", f"{encoder.codec!r} is not supported; codecs: {', '.join(CODECS)}")
+    crf = encoder.crf
+    if crf is not None and not 0 <= crf <= MAX_CRF:
+        bad(f"{field}.crf", f"{crf} is outside 0..{MAX_CRF}")
+    bitrate = encoder.bitrate_kbps
+    if bitrate is not None:
+        if crf is not None:
+            bad(f"{field}.bitrate_kbps", "give crf or bitrate_kbps, not both")
+        elif not MIN_BITRATE_KBPS <= bitrate <= MAX_BITRATE_KBPS:
+            bad(f"{field}.bitrate_kbps", f"{bitrate} is outside {MIN_BITRATE_KBPS}..{MAX_BITRATE_KBPS} kbit/s")
+    preset = encoder.preset or DEFAULT_PRESET
+    if preset not in ENCODER_PRESETS:
+        bad(f"{field}.preset", f"{encoder.preset!r} is not an x264 preset; presets: {', '.join(ENCODER_PRESETS)}")
+
+    candidates = 1 if post.candidates is None else post.candidates
+    if not 1 <= candidates <= limits.max_candidates:
+        bad(f"{prefix}.candidates", f"{candidates} is outside 1..{limits.max_candidates}")
+
+    return ResolvedPostprocess(
+        interpolation_factor=factor, upscale_factor=upscale, color_reference=color, codec=codec,
+        crf=(DEFAULT_CRF if crf is None else crf) if bitrate is None else None, bitrate_kbps=bitrate,
+        preset=preset, candidates=candidates, target_fps=post.target_fps,
+    )
+
+
+def _resolve_color(reference: ColorReference | None, field: str, bad) -> ColorReference | None:
+    if reference is None:
+        return None
+    strength = 1.0 if reference.strength is None else float(reference.strength)
+    if not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
+        bad(f"{field}.strength", f"{reference.strength} is outside 0..1")
+    if len(reference.render_id) > MAX_REFERENCE_ID_CHARS:
+        bad(f"{field}.render_id", f"is {len(reference.render_id)} characters; the maximum is {MAX_REFERENCE_ID_CHARS}")
+        return None
+    if reference.mean is None and reference.std is None:
+        if reference.render_id:
+            # The gateway turns a render id into statistics before resolving the spec.
+            bad(f"{field}.render_id", f"render {reference.render_id!r} was not resolved into color statistics")
+        else:
+            bad(field, "give render_id or statistics")
+        return None
+    mean, std = tuple(reference.mean or ()), tuple(reference.std or ())
+    problems = 0
+    if len(mean) != 3 or len(std) != 3:
+        bad(f"{field}.statistics", f"needs 3 means and 3 stds (L, a, b), got {len(mean)} and {len(std)}")
+        return None
+    for channel, value, (low, high) in zip("Lab", mean, LAB_MEAN_RANGES):
+        if not (math.isfinite(value) and low <= value <= high):
+            bad(f"{field}.statistics.mean", f"{channel} mean {value} is outside {low:g}..{high:g}")
+            problems += 1
+    for channel, value in zip("Lab", std):
+        if not (math.isfinite(value) and 0.0 <= value <= MAX_LAB_STD):
+            bad(f"{field}.statistics.std", f"{channel} std {value} is outside 0..{MAX_LAB_STD:g}")
+            problems += 1
+    if problems:
+        return None
+    return ColorReference(render_id=reference.render_id, mean=tuple(float(v) for v in mean),
+                          std=tuple(float(v) for v in std), strength=strength)
 
 
 def _check_labels(labels: dict[str, str], bad) -> None:

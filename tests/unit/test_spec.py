@@ -131,3 +131,87 @@ def test_fingerprint_is_of_the_request_as_sent():
     assert first.fingerprint() == spec(prompt="a").fingerprint()
     assert first.fingerprint() != spec(prompt="b").fingerprint()
     assert first.fingerprint() != spec(prompt="a", seed=1).fingerprint()
+
+
+# --------------------------------------------------------------------------- post-processing
+
+from farm.jobs.spec import ColorReference, EncoderSettings, PostprocessSpec, ResolvedPostprocess  # noqa: E402
+
+
+def post_violations(**fields) -> dict[str, str]:
+    return violations(postprocess=PostprocessSpec(**fields))
+
+
+def test_postprocess_defaults_and_round_trip():
+    resolved = resolve_spec(spec(fps=24, postprocess=PostprocessSpec(
+        target_fps=48, upscale_factor=2, candidates=3,
+        color_reference=ColorReference(mean=(55.0, 2.0, -3.0), std=(20.0, 5.0, 6.0)),
+        encoder=EncoderSettings(bitrate_kbps=4000, preset="slow"))), MODELS)
+    post = resolved.postprocess
+    assert (post.interpolation_factor, post.upscale_factor, post.candidates) == (2, 2, 3)
+    assert (post.codec, post.crf, post.bitrate_kbps, post.preset) == ("h264", None, 4000, "slow")
+    assert post.color_reference.strength == 1.0 and post.color_reference.mean == (55.0, 2.0, -3.0)
+    assert post.output_fps(24) == 48 and post.output_frames(121) == 241
+    again = ResolvedSpec.from_json(resolved.to_json())
+    assert again == resolved and isinstance(again.postprocess, ResolvedPostprocess)
+    assert isinstance(again.postprocess.color_reference, ColorReference)
+
+
+def test_postprocess_empty_gets_encoder_defaults_and_none_stays_none():
+    assert resolve_spec(spec(), MODELS).postprocess is None
+    post = resolve_spec(spec(postprocess=PostprocessSpec()), MODELS).postprocess
+    assert post == ResolvedPostprocess(crf=18, preset="veryfast")
+
+
+@pytest.mark.parametrize("fields,field,expected", [
+    (dict(interpolation_factor=1), "interpolation_factor", "outside 2..8"),
+    (dict(interpolation_factor=9), "interpolation_factor", "outside 2..8"),
+    (dict(interpolation_factor=2, target_fps=48), "target_fps", "not both"),
+    (dict(target_fps=24), "target_fps", "above the spec's fps (24)"),
+    (dict(target_fps=60), "target_fps", "whole multiple of the spec's fps (24)"),
+    (dict(target_fps=24 * 9), "target_fps", "the most is 8x"),
+    (dict(interpolation_factor=8), "interpolation_factor", "maximum output is 120 fps"),
+    (dict(upscale_factor=5), "upscale_factor", "outside 2..4"),
+    (dict(candidates=0), "candidates", "outside 1..8"),
+    (dict(candidates=9), "candidates", "outside 1..8"),
+    (dict(encoder=EncoderSettings(codec="vp9")), "encoder.codec", "codecs: h264"),
+    (dict(encoder=EncoderSettings(crf=52)), "encoder.crf", "outside 0..51"),
+    (dict(encoder=EncoderSettings(bitrate_kbps=50)), "encoder.bitrate_kbps", "outside 100..100000"),
+    (dict(encoder=EncoderSettings(crf=20, bitrate_kbps=5000)), "encoder.bitrate_kbps", "not both"),
+    (dict(encoder=EncoderSettings(preset="ludicrous")), "encoder.preset", "ultrafast, superfast"),
+    (dict(color_reference=ColorReference()), "color_reference", "render_id or statistics"),
+    (dict(color_reference=ColorReference(render_id="abc")), "color_reference.render_id", "not resolved"),
+    (dict(color_reference=ColorReference(mean=(50.0, 0.0), std=(1.0, 1.0, 1.0))), "color_reference.statistics",
+     "3 means and 3 stds"),
+    (dict(color_reference=ColorReference(mean=(150.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))),
+     "color_reference.statistics.mean", "L mean 150.0 is outside 0..100"),
+    (dict(color_reference=ColorReference(mean=(50.0, 0.0, 0.0), std=(1.0, -1.0, 1.0))),
+     "color_reference.statistics.std", "a std -1.0 is outside 0..128"),
+    (dict(color_reference=ColorReference(mean=(50.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), strength=1.5)),
+     "color_reference.strength", "outside 0..1"),
+])
+def test_bad_postprocess_fields_name_the_field_and_limit(fields, field, expected):
+    problems = violations(fps=24, postprocess=PostprocessSpec(**fields))
+    assert expected in problems[f"spec.postprocess.{field}"], problems
+
+
+def test_upscaled_frame_size_has_a_limit():
+    problems = violations(width=1280, height=768, postprocess=PostprocessSpec(upscale_factor=4))
+    assert "gives 5120x3072" in problems["spec.postprocess.upscale_factor"]
+    assert "maximum output is 8294400 pixels" in problems["spec.postprocess.upscale_factor"]
+
+
+def test_interpolated_frame_count_has_a_limit():
+    models = sample_models()
+    models["ltx"].limits.postprocess.max_output_frames = 400
+    with pytest.raises(InvalidArgument) as caught:
+        resolve_spec(spec(num_frames=257, fps=8, postprocess=PostprocessSpec(interpolation_factor=2)), models)
+    message = {v.field: v.description for v in caught.value.violations}["spec.postprocess.interpolation_factor"]
+    assert "gives 513 frames" in message and "maximum output is 400 frames" in message
+
+
+def test_postprocess_is_part_of_the_fingerprint():
+    plain = spec(prompt="a")
+    asked = spec(prompt="a", postprocess=PostprocessSpec(interpolation_factor=2))
+    assert plain.fingerprint() != asked.fingerprint()
+    assert asked.fingerprint() == spec(prompt="a", postprocess=PostprocessSpec(interpolation_factor=2)).fingerprint()
