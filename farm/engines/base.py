@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from farm.config import Task
+from farm.jobs.spec import ResolvedPostprocess
 
 # Stage names; the same strings as the proto's Stage enum without the prefix.
 LOADING = "LOADING"
@@ -42,6 +43,8 @@ class EngineRequest:
     num_inference_steps: int
     guidance_scale: float
     seed: int
+    postprocess: ResolvedPostprocess | None = None
+    """What happens to the frames after the engine (None: encoding with the defaults)."""
 
 
 @dataclasses.dataclass(frozen=True)
