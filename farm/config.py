@@ -68,6 +68,24 @@ class ArtifactConfig(_Section):
     """fsspec URL under which MP4s and manifests are written. None means $FARM_HOME/artifacts."""
 
 
+class PriorityClass(_Section):
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")
+    """Name shown in logs and metrics (e.g. batch, standard, urgent)."""
+    min_priority: int = Field(ge=0, le=100)
+    """Specs with a priority from here up to the next class's minimum belong to this class."""
+    preempts: bool = False
+    """A render of this class waiting for a full pool may preempt a running render of a
+    lower class: that render checkpoints at its next denoising step and resumes later."""
+
+
+def _default_priority_classes() -> list[PriorityClass]:
+    return [
+        PriorityClass(name="batch", min_priority=0),
+        PriorityClass(name="standard", min_priority=34),
+        PriorityClass(name="urgent", min_priority=67, preempts=True),
+    ]
+
+
 class SchedulerConfig(_Section):
     lease_seconds: float = Field(30.0, gt=1)
     """How long a claimed render stays owned without a heartbeat before it is requeued."""
@@ -90,6 +108,35 @@ class SchedulerConfig(_Section):
     """Prometheus endpoint of the Serve application (served by the scheduler replica); 0 disables it."""
     metrics_host: str = "127.0.0.1"
     """Address the Serve application's Prometheus endpoint binds to."""
+    priority_classes: list[PriorityClass] = Field(default_factory=_default_priority_classes)
+    """Priority classes by the lowest spec priority in each; a higher class always starts first."""
+    max_preemptions: int = Field(3, ge=0, le=100)
+    """A render preempted this many times is not preempted again (it cannot starve)."""
+    failed_node_limit: int = Field(3, ge=1, le=100)
+    """A render that failed (or was lost) on this many different nodes fails for good, with the reasons."""
+    node_failure_threshold: int = Field(3, ge=1, le=1000)
+    """A node on which this many renders failed within node_failure_window_s is kept out of the pools ..."""
+    node_failure_window_s: float = Field(600.0, gt=0)
+    """... counting failures within this window ..."""
+    node_exclusion_s: float = Field(300.0, gt=0)
+    """... for this long."""
+    autoscale_interval_s: float = Field(1.0, gt=0, le=60)
+    """How often the scheduler recomputes each pool's wanted replicas from its backlog."""
+
+    @field_validator("priority_classes")
+    @classmethod
+    def _classes_cover_priorities(cls, classes: list[PriorityClass]) -> list[PriorityClass]:
+        starts = [c.min_priority for c in classes]
+        if not classes or starts[0] != 0 or starts != sorted(set(starts)):
+            raise ValueError("scheduler.priority_classes: the first must start at 0 and minimums must increase")
+        return classes
+
+    def priority_class(self, priority: int) -> PriorityClass:
+        return [c for c in self.priority_classes if c.min_priority <= priority][-1]
+
+    def class_rank(self, priority: int) -> int:
+        """0 for the lowest class; renders compare by this, not by raw priority, to preempt."""
+        return sum(1 for c in self.priority_classes if c.min_priority <= priority) - 1
 
 
 class PostprocessLimits(_Section):
@@ -212,6 +259,47 @@ class BackendConfig(_Section):
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_home() / "engine-cache"
 
 
+class PoolConfig(_Section):
+    """One engine pool of a model: its replicas all run on one kind of accelerator."""
+
+    device_kind: str
+    """Price-table kind of the pool's devices (H100, A100, L40S, CPU): what placement
+    requirements name and what metering charges."""
+    accelerator_type: str | None = None
+    """Ray accelerator type the replicas must be placed on (the node resource
+    `accelerator_type:<type>`). None: the device_kind for a GPU pool, no constraint for a CPU pool."""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs per replica (Ray resource)."""
+    num_cpus: float = Field(1, ge=0)
+    """CPUs per replica (Ray resource)."""
+    min_replicas: int = Field(1, ge=0, le=1024)
+    """Fewest replicas; 0 lets the pool scale to zero when nothing waits for it."""
+    max_replicas: int = Field(1, ge=0, le=1024)
+    """Most replicas the backlog may ask for."""
+    backlog_target_s: float = Field(60.0, gt=0)
+    """The pool scales so that the work waiting for it (estimated device-seconds) would be
+    done within this many seconds: wanted replicas = ceil(backlog / target) + busy replicas."""
+    downscale_delay_s: float = Field(30.0, ge=0)
+    """The backlog must have asked for fewer replicas for this long before the pool shrinks."""
+    drain_timeout_s: float = Field(3600.0, gt=0)
+    """A replica being removed first finishes its renders; after this long it is stopped anyway."""
+    relative_speed: float = Field(1.0, gt=0)
+    """Work per second relative to the model's other pools, for routing when this kind has no
+    calibrated cost model yet (an H100 pool next to an A100 pool might say 2.0)."""
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "PoolConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"pool {self.device_kind}: min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+    @property
+    def ray_accelerator_type(self) -> str | None:
+        if self.accelerator_type is not None:
+            return self.accelerator_type
+        return self.device_kind if self.num_gpus else None
+
+
 class ModelConfig(_Section):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
     """The name clients put in a spec's `model`."""
@@ -242,6 +330,9 @@ class ModelConfig(_Section):
     """Values for fields a spec leaves empty; None takes the family's defaults."""
     backend: BackendConfig = Field(default_factory=BackendConfig)
     """How the transformer runs (eager, compile, fp8, onnx), step caching and VAE tiling."""
+    pools: list[PoolConfig] | None = None
+    """Engine pools, one per accelerator kind, each autoscaled between its bounds. None:
+    one fixed pool of `replicas` replicas with `num_gpus`, `num_cpus` and `device_kind` above."""
 
     @model_validator(mode="after")
     def _fill_family_values(self) -> "ModelConfig":
@@ -256,6 +347,22 @@ class ModelConfig(_Section):
     @property
     def tasks(self) -> list[Task]:
         return list(self.sources)
+
+    @property
+    def explicit_pools(self) -> bool:
+        return self.pools is not None
+
+    def resolved_pools(self) -> list[PoolConfig]:
+        """The model's pools; without `pools`, one fixed pool from the flat fields (its
+        device kind is None-detected at start, so it is named by `device_kind` or "auto")."""
+        if self.pools is not None:
+            return self.pools
+        return [PoolConfig(device_kind=self.device_kind or "auto", num_gpus=self.num_gpus, num_cpus=self.num_cpus,
+                           min_replicas=self.replicas, max_replicas=self.replicas)]
+
+    def device_kinds(self) -> list[str]:
+        """Known kinds of the model's pools (empty while the only pool's kind is auto-detected)."""
+        return [p.device_kind for p in self.resolved_pools() if p.device_kind != "auto"]
 
 
 class PriceConfig(_Section):
@@ -412,6 +519,14 @@ class FarmConfig(BaseSettings):
                 raise ValueError(
                     f"models[{model.name}].device_kind {kind!r} has no price in prices.dollars_per_device_hour"
                 )
+            kinds = [p.device_kind for p in model.pools or ()]
+            if len(kinds) != len(set(kinds)):
+                raise ValueError(f"models[{model.name}].pools: one pool per device kind, got {kinds}")
+            for kind in kinds:
+                if kind not in self.prices.dollars_per_device_hour:
+                    raise ValueError(
+                        f"models[{model.name}].pools device_kind {kind!r} has no price in prices.dollars_per_device_hour"
+                    )
         return self
 
     # Derived locations of the embedded defaults: all under `home`.

@@ -37,6 +37,8 @@ def spec_from_pb(message: pb.RenderSpec) -> RenderSpec:
         priority=_optional(message, "priority"),
         labels=dict(message.labels),
         idempotency_key=message.idempotency_key,
+        require_device_kind=message.placement.require_device_kind,
+        prefer_device_kind=message.placement.prefer_device_kind,
     )
 
 
@@ -51,6 +53,8 @@ def spec_to_pb(spec: ResolvedSpec, with_image: bool = False) -> pb.RenderSpec:
         num_frames=spec.num_frames, fps=spec.fps, num_inference_steps=spec.num_inference_steps,
         guidance_scale=spec.guidance_scale, seed=spec.seed, priority=spec.priority, labels=spec.labels,
         idempotency_key=spec.idempotency_key,
+        placement=pb.Placement(require_device_kind=spec.require_device_kind,
+                               prefer_device_kind=spec.prefer_device_kind),
     )
 
 
@@ -77,7 +81,8 @@ def render_to_pb(record: RenderRecord) -> pb.Render:
         attempt=record.attempt, created_at=timestamp(record.created_at), started_at=timestamp(record.started_at),
         finished_at=timestamp(record.finished_at), artifact_uri=record.artifact_uri or "",
         manifest_uri=record.manifest_uri or "", cost=cost, error=record.error or "", seed=record.spec.seed,
-        cancel_requested=record.cancel_requested,
+        cancel_requested=record.cancel_requested, preemptions=record.preemptions,
+        device_kind=record.device_kind or "",
     )
 
 
@@ -89,7 +94,7 @@ def event_to_pb(event: EventRecord) -> pb.RenderEvent:
     )
 
 
-def model_to_pb(model: ModelConfig, ready: bool, device_kind: str) -> pb.ModelInfo:
+def model_to_pb(model: ModelConfig, ready: bool, device_kinds: list[str]) -> pb.ModelInfo:
     limits, defaults = model.limits, model.defaults
     return pb.ModelInfo(
         name=model.name, family=model.family.value, tasks=[TASK_TO_PB[t] for t in model.tasks],
@@ -104,7 +109,7 @@ def model_to_pb(model: ModelConfig, ready: bool, device_kind: str) -> pb.ModelIn
             fps=defaults.fps, num_inference_steps=defaults.num_inference_steps,
             guidance_scale=defaults.guidance_scale,
         ),
-        ready=ready, device_kind=device_kind,
+        ready=ready, device_kind=device_kinds[0] if device_kinds else "", device_kinds=device_kinds,
     )
 
 

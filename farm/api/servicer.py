@@ -50,8 +50,9 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         self.metrics = metrics
         self.models = {m.name: m for m in config.served_models()}
         self.artifacts = ArtifactStore(config.artifacts_url)
-        # model -> (when looked up, device kind of its pool, its timing model)
-        self._timings: dict[str, tuple[float, str, TimingModel | None]] = {}
+        # (model, device kind) -> (when looked up, its timing model)
+        self._timings: dict[tuple[str, str], tuple[float, TimingModel | None]] = {}
+        self._pools: tuple[float, list] = (-TIMING_CACHE_S, [])
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Runs a blocking store call without holding the event loop, and gives up
@@ -61,23 +62,39 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the call ran")
         return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), timeout=remaining)
 
-    async def _estimate(self, context, spec) -> Estimate:
-        """The spec's predicted cost on the pool that will run it."""
-        model = self.models[spec.model]
+    async def _pool_kinds(self, context, model) -> list[str]:
+        """Device kinds of the model's pools as the scheduler published them (cached:
+        submits are the hot path), else as configured."""
         now = time.monotonic()
-        cached = self._timings.get(spec.model)
-        # Submits are the hot path: the pool's device kind and the timing model are
-        # looked up at most every TIMING_CACHE_S, not on every call.
+        if now - self._pools[0] > TIMING_CACHE_S:
+            self._pools = (now, await self._call(context, self.store.pools))
+        published = [p.device_kind for p in self._pools[1] if p.model == model.name]
+        return published or model.device_kinds() or [model.device_kind or "CPU"]
+
+    async def _timing(self, context, model, device_kind: str) -> TimingModel | None:
+        now = time.monotonic()
+        cached = self._timings.get((model.name, device_kind))
         if cached is None or now - cached[0] > TIMING_CACHE_S:
-            pools = {p.model: p for p in await self._call(context, self.store.pools)}
-            device_kind = pools[spec.model].device_kind if spec.model in pools else (model.device_kind or "CPU")
-            stored = await self._call(context, self.store.cost_model, spec.model, device_kind)
+            stored = await self._call(context, self.store.cost_model, model.name, device_kind)
             timing = TimingModel.from_json(stored) if stored else None
             if timing is None:
                 samples = await self._call(context, measured_samples, self.store, model, device_kind, 200)
                 timing = fit_timing_model(samples, model) if len(samples) >= MIN_SAMPLES_TO_FIT else None
-            self._timings[spec.model] = cached = (now, device_kind, timing)
-        return estimate_cost(spec, model, cached[2], cached[1], self.config.prices)
+            self._timings[(model.name, device_kind)] = cached = (now, timing)
+        return cached[1]
+
+    async def _estimate(self, context, spec) -> Estimate:
+        """The spec's predicted cost: on the kind it requires or prefers, else on its
+        model's dearest pool, so that a budget reservation never falls short."""
+        model = self.models[spec.model]
+        kinds = await self._pool_kinds(context, model)
+        if spec.require_device_kind and spec.require_device_kind not in kinds:
+            raise invalid("spec.placement.require_device_kind",
+                          f"{model.name} has no {spec.require_device_kind!r} pool; its pools: {', '.join(kinds)}")
+        wanted = spec.require_device_kind or (spec.prefer_device_kind if spec.prefer_device_kind in kinds else "")
+        estimates = [estimate_cost(spec, model, await self._timing(context, model, kind), kind, self.config.prices)
+                     for kind in ([wanted] if wanted else kinds)]
+        return max(estimates, key=lambda e: e.nanodollars)
 
     async def SubmitRender(self, request: pb.SubmitRenderRequest, context) -> pb.Render:
         tenant = current_tenant()
@@ -173,10 +190,11 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         return report
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        pools = {p.model: p for p in await self._call(context, self.store.pools)}
+        pools = await self._call(context, self.store.pools)
         models = []
+        now = utcnow()
         for model in self.models.values():
-            pool = pools.get(model.name)
-            ready = pool is not None and pool.is_up(self.config.gateway.pool_stale_after_s, utcnow())
-            models.append(convert.model_to_pb(model, ready, pool.device_kind if pool else (model.device_kind or "")))
+            up = [p.device_kind for p in pools
+                  if p.model == model.name and p.is_up(self.config.gateway.pool_stale_after_s, now)]
+            models.append(convert.model_to_pb(model, bool(up), up or model.device_kinds()))
         return pb.ListModelsResponse(models=models)

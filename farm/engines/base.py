@@ -45,6 +45,8 @@ class EngineRequest:
     seed: int
     postprocess: ResolvedPostprocess | None = None
     """What happens to the frames after the engine (None: encoding with the defaults)."""
+    resume_from: str | None = None
+    """URI of a denoising checkpoint left by a preempted attempt: resume after its step."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,6 +72,14 @@ class RenderRecord:
     error: str | None
     event_seq: int
     charges: tuple[ChargeRecord, ...] = ()
+    device_kind: str | None = None
+    preemptions: int = 0
+    checkpoint_uri: str | None = None
+    checkpoint_step: int = 0
+    quality: dict | None = None
+    """Quality scores of the delivered clip (post-processing)."""
+    candidates: list[dict] | None = None
+    """Every candidate's seed and scores, when the spec asked for several."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +106,10 @@ class ClaimedRender:
     spec: ResolvedSpec
     created_at: dt.datetime
     claimed_at: dt.datetime
+    checkpoint_uri: str | None = None
+    """Where the previous attempt left its denoising state, after a preemption."""
+    checkpoint_step: int = 0
+    preemptions: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,12 +133,27 @@ class LeaseStatus:
 
 
 @dataclasses.dataclass(frozen=True)
+class PoolStatus:
+    """What a scheduler reports about one engine pool (a model on a device kind)."""
+
+    model: str
+    device_kind: str
+    replicas: int
+    min_replicas: int
+    max_replicas: int
+
+
+@dataclasses.dataclass(frozen=True)
 class PoolRecord:
     model: str
     replicas: int
     device_kind: str
     updated_at: dt.datetime
+    min_replicas: int = 0
+    max_replicas: int = 0
 
     def is_up(self, stale_after_s: float, now: dt.datetime) -> bool:
-        """Has replicas, and its scheduler reported within `stale_after_s`."""
-        return self.replicas > 0 and (now - self.updated_at).total_seconds() < stale_after_s
+        """Its scheduler reported within `stale_after_s`, and it has replicas or may
+        start some (a pool scaled to zero takes renders: the backlog wakes it)."""
+        fresh = (now - self.updated_at).total_seconds() < stale_after_s
+        return fresh and (self.replicas > 0 or self.max_replicas > 0)

@@ -1,6 +1,8 @@
 """The scheduler's loop: claim queued renders for free engine slots (priority, then
-age), stream each to its engine pool, write progress in batches, keep leases alive,
-cancel on request, requeue what was lost, and finish each attempt with its charges.
+age), route each to one of its model's pools (by required kind, then estimated finish
+time), stream it there, write progress in batches, keep leases alive, cancel on
+request, preempt lower classes for urgent work, requeue what was lost, size the pools
+from their backlog, and finish each attempt with its charges.
 
 It knows engines only through `EnginePool`, so it runs (and is tested) without Ray;
 `farm.serve` wraps Ray Serve deployment handles into pools."""
@@ -16,11 +18,14 @@ from typing import Any, Protocol
 from farm.config import FarmConfig
 from farm.engines.base import EngineRequest, PhaseTiming
 from farm.errors import EngineLost
-from farm.jobs.records import ClaimedRender, ProgressUpdate
+from farm.jobs.autoscale import PoolLoad, assign_backlog, wanted_replicas
+from farm.jobs.records import ClaimedRender, PoolStatus, ProgressUpdate
 from farm.jobs.schema import utcnow
+from farm.jobs.spec import ResolvedSpec
 from farm.jobs.states import AttemptOutcome, Stage
 from farm.jobs.store import JobStore
 from farm.metering.cost import price_timings
+from farm.metering.estimate import TimingModel
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +39,39 @@ class RenderStream(Protocol):
 
 
 class EnginePool(Protocol):
+    """The replicas of one model on one kind of device."""
+
     model: str
     device_kind: str
+    min_replicas: int
+    max_replicas: int
+    backlog_target_s: float
+    relative_speed: float
+    preemptible: bool
+    """Its engines can checkpoint a render at a step boundary and resume it."""
+
+    @property
+    def key(self) -> str:
+        """`model/device_kind`."""
 
     @property
     def slots(self) -> int:
-        """Renders the pool can take at once."""
+        """Replicas running now: renders the pool can run at once."""
+
+    @property
+    def cold_start_s(self) -> float:
+        """Seconds a new replica took (or is assumed to take) to start and warm up."""
 
     def render(self, request: EngineRequest) -> RenderStream: ...
+
+    def preempt(self, render_id: str, attempt: int) -> None:
+        """Asks the engine running this attempt to checkpoint at its next step and stop."""
+
+    async def refresh(self) -> None:
+        """Re-reads how many replicas are running."""
+
+    def scale_to(self, replicas: int) -> None:
+        """Asks for this many replicas (the pool's bounds still apply)."""
 
 
 class SchedulerMetrics(Protocol):
@@ -58,16 +88,33 @@ class SchedulerMetrics(Protocol):
 
     def running(self, model: str, count: int) -> None: ...
 
+    def charged(self, tenant: str, model: str, charges: list) -> None: ...
+
+    def pool_sized(self, model: str, device_kind: str, replicas: int, wanted: int, backlog_s: float,
+                   cold_start_s: float) -> None: ...
+
+    def preempted(self, model: str, device_kind: str) -> None: ...
+
 
 @dataclasses.dataclass
 class _Running:
     claimed: ClaimedRender
+    pool: EnginePool
     stream: RenderStream | None = None
     task: asyncio.Task | None = None
     cancel_sent: bool = False
+    # Preemption asked of a started render (it checkpoints), or a render taken back
+    # from a replica's queue before it started.
+    preempt_sent: bool = False
+    withdrawn: bool = False
     engine_started: bool = False
+    node: str | None = None
     # Phases finished so far, for charging work done before a cancel.
     timings: list[PhaseTiming] = dataclasses.field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return self.claimed.spec.priority
 
 
 def engine_request(claimed: ClaimedRender) -> EngineRequest:
@@ -76,16 +123,19 @@ def engine_request(claimed: ClaimedRender) -> EngineRequest:
         render_id=claimed.id, attempt=claimed.attempt, task=spec.task, prompt=spec.prompt,
         negative_prompt=spec.negative_prompt, image=spec.image or None, width=spec.width, height=spec.height,
         num_frames=spec.num_frames, fps=spec.fps, num_inference_steps=spec.num_inference_steps,
-        guidance_scale=spec.guidance_scale, seed=spec.seed,
+        guidance_scale=spec.guidance_scale, seed=spec.seed, resume_from=claimed.checkpoint_uri,
         postprocess=spec.postprocess,
     )
 
 
 class Scheduler:
-    def __init__(self, store: JobStore, pools: dict[str, EnginePool], config: FarmConfig, owner: str,
+    def __init__(self, store: JobStore, pools: dict[str, list[EnginePool]], config: FarmConfig, owner: str,
                  metrics: SchedulerMetrics):
         self.store = store
         self.pools = pools
+        self.models = {m.name: m for m in config.served_models()}
+        # (model, device kind) -> (when loaded, timing model or None): for routing and backlog.
+        self._timing_models: dict[tuple[str, str], tuple[float, TimingModel | None]] = {}
         self.config = config
         self.settings = config.scheduler
         self.owner = owner
@@ -102,7 +152,7 @@ class Scheduler:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        loops = (self._claim_loop, self._flush_loop, self._lease_loop, self._cancel_loop)
+        loops = (self._claim_loop, self._flush_loop, self._lease_loop, self._cancel_loop, self._autoscale_loop)
         self._tasks = [asyncio.create_task(loop(), name=loop.__name__) for loop in loops]
 
     async def stop(self) -> None:
@@ -120,6 +170,12 @@ class Scheduler:
     def running_count(self, model: str) -> int:
         return sum(1 for r in self.running.values() if r.claimed.spec.model == model)
 
+    def _on_pool(self, pool: EnginePool) -> list[_Running]:
+        return [r for r in self.running.values() if r.pool is pool]
+
+    def all_pools(self) -> list[EnginePool]:
+        return [pool for pools in self.pools.values() for pool in pools]
+
     # -- loops -----------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
@@ -131,37 +187,130 @@ class Scheduler:
                 claimed = 0
             if not claimed:
                 self._wake.clear()
-                # With every slot busy only a finishing render can make room: no polling.
-                timeout = self.settings.poll_interval_s if self._free_slots() else None
+                # With every slot busy only a finishing render can make room (no polling),
+                # unless an urgent render may arrive and preempt one.
+                preempting = any(c.preempts for c in self.settings.priority_classes)
+                timeout = self.settings.poll_interval_s if self._free_slots() or preempting else None
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 except asyncio.TimeoutError:
                     pass
 
-    def _free_slots(self) -> dict[str, int]:
+    def _pool_room(self, pool: EnginePool) -> int:
         depth = 1 + self.settings.prefetch_per_replica
-        free = {model: pool.slots * depth - self.running_count(model) for model, pool in self.pools.items()}
+        return pool.slots * depth - len(self._on_pool(pool))
+
+    def _free_slots(self) -> dict[str, int]:
+        free = {model: sum(max(self._pool_room(p), 0) for p in pools) for model, pools in self.pools.items()}
         return {model: slots for model, slots in free.items() if slots > 0}
+
+    def _free_kinds(self) -> dict[str, list[str]]:
+        return {model: [p.device_kind for p in pools if self._pool_room(p) > 0] for model, pools in self.pools.items()}
 
     async def _claim_once(self) -> int:
         free = self._free_slots()
-        if not free:
-            return 0
         # Cheap checks first: an idle farm must not spend a core polling the store.
         if not (self._changes.changed() or self._maybe_more):
             return 0
         self._maybe_more = False
+        await self._preempt_for_waiting()
+        if not free:
+            return 0
         if not await asyncio.to_thread(self.store.has_queued, list(free)):
             return 0
-        claimed = await asyncio.to_thread(self.store.claim, free, self.owner, self.settings.lease_seconds)
+        claimed = await asyncio.to_thread(self.store.claim, free, self.owner, self.settings.lease_seconds,
+                                          self._free_kinds())
         # Slots filled up: more may be queued than was claimed; look again when one frees.
         self._maybe_more = len(claimed) >= sum(free.values())
         for render in claimed:
-            entry = _Running(render)
+            entry = _Running(render, self._route(render))
             self.running[render.id] = entry
             entry.task = asyncio.create_task(self._run_attempt(entry), name=f"render-{render.id}")
         self._publish_running()
         return len(claimed)
+
+    # -- routing -----------------------------------------------------------------------
+
+    def _timing(self, model: str, device_kind: str) -> TimingModel | None:
+        cached = self._timing_models.get((model, device_kind))
+        return cached[1] if cached else None
+
+    def estimate_seconds(self, spec: ResolvedSpec, pool: EnginePool) -> float:
+        """Device-seconds the render would take on the pool: its calibrated cost model,
+        else the fallback model scaled by the pool's relative speed."""
+        model = self.models.get(spec.model)
+        if model is None:
+            return 0.0
+        timing = self._timing(spec.model, pool.device_kind)
+        if timing is not None:
+            return sum(timing.phase_seconds(spec, model).values())
+        return sum(TimingModel.fallback().phase_seconds(spec, model).values()) / pool.relative_speed
+
+    def _remaining_seconds(self, entry: _Running) -> float:
+        spec = entry.claimed.spec
+        total = self.estimate_seconds(spec, entry.pool)
+        done = sum(t.seconds for t in entry.timings)
+        return max(total - done, 0.0)
+
+    def _route(self, claimed: ClaimedRender) -> EnginePool:
+        """The pool with room where the render would finish first (work already on
+        the pool spread over its replicas, plus the render itself); the preferred kind
+        wins a tie. A render that requires a kind goes only there."""
+        spec = claimed.spec
+        pools = [p for p in self.pools[spec.model] if self._pool_room(p) > 0]
+        if spec.require_device_kind:
+            pools = [p for p in pools if p.device_kind == spec.require_device_kind]
+        pools = pools or self.pools[spec.model]
+
+        def finish(pool: EnginePool) -> tuple[float, bool]:
+            ahead = sum(self._remaining_seconds(r) for r in self._on_pool(pool)) / max(pool.slots, 1)
+            return ahead + self.estimate_seconds(spec, pool), pool.device_kind != spec.prefer_device_kind
+
+        return min(pools, key=finish)
+
+    # -- preemption --------------------------------------------------------------------
+
+    async def _preempt_for_waiting(self) -> None:
+        """When the best queued render of a preempting class waits for a model whose
+        pools are full, the lowest-class running render of that model makes room:
+        renders still waiting in a replica's queue are taken back first; else one that
+        is denoising checkpoints at its next step. One victim per waiting render."""
+        settings = self.settings
+        if not any(c.preempts for c in settings.priority_classes):
+            return
+        waiting = await asyncio.to_thread(self.store.best_queued, list(self.pools))
+        for model, (priority, required) in waiting.items():
+            if not settings.priority_class(priority).preempts:
+                continue
+            rank = settings.class_rank(priority)
+            pools = [p for p in self.pools[model] if not required or p.device_kind == required]
+            if not pools or any(self._pool_room(p) > 0 for p in pools):
+                continue
+            pending = [r for r in self.running.values()
+                       if r.pool in pools and (r.preempt_sent or r.withdrawn)]
+            if pending:
+                continue  # room is already being made
+            victims = [r for r in self.running.values()
+                       if r.pool in pools and not r.cancel_sent
+                       and settings.class_rank(r.claimed.spec.priority) < rank]
+            if not victims:
+                continue
+            unstarted = [r for r in victims if not r.engine_started]
+            if unstarted:
+                victim = min(unstarted, key=lambda r: (r.claimed.spec.priority, -r.claimed.claimed_at.timestamp()))
+                victim.withdrawn = True
+                if victim.stream is not None:
+                    victim.stream.cancel()
+                continue
+            started = [r for r in victims if r.pool.preemptible
+                       and r.claimed.preemptions < settings.max_preemptions]
+            if started:
+                victim = min(started, key=lambda r: (r.claimed.spec.priority, -r.claimed.claimed_at.timestamp()))
+                victim.preempt_sent = True
+                log.info("preempting %s (priority %d) for a priority-%d render of %s", victim.claimed.id,
+                         victim.claimed.spec.priority, priority, model)
+                await asyncio.to_thread(victim.pool.preempt, victim.claimed.id, victim.claimed.attempt)
+                self.metrics.preempted(model, victim.pool.device_kind)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -195,7 +344,8 @@ class Scheduler:
                 if requeued:
                     log.warning("requeued renders whose lease expired: %s", requeued)
                     self.wake()
-                pools = [(model, pool.slots, pool.device_kind) for model, pool in self.pools.items()]
+                pools = [PoolStatus(p.model, p.device_kind, p.slots, p.min_replicas, p.max_replicas)
+                         for p in self.all_pools()]
                 await asyncio.to_thread(self.store.publish_pools, self.owner, pools)
             except Exception:
                 log.exception("lease upkeep failed; retrying")
@@ -209,6 +359,53 @@ class Scheduler:
             self._cancel(render_id)
         for render_id in status.cancel_requested:
             self._cancel(render_id)
+
+    async def _autoscale_loop(self) -> None:
+        """Sizes every pool from the work queued for it: the backlog in estimated
+        device-seconds (queued renders spread over the pools that may run them, each
+        to where it would finish first), its target time, the busy replicas and the
+        cold start of a new replica."""
+        while True:
+            try:
+                await self._autoscale_once()
+            except Exception:
+                log.exception("autoscaling failed; retrying")
+            await asyncio.sleep(self.settings.autoscale_interval_s)
+
+    async def _autoscale_once(self) -> None:
+        await self._refresh_timing_models()
+        for pool in self.all_pools():
+            await pool.refresh()
+        queued = await asyncio.to_thread(self.store.queued_specs, list(self.pools))
+        by_model: dict[str, list] = {}
+        for spec, required, done_steps in queued:
+            pools = self.pools.get(spec.model, [])
+            left = 1 - done_steps / max(spec.num_inference_steps, 1)
+            seconds_on = {p.key: self.estimate_seconds(spec, p) * left for p in pools}
+            by_model.setdefault(spec.model, []).append(
+                (seconds_on, next((p.key for p in pools if p.device_kind == required), None) if required else None))
+        depth = 1 + self.settings.prefetch_per_replica
+        for model, pools in self.pools.items():
+            backlog = assign_backlog(by_model.get(model, []), {p.key: p.max_replicas for p in pools})
+            for pool in pools:
+                busy = -(-len(self._on_pool(pool)) // depth)  # ceil: replicas holding renders
+                load = PoolLoad(pool.key, pool.slots, busy, pool.min_replicas, pool.max_replicas,
+                                backlog.get(pool.key, 0.0), pool.backlog_target_s, pool.cold_start_s)
+                wanted = wanted_replicas(load)
+                pool.scale_to(wanted)
+                self.metrics.pool_sized(model, pool.device_kind, pool.slots, wanted, load.backlog_seconds,
+                                        pool.cold_start_s)
+        self.wake()  # replicas may have come up
+
+    async def _refresh_timing_models(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for pool in self.all_pools():
+            key = (pool.model, pool.device_kind)
+            cached = self._timing_models.get(key)
+            if cached is not None and now - cached[0] < 30:
+                continue
+            stored = await asyncio.to_thread(self.store.cost_model, *key)
+            self._timing_models[key] = (now, TimingModel.from_json(stored) if stored else None)
 
     async def _cancel_loop(self) -> None:
         # Progress writes already bring back cancel requests; this catches renders
@@ -239,18 +436,22 @@ class Scheduler:
 
     async def _run_attempt(self, entry: _Running) -> None:
         claimed = entry.claimed
-        pool = self.pools[claimed.spec.model]
+        pool = entry.pool
         outcome: AttemptOutcome | None = None
         result: dict[str, Any] = {}
         error: str | None = None
         try:
             entry.stream = pool.render(engine_request(claimed))
+            if entry.withdrawn:
+                entry.stream.cancel()
             async for batch in entry.stream:
                 for event in batch:
                     if event["kind"] == "progress":
                         self._on_progress(entry, pool, event)
                     elif event["kind"] == "done":
                         outcome, result = AttemptOutcome.SUCCEEDED, event
+                    elif event["kind"] == "preempted":
+                        outcome, result = AttemptOutcome.PREEMPTED, event
             if outcome is None:
                 outcome, error = AttemptOutcome.FAILED, "the engine ended the render without a result"
         except asyncio.CancelledError:
@@ -268,12 +469,21 @@ class Scheduler:
                 outcome = AttemptOutcome.CANCELLED
             else:
                 outcome, error = AttemptOutcome.FAILED, f"{type(failure).__name__}: {failure}"
-                log.warning("render %s failed: %s", claimed.id, error)
-        await self._finish(entry, outcome, result, error)
+                log.warning("render %s failed on %s: %s", claimed.id, entry.node or pool.key, error)
+        if entry.withdrawn and outcome is not AttemptOutcome.SUCCEEDED and not entry.cancel_sent:
+            await self._preempted(entry, {"step": 0})
+        elif outcome is AttemptOutcome.PREEMPTED:
+            await self._preempted(entry, result)
+        elif outcome is AttemptOutcome.FAILED and entry.engine_started:
+            # Failing mid-render can be the node's fault: try another before giving up.
+            await self._retry_elsewhere(entry, error or "failed")
+        else:
+            await self._finish(entry, outcome, result, error)
 
     def _on_progress(self, entry: _Running, pool: EnginePool, event: dict[str, Any]) -> None:
         claimed = entry.claimed
         stage = Stage(event["stage"])
+        entry.node = event.get("node") or entry.node
         if not entry.engine_started:
             # Queue wait ends when an engine starts on it, not when it was leased.
             entry.engine_started = True
@@ -289,13 +499,55 @@ class Scheduler:
         )
         self._progress_arrived.set()
 
+    def _done_timings(self, entry: _Running) -> list[tuple[str, str, float]]:
+        return [(t.phase, t.device_kind, t.seconds) for t in entry.timings]
+
+    async def _preempted(self, entry: _Running, event: dict[str, Any]) -> None:
+        """The attempt gave its engine up: charge what it did, queue it again with its
+        checkpoint (none when it never started)."""
+        claimed = entry.claimed
+        timings = [tuple(t) for t in event["timings"]] if event.get("timings") else self._done_timings(entry)
+        charges = price_timings(self.config.prices, timings)
+        await self._flush()
+        recorded = await asyncio.to_thread(
+            self.store.preempt, self.owner, claimed.id, claimed.attempt, checkpoint_uri=event.get("checkpoint_uri"),
+            step=int(event.get("step", 0)), charges=charges, device_kind=entry.pool.device_kind,
+            node=event.get("node") or entry.node, timings=[list(t) for t in timings])
+        if recorded:
+            self.metrics.charged(claimed.tenant_name, claimed.spec.model, charges)
+        self.running.pop(claimed.id, None)
+        self._publish_running()
+        self.wake()
+
+    async def _retry_elsewhere(self, entry: _Running, error: str) -> None:
+        claimed = entry.claimed
+        timings = self._done_timings(entry)
+        charges = price_timings(self.config.prices, timings)
+        await self._flush()
+        record = await asyncio.to_thread(
+            self.store.retry_elsewhere, self.owner, claimed.id, claimed.attempt, error=error, node=entry.node,
+            failed_node_limit=self.settings.failed_node_limit, charges=charges, device_kind=entry.pool.device_kind,
+            timings=[list(t) for t in timings])
+        self.running.pop(claimed.id, None)
+        self._publish_running()
+        self.wake()
+        if record is None:
+            return
+        if record.state.is_final:
+            duration = (record.finished_at - record.started_at).total_seconds() if record.started_at else None
+            self.metrics.render_finished(claimed.tenant_name, claimed.spec.model, record.state.value, duration, 0,
+                                         charges)
+            await self._publish_budget(claimed.tenant_id, claimed.tenant_name)
+        else:
+            self.metrics.charged(claimed.tenant_name, claimed.spec.model, charges)
+
     async def _release(self, entry: _Running, reason: str) -> None:
         claimed = entry.claimed
         # What the lost attempt did is recorded, as absorbed by the farm: not charged.
-        absorbed = price_timings(self.config.prices, [(t.phase, t.device_kind, t.seconds) for t in entry.timings])
+        absorbed = price_timings(self.config.prices, self._done_timings(entry))
         await self._flush()
         released = await asyncio.to_thread(self.store.release, self.owner, claimed.id, claimed.attempt, reason,
-                                           self.settings.max_attempts, absorbed)
+                                           self.settings.max_attempts, absorbed, entry.node, entry.pool.device_kind)
         if released:
             self.metrics.attempt_absorbed(claimed.spec.model, absorbed)
         self.running.pop(claimed.id, None)
@@ -316,8 +568,9 @@ class Scheduler:
         record = await asyncio.to_thread(
             self.store.finish, self.owner, claimed.id, claimed.attempt, outcome, charges=charges,
             artifact_uri=result.get("artifact_uri"), manifest_uri=result.get("manifest_uri"), error=error,
-            device_kind=result.get("device_kind") or self.pools[claimed.spec.model].device_kind,
-            node=result.get("node"), timings=[list(t) for t in timings],
+            device_kind=result.get("device_kind") or entry.pool.device_kind,
+            node=result.get("node") or entry.node, timings=[list(t) for t in timings],
+            quality=result.get("quality"), candidates=result.get("candidates"),
         )
         self.running.pop(claimed.id, None)
         self._publish_running()

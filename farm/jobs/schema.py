@@ -114,6 +114,19 @@ class Render(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Sequence number of the render's newest event; watchers compare it to resume.
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # Placement: the only device kind that may run it, and the kind it prefers.
+    require_device_kind: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    prefer_device_kind: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # Device kind of the pool that ran (or runs) the latest attempt.
+    device_kind: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # Post-processing results: quality scores of the delivered clip, and every
+    # candidate's scores when the spec asked for several (JSON).
+    quality_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    candidates_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Preemption: times preempted, and the latest denoising checkpoint to resume from.
+    preemptions: Mapped[int] = mapped_column(Integer, default=0)
+    checkpoint_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
+    checkpoint_step: Mapped[int] = mapped_column(Integer, default=0)
 
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key"),
@@ -190,12 +203,27 @@ class CostModel(Base):
 
 
 class Pool(Base):
-    """What the scheduler last said about each model's engine pool; the gateway's
-    health and ListModels read it, so the gateway never needs Ray."""
+    """What the scheduler last said about each engine pool (a model on a device kind);
+    the gateway's health and ListModels read it, so the gateway never needs Ray."""
 
     __tablename__ = "pools"
     model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_kind: Mapped[str] = mapped_column(String(32), primary_key=True)
     replicas: Mapped[int] = mapped_column(Integer)
-    device_kind: Mapped[str] = mapped_column(String(32))
+    # Autoscaling bounds; a pool at 0 replicas with max_replicas > 0 is still up (it cold-starts).
+    min_replicas: Mapped[int] = mapped_column(Integer, default=0)
+    max_replicas: Mapped[int] = mapped_column(Integer, default=0)
     scheduler: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class NodeHealth(Base):
+    """Render failures per node: a node that keeps failing renders is kept out of
+    the pools until `excluded_until`."""
+
+    __tablename__ = "node_health"
+    node: Mapped[str] = mapped_column(String(128), primary_key=True)
+    recent_failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_failure_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    excluded_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)

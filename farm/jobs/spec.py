@@ -20,6 +20,7 @@ MAX_LABELS = 32
 LABEL_KEY = re.compile(r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$")
 MAX_LABEL_VALUE_CHARS = 256
 MAX_IDEMPOTENCY_KEY_CHARS = 128
+MAX_DEVICE_KIND_CHARS = 32
 
 
 # Post-processing (see PostprocessSpec in protos/farm/v1/render.proto).
@@ -131,6 +132,8 @@ class RenderSpec:
     priority: int | None = None
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     idempotency_key: str = ""
+    require_device_kind: str = ""
+    prefer_device_kind: str = ""
 
     def fingerprint(self) -> str:
         """Identifies the request as sent, for idempotency: the same key with a
@@ -163,6 +166,9 @@ class ResolvedSpec:
     postprocess: ResolvedPostprocess | None = None
     """None: nothing asked (the clip is encoded with the default settings)."""
     image: bytes = b""
+    require_device_kind: str = ""
+    """Empty: any pool of the model."""
+    prefer_device_kind: str = ""
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -246,6 +252,7 @@ def resolve_spec(spec: RenderSpec, models: dict[str, ModelConfig]) -> ResolvedSp
     if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
         bad("spec.priority", f"{priority} is outside {MIN_PRIORITY}..{MAX_PRIORITY}")
 
+    _check_placement(spec, model, bad)
     _check_labels(spec.labels, bad)
     if len(spec.idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
         bad("spec.idempotency_key", f"is {len(spec.idempotency_key)} characters; the maximum is {MAX_IDEMPOTENCY_KEY_CHARS}")
@@ -266,7 +273,20 @@ def resolve_spec(spec: RenderSpec, models: dict[str, ModelConfig]) -> ResolvedSp
         guidance_scale=float(guidance), seed=seed if seed is not None else secrets.randbelow(MAX_SEED + 1),
         priority=priority, labels=dict(spec.labels), idempotency_key=spec.idempotency_key, image=spec.image,
         postprocess=postprocess,
+        require_device_kind=spec.require_device_kind, prefer_device_kind=spec.prefer_device_kind,
     )
+
+
+def _check_placement(spec: RenderSpec, model: ModelConfig, bad) -> None:
+    # A model whose only pool detects its kind at start accepts any kind here; the
+    # gateway then checks it against the pools the scheduler published.
+    kinds = model.device_kinds()
+    for field, kind in (("spec.placement.require_device_kind", spec.require_device_kind),
+                        ("spec.placement.prefer_device_kind", spec.prefer_device_kind)):
+        if kind and kinds and kind not in kinds:
+            bad(field, f"{model.name} has no {kind!r} pool; its pools: {', '.join(kinds)}")
+        elif len(kind) > MAX_DEVICE_KIND_CHARS:
+            bad(field, f"is {len(kind)} characters; the maximum is {MAX_DEVICE_KIND_CHARS}")
 
 
 def _resolve_postprocess(post: PostprocessSpec | None, model: ModelConfig, width: int, height: int,

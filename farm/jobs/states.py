@@ -56,3 +56,8 @@ class AttemptOutcome(str, enum.Enum):
     CANCELLED = "CANCELLED"
     # The farm lost it (lease expired, replica died); it is requeued and not charged.
     LOST = "LOST"
+    # A higher-priority render took its engine; it checkpointed and is requeued, charged
+    # for the steps it did (the next attempt resumes from them, not from step 0).
+    PREEMPTED = "PREEMPTED"
+    # The engine failed it on one node; it is retried on another, up to a limit of nodes.
+    RETRIED = "RETRIED"

@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import Iterable, Iterator
 
-from sqlalchemy import create_engine, event, func, select, text, update
+from sqlalchemy import create_engine, event, func, or_, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,6 +38,7 @@ from farm.jobs.records import (
     EventRecord,
     LeaseStatus,
     PoolRecord,
+    PoolStatus,
     ProgressUpdate,
     RenderRecord,
     TenantRecord,
@@ -310,6 +311,8 @@ class JobStore:
                     model=spec.model, task=spec.task.value, spec_json=spec.to_json(), image=spec.image or None,
                     priority=spec.priority, seed=spec.seed, state=RenderState.QUEUED.value, attempt=1,
                     created_at=t.utcnow(), reserved_nanodollars=estimate_nanodollars,
+                    require_device_kind=spec.require_device_kind or None,
+                    prefer_device_kind=spec.prefer_device_kind or None,
                 )
                 session.add(row)
                 session.flush()
@@ -416,9 +419,12 @@ class JobStore:
 
     # -- renders: the scheduler's side ----------------------------------------------------
 
-    def claim(self, free_slots: dict[str, int], owner: str, lease_seconds: float) -> list[ClaimedRender]:
+    def claim(self, free_slots: dict[str, int], owner: str, lease_seconds: float,
+              kinds: dict[str, Iterable[str]] | None = None) -> list[ClaimedRender]:
         """Leases up to free_slots[model] queued renders of each model: higher
-        priority first, then by weighted fair share between tenants, then oldest."""
+        priority first, then by weighted fair share between tenants, then oldest.
+        With `kinds[model]` (the device kinds that have room), a render that requires
+        another kind stays queued."""
         claimed: list[ClaimedRender] = []
         now = t.utcnow()
         with self._write() as session:
@@ -433,8 +439,9 @@ class JobStore:
             for model, slots in free_slots.items():
                 if slots <= 0:
                     continue
+                allowed = None if kinds is None or model not in kinds else list(kinds[model])
                 picked = pick_fair(
-                    slots, self._queued_heads(session, model, slots), running,
+                    slots, self._queued_heads(session, model, slots, allowed), running,
                     {tid: row.weight for tid, row in tenants.items()},
                     {tid: row.max_running for tid, row in tenants.items()},
                 )
@@ -457,22 +464,25 @@ class JobStore:
                         ClaimedRender(
                             id=row.id, tenant_id=row.tenant_id, tenant_name=tenants[row.tenant_id].name,
                             attempt=row.attempt, spec=ResolvedSpec.from_json(row.spec_json, row.image),
-                            created_at=row.created_at, claimed_at=now,
+                            created_at=row.created_at, claimed_at=now, checkpoint_uri=row.checkpoint_uri,
+                            checkpoint_step=row.checkpoint_step, preemptions=row.preemptions,
                         )
                     )
         return claimed
 
-    def _queued_heads(self, session: Session, model: str, depth: int) -> dict[str, list[Candidate]]:
-        """The first `depth` queued renders of each tenant with work for the model."""
-        tenants = session.scalars(
-            select(t.Render.tenant_id).where(t.Render.state == RenderState.QUEUED.value, t.Render.model == model)
-            .distinct())
+    def _queued_heads(self, session: Session, model: str, depth: int,
+                      kinds: list[str] | None = None) -> dict[str, list[Candidate]]:
+        """The first `depth` queued renders of each tenant with work for the model
+        (that may run on one of `kinds`, when given)."""
+        where = [t.Render.state == RenderState.QUEUED.value, t.Render.model == model]
+        if kinds is not None:
+            where.append(or_(t.Render.require_device_kind.is_(None), t.Render.require_device_kind.in_(kinds)))
+        tenants = session.scalars(select(t.Render.tenant_id).where(*where).distinct())
         heads = {}
         for tenant_id in tenants:
             rows = session.execute(
                 select(t.Render.id, t.Render.priority, t.Render.created_at)
-                .where(t.Render.state == RenderState.QUEUED.value, t.Render.model == model,
-                       t.Render.tenant_id == tenant_id)
+                .where(*where, t.Render.tenant_id == tenant_id)
                 .order_by(t.Render.priority.desc(), t.Render.created_at, t.Render.id).limit(depth)).all()
             heads[tenant_id] = [Candidate(r.id, tenant_id, r.priority, r.created_at) for r in rows]
         return heads
@@ -487,6 +497,20 @@ class JobStore:
                 .where(t.Render.state == RenderState.QUEUED.value, t.Render.model.in_(list(models)))
                 .limit(1)
             ) is not None
+
+    def best_queued(self, models: Iterable[str]) -> dict[str, tuple[int, str | None]]:
+        """Per model, the highest priority among its queued renders and the kind that
+        render requires (for preemption decisions)."""
+        best: dict[str, tuple[int, str | None]] = {}
+        with self._read() as session:
+            for model in models:
+                row = session.execute(
+                    select(t.Render.priority, t.Render.require_device_kind)
+                    .where(t.Render.state == RenderState.QUEUED.value, t.Render.model == model)
+                    .order_by(t.Render.priority.desc(), t.Render.created_at).limit(1)).first()
+                if row is not None:
+                    best[model] = (row.priority, row.require_device_kind)
+        return best
 
     def record_progress(self, owner: str, updates: list[ProgressUpdate]) -> list[str]:
         """Writes a batch of progress events in one transaction. Updates from an
@@ -555,6 +579,8 @@ class JobStore:
         device_kind: str | None = None,
         node: str | None = None,
         timings: list | None = None,
+        quality: dict | None = None,
+        candidates: list[dict] | None = None,
     ) -> RenderRecord | None:
         """Ends an attempt and its render in one transaction with its ledger rows.
         Returns None, writing nothing, when the attempt no longer holds the lease (a
@@ -573,12 +599,75 @@ class JobStore:
             self._add_ledger(session, row, attempt, charges, charged=True)
             row.cost_nanodollars += sum(c.nanodollars for c in charges)
             row.artifact_uri, row.manifest_uri, row.error = artifact_uri, manifest_uri, error
+            row.device_kind = device_kind or row.device_kind
+            row.quality_json = json.dumps(quality) if quality is not None else None
+            row.candidates_json = json.dumps(candidates) if candidates is not None else None
             message = {"SUCCEEDED": "succeeded", "FAILED": f"failed: {error}", "CANCELLED": "cancelled"}[state.value]
             self._finish_row(session, row, state, message=message)
         return self.get(None, render_id)
 
+    def preempt(self, owner: str, render_id: str, attempt: int, *, checkpoint_uri: str | None, step: int,
+                charges: list[Charge] = (), device_kind: str | None = None, node: str | None = None,
+                timings: list | None = None) -> bool:
+        """Ends an attempt that gave its engine to a higher-priority render: the steps it
+        did are charged (the next attempt resumes from its checkpoint instead of redoing
+        them), and the render is queued again with attempt + 1. A lease already lost
+        writes nothing (False)."""
+        with self._write() as session:
+            row = self._leased(session, owner, {render_id}).get(render_id)
+            if row is None or row.attempt != attempt:
+                return False
+            self._end_attempt(session, row, AttemptOutcome.PREEMPTED, None, device_kind, node, timings)
+            self._add_ledger(session, row, attempt, charges, charged=True)
+            row.cost_nanodollars += sum(c.nanodollars for c in charges)
+            row.preemptions += 1
+            if checkpoint_uri:
+                row.checkpoint_uri, row.checkpoint_step = checkpoint_uri, step
+            if row.cancel_requested:
+                self._finish_row(session, row, RenderState.CANCELLED, message=f"cancelled (preempted at step {step})")
+            else:
+                self._back_to_queue(session, row, f"preempted at step {step}; resumes from its checkpoint")
+            return True
+
+    def retry_elsewhere(self, owner: str, render_id: str, attempt: int, *, error: str, node: str | None,
+                        failed_node_limit: int, charges: list[Charge] = (), device_kind: str | None = None,
+                        timings: list | None = None) -> RenderRecord | None:
+        """An engine failed the attempt on `node`: the render is tried again on another
+        node, unless it has now failed on `failed_node_limit` different nodes; then it
+        fails with every node's reason. Work done is charged like a failed render's."""
+        with self._write() as session:
+            row = self._leased(session, owner, {render_id}).get(render_id)
+            if row is None or row.attempt != attempt:
+                return None
+            self._end_attempt(session, row, AttemptOutcome.RETRIED, error, device_kind, node, timings)
+            self._add_ledger(session, row, attempt, charges, charged=True)
+            row.cost_nanodollars += sum(c.nanodollars for c in charges)
+            failures = session.execute(
+                select(t.Attempt.node, t.Attempt.error).where(
+                    t.Attempt.render_id == row.id, t.Attempt.outcome == AttemptOutcome.RETRIED.value)
+                .order_by(t.Attempt.number)).all()
+            nodes = {f.node or "unknown" for f in failures}
+            if row.cancel_requested:
+                self._finish_row(session, row, RenderState.CANCELLED, message="cancelled")
+            elif len(nodes) >= failed_node_limit:
+                reasons = "; ".join(f"{f.node or 'unknown node'}: {f.error}" for f in failures)
+                row.error = f"failed on {len(nodes)} nodes: {reasons}"
+                self._finish_row(session, row, RenderState.FAILED, message=row.error)
+            else:
+                self._back_to_queue(session, row, f"failed on {node or 'an unknown node'} ({error}); retrying elsewhere")
+        return self.get(None, render_id)
+
+    def failed_nodes(self, render_id: str) -> list[str]:
+        """Nodes on which this render's attempts failed or were lost (placement avoids them)."""
+        with self._read() as session:
+            return sorted(n for n in session.scalars(
+                select(t.Attempt.node).where(
+                    t.Attempt.render_id == render_id, t.Attempt.node.is_not(None),
+                    t.Attempt.outcome.in_([AttemptOutcome.RETRIED.value, AttemptOutcome.LOST.value]))
+                .distinct()) if n)
+
     def release(self, owner: str, render_id: str, attempt: int, reason: str, max_attempts: int,
-                absorbed: list[Charge] = ()) -> bool:
+                absorbed: list[Charge] = (), node: str | None = None, device_kind: str | None = None) -> bool:
         """Gives back a lease the farm could not honour (the replica died): the attempt
         is LOST, its work recorded as absorbed by the farm, not charged; the render is
         requeued with attempt + 1, or fails after max_attempts."""
@@ -587,7 +676,7 @@ class JobStore:
             if row is None or row.attempt != attempt:
                 return False
             self._add_ledger(session, row, attempt, absorbed, charged=False)
-            self._requeue_row(session, row, reason, max_attempts)
+            self._requeue_row(session, row, reason, max_attempts, node=node, device_kind=device_kind)
             return True
 
     def _add_ledger(self, session: Session, row: t.Render, attempt: int, charges: Iterable[Charge],
@@ -614,20 +703,27 @@ class JobStore:
                 self._requeue_row(session, row, f"lease of {row.lease_owner} expired", max_attempts)
             return [row.id for row in rows]
 
-    def _requeue_row(self, session: Session, row: t.Render, reason: str, max_attempts: int) -> None:
-        self._end_attempt(session, row, AttemptOutcome.LOST, reason, None, None, None)
+    def _requeue_row(self, session: Session, row: t.Render, reason: str, max_attempts: int,
+                     node: str | None = None, device_kind: str | None = None) -> None:
+        self._end_attempt(session, row, AttemptOutcome.LOST, reason, device_kind, node, None)
+        # Preemptions and retries on other nodes end attempts too; only losses count here.
+        lost = session.scalar(select(func.count()).select_from(t.Attempt).where(
+            t.Attempt.render_id == row.id, t.Attempt.outcome == AttemptOutcome.LOST.value))
         if row.cancel_requested:
             self._finish_row(session, row, RenderState.CANCELLED, message=f"cancelled ({reason})")
-        elif row.attempt >= max_attempts:
-            row.error = f"lost {row.attempt} times; last: {reason}"
+        elif lost >= max_attempts:
+            row.error = f"lost {lost} times; last: {reason}"
             self._finish_row(session, row, RenderState.FAILED, message=row.error)
         else:
-            check_transition(RenderState(row.state), RenderState.QUEUED)
-            row.state = RenderState.QUEUED.value
-            row.attempt += 1
-            row.stage, row.step, row.total_steps = "", 0, 0
-            row.lease_owner = row.lease_expires_at = None
-            self._add_event(session, row, f"requeued: {reason}")
+            self._back_to_queue(session, row, f"requeued: {reason}")
+
+    def _back_to_queue(self, session: Session, row: t.Render, message: str) -> None:
+        check_transition(RenderState(row.state), RenderState.QUEUED)
+        row.state = RenderState.QUEUED.value
+        row.attempt += 1
+        row.stage, row.step, row.total_steps = "", 0, 0
+        row.lease_owner = row.lease_expires_at = None
+        self._add_event(session, row, message)
 
     def _end_attempt(self, session, row, outcome, error, device_kind, node, timings) -> None:
         attempt = session.scalar(
@@ -658,20 +754,31 @@ class JobStore:
 
     # -- pools -------------------------------------------------------------------------
 
-    def publish_pools(self, scheduler: str, pools: list[tuple[str, int, str]]) -> None:
+    def publish_pools(self, scheduler: str, pools: list[PoolStatus]) -> None:
         now = t.utcnow()
         with self._write() as session:
-            for model, replicas, device_kind in pools:
-                row = session.get(t.Pool, model)
+            for pool in pools:
+                row = session.get(t.Pool, (pool.model, pool.device_kind))
                 if row is None:
-                    session.add(t.Pool(model=model, replicas=replicas, device_kind=device_kind,
-                                       scheduler=scheduler, updated_at=now))
-                else:
-                    row.replicas, row.device_kind, row.scheduler, row.updated_at = replicas, device_kind, scheduler, now
+                    row = t.Pool(model=pool.model, device_kind=pool.device_kind)
+                    session.add(row)
+                row.replicas, row.min_replicas, row.max_replicas = pool.replicas, pool.min_replicas, pool.max_replicas
+                row.scheduler, row.updated_at = scheduler, now
 
     def pools(self) -> list[PoolRecord]:
         with self._read() as session:
-            return [PoolRecord(p.model, p.replicas, p.device_kind, p.updated_at) for p in session.scalars(select(t.Pool))]
+            return [PoolRecord(p.model, p.replicas, p.device_kind, p.updated_at, p.min_replicas, p.max_replicas)
+                    for p in session.scalars(select(t.Pool))]
+
+    def queued_specs(self, models: Iterable[str], limit: int = 10_000) -> list[tuple[ResolvedSpec, str | None, int]]:
+        """Queued renders' specs (without images), the kind each requires and the steps
+        it already did (before a preemption): the backlog autoscaling sizes pools for."""
+        with self._read() as session:
+            rows = session.execute(
+                select(t.Render.spec_json, t.Render.require_device_kind, t.Render.checkpoint_step)
+                .where(t.Render.state == RenderState.QUEUED.value, t.Render.model.in_(list(models)))
+                .order_by(t.Render.created_at).limit(limit)).all()
+        return [(ResolvedSpec.from_json(r.spec_json), r.require_device_kind, r.checkpoint_step) for r in rows]
 
     def ping(self) -> None:
         with self._read() as session:
@@ -730,6 +837,10 @@ class JobStore:
             created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
             artifact_uri=row.artifact_uri, manifest_uri=row.manifest_uri,
             cost_nanodollars=row.cost_nanodollars, error=row.error, event_seq=row.event_seq, charges=charges,
+            device_kind=row.device_kind, preemptions=row.preemptions, checkpoint_uri=row.checkpoint_uri,
+            checkpoint_step=row.checkpoint_step,
+            quality=json.loads(row.quality_json) if row.quality_json else None,
+            candidates=json.loads(row.candidates_json) if row.candidates_json else None,
         )
 
 

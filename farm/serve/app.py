@@ -21,6 +21,10 @@ def build_app(args: FarmConfig | dict[str, Any] | None = None) -> Application:
     else:
         args = dict(args or {})
         config = load_config(args.pop("config_path", None), **args)
-    engines = {m.name: engine_deployment(m, config.artifacts_url, config.scheduler.prefetch_per_replica)
-               for m in config.served_models()}
+    # One engine deployment per pool: a model on one kind of device.
+    engines = {
+        f"{m.name}/{pool.device_kind}": engine_deployment(m, pool, config.artifacts_url,
+                                                          config.scheduler.prefetch_per_replica, config.ray.app_name)
+        for m in config.served_models() for pool in m.resolved_pools()
+    }
     return scheduler_deployment(config, engines)

@@ -21,7 +21,7 @@ from typing import Any
 
 from ray import serve
 
-from farm.config import ModelConfig
+from farm.config import ModelConfig, PoolConfig
 from farm.engines.base import ENCODING, WRITING, EngineRequest, Progress, RenderCancelled
 from farm.storage.artifacts import ArtifactStore
 
@@ -29,6 +29,16 @@ log = logging.getLogger(__name__)
 CPU = "CPU"
 WAKE_INTERVAL_S = 0.025
 GIL_SWITCH_INTERVAL_S = 0.02
+
+
+def node_name() -> str:
+    """Host name and Ray node id: several Ray nodes may share a host (and do in tests)."""
+    try:
+        import ray
+
+        return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
+    except Exception:  # outside Ray
+        return socket.gethostname()
 
 
 def build_manifest(engine_info: dict, request: EngineRequest, timings: list, output_shape: tuple,
@@ -62,7 +72,9 @@ class EngineServer:
     def __init__(self, model_json: str, artifacts_url: str):
         from farm.engines import load_engine
 
+        started = time.perf_counter()
         self.model = ModelConfig.model_validate_json(model_json)
+        self.node = node_name()
         # The pipeline thread is the replica's real work; Serve's own threads need the
         # GIL only briefly. A longer switch interval stops them from preempting the
         # pipeline's Python code every 5 ms (it matters when steps are milliseconds).
@@ -73,7 +85,10 @@ class EngineServer:
         # dispatched, so the engine starts it the moment the first one ends.
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="engine", initializer=self._set_thread_count)
-        log.info("engine %s ready on %s (%s)", self.model.name, self.engine.device_kind, self.engine.backend)
+        # Model load and warm-up: the cold start autoscaling counts until it measures one.
+        self.startup_seconds = time.perf_counter() - started
+        log.info("engine %s ready on %s (%s) in %.1f s", self.model.name, self.engine.device_kind,
+                 self.engine.backend, self.startup_seconds)
 
     def _set_thread_count(self) -> None:
         # OpenMP's thread count is per OS thread, and Ray starts workers with
@@ -83,7 +98,7 @@ class EngineServer:
         torch.set_num_threads(self.engine.cpu_threads)
 
     def info(self) -> dict:
-        return self.engine.describe()
+        return {**self.engine.describe(), "startup_seconds": self.startup_seconds, "node": self.node}
 
     def check_health(self) -> None:
         self.engine.check_health()
@@ -149,6 +164,9 @@ class EngineServer:
                 if previous and previous != "DENOISING":
                     event["finished_phases"] = [(previous, device, now - stage_started["at"])]
                 stage_started.update(stage=progress.stage, at=now)
+                # Stage changes say where the render runs: the scheduler needs the node
+                # to retry a failed render elsewhere and to count a node's failures.
+                event["node"] = self.node
             emit(event)
 
         try:
@@ -167,7 +185,7 @@ class EngineServer:
             timings.append((WRITING, CPU, time.perf_counter() - encoded))
             emit({
                 "kind": "done", "artifact_uri": artifact_uri, "manifest_uri": manifest_uri, "timings": timings,
-                "device_kind": device, "node": socket.gethostname(), "frames": int(output.frames.shape[0]),
+                "device_kind": device, "node": self.node, "frames": int(output.frames.shape[0]),
             })
         except RenderCancelled as cancelled:
             log.info("render %s cancelled after step %d", request.render_id, cancelled.step)
@@ -176,22 +194,52 @@ class EngineServer:
             emit({"kind": "error", "error": error})
 
 
-def engine_deployment(model: ModelConfig, artifacts_url: str, prefetch: int):
-    options: dict[str, Any] = {"num_cpus": model.num_cpus}
-    if not model.num_gpus:
+def deployment_name(model: ModelConfig, pool: PoolConfig) -> str:
+    """engine-<model> for a model's implicit single pool; engine-<model>-<kind> per explicit pool."""
+    return f"engine-{model.name}-{pool.device_kind.lower()}" if model.explicit_pools else f"engine-{model.name}"
+
+
+def pool_model(model: ModelConfig, pool: PoolConfig) -> ModelConfig:
+    """The model config an engine of this pool loads: its device kind, GPUs and CPUs."""
+    kind = None if pool.device_kind == "auto" else pool.device_kind
+    return model.model_copy(update={"device_kind": kind, "num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus})
+
+
+def engine_deployment(model: ModelConfig, pool: PoolConfig, artifacts_url: str, prefetch: int, app_name: str):
+    options: dict[str, Any] = {"num_cpus": pool.num_cpus}
+    if not pool.num_gpus:
         # Ray sets OMP_NUM_THREADS to the actor's CPU count (1), which caps torch's
         # OpenMP threads in every thread but the first; a CPU engine uses its cores.
         threads = model.cpu_threads or os.cpu_count() or 1
         options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
-    if model.num_gpus:
-        options["num_gpus"] = model.num_gpus
+    if pool.num_gpus:
+        options["num_gpus"] = pool.num_gpus
+    if pool.ray_accelerator_type:
+        # Ray's convention: a node with that accelerator offers accelerator_type:<type> = 1;
+        # asking a sliver of it pins the replica to such a node without limiting how many fit.
+        options["resources"] = {f"accelerator_type:{pool.ray_accelerator_type}": 0.001}
+    name = deployment_name(model, pool)
+    scaling: dict[str, Any] = {"num_replicas": pool.max_replicas}
+    if pool.min_replicas != pool.max_replicas:
+        from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
+
+        from farm.serve.autoscaling import BacklogPolicy
+
+        scaling = {"autoscaling_config": AutoscalingConfig(
+            min_replicas=pool.min_replicas, max_replicas=pool.max_replicas, initial_replicas=pool.min_replicas,
+            upscale_delay_s=0, downscale_delay_s=pool.downscale_delay_s,
+            downscale_to_zero_delay_s=pool.downscale_delay_s,
+            policy=AutoscalingPolicy(policy_function=BacklogPolicy,
+                                     policy_kwargs={"app": app_name, "deployment": name}),
+        )}
     return serve.deployment(EngineServer).options(
-        name=f"engine-{model.name}",
-        num_replicas=model.replicas,
+        name=name,
+        **scaling,
         # Room for the renders the scheduler prefetches, plus health and info calls.
         max_ongoing_requests=2 + prefetch,
         ray_actor_options=options,
         health_check_period_s=10,
-        graceful_shutdown_timeout_s=30,
+        # A replica that Serve scales away first finishes the renders it holds.
+        graceful_shutdown_timeout_s=pool.drain_timeout_s,
         logging_config={"enable_access_log": False, "log_level": "WARNING"},
-    ).bind(model.model_dump_json(), artifacts_url)
+    ).bind(pool_model(model, pool).model_dump_json(), artifacts_url)

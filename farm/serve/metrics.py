@@ -40,6 +40,17 @@ class ServeMetrics:
                                       "Budget left in the current period (after reservations).", ["tenant"],
                                       registry=r)
         self.running_renders = Gauge("farm_renders_running", "Renders on engines now.", ["model"], registry=r)
+        pool = ["model", "device_kind"]
+        self.pool_replicas = Gauge("farm_pool_replicas", "Engine replicas running in the pool.", pool, registry=r)
+        self.pool_wanted = Gauge("farm_pool_wanted_replicas", "Replicas the pool's backlog asks for.", pool,
+                                 registry=r)
+        self.pool_backlog = Gauge("farm_pool_backlog_seconds",
+                                  "Estimated device-seconds of queued work routed to the pool.", pool, registry=r)
+        self.pool_cold_start = Gauge("farm_pool_cold_start_seconds",
+                                     "Start-up (model load and warm-up) of the pool's newest replica.", pool,
+                                     registry=r)
+        self.preemptions = Counter("farm_preemptions_total", "Renders preempted for a higher priority class.", pool,
+                                   registry=r)
 
     def serve_http(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)
@@ -59,6 +70,10 @@ class ServeMetrics:
             self.duration.labels(model, state).observe(duration_s)
         if frames:
             self.frames.labels(model).inc(frames)
+        self.charged(tenant, model, charges)
+
+    def charged(self, tenant: str, model: str, charges: list[Charge]) -> None:
+        """Charges written to the ledger (at a final state, or a preemption or retry before one)."""
         for charge in charges:
             self.cost.labels(tenant, model, charge.device_kind, charge.phase).inc(charge.dollars)
             self.device_seconds.labels(tenant, model, charge.device_kind, charge.phase).inc(charge.device_seconds)
@@ -72,3 +87,13 @@ class ServeMetrics:
 
     def running(self, model: str, count: int) -> None:
         self.running_renders.labels(model).set(count)
+
+    def pool_sized(self, model: str, device_kind: str, replicas: int, wanted: int, backlog_s: float,
+                   cold_start_s: float) -> None:
+        self.pool_replicas.labels(model, device_kind).set(replicas)
+        self.pool_wanted.labels(model, device_kind).set(wanted)
+        self.pool_backlog.labels(model, device_kind).set(backlog_s)
+        self.pool_cold_start.labels(model, device_kind).set(cold_start_s)
+
+    def preempted(self, model: str, device_kind: str) -> None:
+        self.preemptions.labels(model, device_kind).inc()

@@ -3,15 +3,18 @@ over Serve handles of the engine deployments."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from farm.config import FarmConfig
+from farm.config import FarmConfig, ModelConfig, PoolConfig
 from farm.engines.base import EngineRequest
 from farm.errors import EngineLost
 from farm.jobs.scheduler import Scheduler
@@ -19,6 +22,8 @@ from farm.jobs.store import JobStore
 from farm.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
+# Seconds assumed for a new replica to load its model and warm up, until one is measured.
+DEFAULT_COLD_START_S = 30.0
 
 
 def _is_engine_loss(error: BaseException) -> bool:
@@ -49,15 +54,72 @@ class _ServeStream:
 
 
 class ServePool:
-    def __init__(self, model: str, handle: DeploymentHandle, replicas: int, device_kind: str):
-        self.model, self.handle, self.replicas, self.device_kind = model, handle, replicas, device_kind
+    """One engine deployment (a model on one device kind) as the scheduler sees it."""
+
+    def __init__(self, model: ModelConfig, pool: PoolConfig, handle: DeploymentHandle, device_kind: str,
+                 app_name: str, info: dict | None):
+        from farm.serve.engine import deployment_name
+
+        self.model, self.handle, self.device_kind = model.name, handle, device_kind
+        self.min_replicas, self.max_replicas = pool.min_replicas, pool.max_replicas
+        self.backlog_target_s, self.relative_speed = pool.backlog_target_s, pool.relative_speed
+        self.autoscaled = pool.min_replicas != pool.max_replicas
+        self.app_name, self.deployment = app_name, deployment_name(model, pool)
+        self.preemptible = bool(info.get("preemptible", False)) if info else False
+        self._replicas = pool.min_replicas if self.autoscaled else pool.max_replicas
+        # Until a scale-up is measured: the start-up the engine reported, or a guess.
+        self._cold_start_s = float(info.get("startup_seconds", DEFAULT_COLD_START_S)) if info else DEFAULT_COLD_START_S
+        self._scale_asked_at: float | None = None
+        self._wanted: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.device_kind}"
 
     @property
     def slots(self) -> int:
-        return self.replicas
+        return self._replicas
+
+    @property
+    def cold_start_s(self) -> float:
+        return self._cold_start_s
 
     def render(self, request: EngineRequest) -> _ServeStream:
         return _ServeStream(self.handle, request)
+
+    def preempt(self, render_id: str, attempt: int) -> None:
+        from farm.serve.signals import request_preemption
+
+        request_preemption(render_id, attempt)
+
+    async def refresh(self) -> None:
+        statuses = await asyncio.to_thread(serve.status)
+        app = statuses.applications.get(self.app_name)
+        deployment = app.deployments.get(self.deployment) if app else None
+        if deployment is None:
+            return
+        running = int(deployment.replica_states.get("RUNNING", 0))
+        if running > self._replicas and self._scale_asked_at is not None:
+            # A scale-up finished: from asking to a replica that takes renders.
+            self._cold_start_s = time.monotonic() - self._scale_asked_at
+            self._scale_asked_at = None
+        self._replicas = running
+        if not self.preemptible and running:
+            with contextlib.suppress(Exception):
+                info = await self.handle.info.remote()
+                self.preemptible = bool(info.get("preemptible", False))
+
+    def scale_to(self, replicas: int) -> None:
+        if not self.autoscaled:
+            return
+        from farm.serve.autoscaling import publish_wanted
+
+        if replicas > self._replicas and self._scale_asked_at is None:
+            self._scale_asked_at = time.monotonic()
+        elif replicas <= self._replicas:
+            self._scale_asked_at = None
+        publish_wanted(self.app_name, self.deployment, replicas)
+        self._wanted = replicas
 
 
 class SchedulerServer:
@@ -67,21 +129,29 @@ class SchedulerServer:
         self.metrics = ServeMetrics()
         if self.config.scheduler.metrics_port:
             self.metrics.serve_http(self.config.scheduler.metrics_host, self.config.scheduler.metrics_port)
-        pools = {}
+        pools: dict[str, list[ServePool]] = {}
         for model in self.config.served_models():
-            info = await engines[model.name].info.remote()
-            # A device without a price is a start-up error, never a free render.
-            self.config.prices.price_of(info["device_kind"])
-            pools[model.name] = ServePool(model.name, engines[model.name], model.replicas, info["device_kind"])
+            for pool in model.resolved_pools():
+                handle = engines[f"{model.name}/{pool.device_kind}"]
+                info = None
+                if pool.min_replicas > 0 or pool.device_kind == "auto":
+                    info = await handle.info.remote()
+                device_kind = info["device_kind"] if pool.device_kind == "auto" else pool.device_kind
+                # A device without a price is a start-up error, never a free render.
+                self.config.prices.price_of(device_kind)
+                pools.setdefault(model.name, []).append(
+                    ServePool(model, pool, handle, device_kind, self.config.ray.app_name, info))
         owner = f"scheduler-{socket.gethostname()}-{os.getpid()}"
         self.scheduler = Scheduler(self.store, pools, self.config, owner, self.metrics)
         self.scheduler.start()
-        log.info("scheduler %s started with pools %s", owner, sorted(pools))
+        log.info("scheduler %s started with pools %s", owner, [p.key for ps in pools.values() for p in ps])
 
     async def status(self) -> dict[str, Any]:
         return {
             "owner": self.scheduler.owner,
             "running": {rid: r.claimed.attempt for rid, r in self.scheduler.running.items()},
+            "pools": {p.key: {"replicas": p.slots, "wanted": p._wanted, "cold_start_s": p.cold_start_s,
+                              "running": len(self.scheduler._on_pool(p))} for p in self.scheduler.all_pools()},
         }
 
     async def __del__(self):
