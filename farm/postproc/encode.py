@@ -36,13 +36,20 @@ def encode_h264_mp4(
     fps: int | float | fractions.Fraction,
     *,
     start_frame: int = 0,
-    crf: int = 18,
+    crf: int | None = 18,
     preset: str = "veryfast",
+    bitrate_kbps: int | None = None,
+    threads: int | None = None,
 ) -> bytes:
     """Encodes uint8 frames (F, H, W, 3) as H.264 (yuv420p) in MP4, frame i with
     pts start_frame + i in time base 1/fps. The stream starts with an IDR
     frame and has no B-frames, so every GOP is closed and decode order is
-    presentation order (what joining segments without re-encoding needs)."""
+    presentation order (what joining segments without re-encoding needs).
+
+    Rate control: constant quality ``crf`` (0..51, lower is better), or with
+    ``bitrate_kbps`` an average bitrate instead (crf is then ignored).
+    threads: x264's threads; None lets x264 choose (about 1.5 per core), 1 keeps
+    the encoder on one core (a post-processing replica's share)."""
     import av
 
     check_frames(frames)
@@ -55,10 +62,19 @@ def encode_h264_mp4(
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.time_base = 1 / rate
-        # CRF keeps quality, not bitrate, fixed.
-        stream.options = {"crf": str(crf), "preset": preset}
-        # No B-frame reordering surprises for players; closed GOPs.
-        stream.codec_context.options = {"bf": "0", "flags": "+cgop"}
+        # No B-frame reordering surprises for players; closed GOPs. (One dict: in PyAV
+        # stream.options and codec_context.options are the same, and assigning either
+        # replaces the other.)
+        options = {"preset": preset, "bf": "0", "flags": "+cgop"}
+        if bitrate_kbps is not None:
+            # Average bitrate: x264's ABR mode over the whole stream (or segment).
+            stream.bit_rate = int(bitrate_kbps) * 1000
+        else:
+            # CRF keeps quality, not bitrate, fixed.
+            options["crf"] = str(18 if crf is None else crf)
+        stream.options = options
+        if threads is not None:
+            stream.codec_context.thread_count = int(threads)
         for index in range(count):
             frame = av.VideoFrame.from_ndarray(frames[index], format="rgb24")
             frame.pts = start_frame + index

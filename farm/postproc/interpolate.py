@@ -286,3 +286,73 @@ def _fill_by_pyramid(weights: np.ndarray, sums: np.ndarray) -> np.ndarray:
     )
     upsampled = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR)
     return np.where(has_motion[..., None], motion, upsampled)
+
+
+class LearnedInterpolator:
+    """A learned frame interpolator (RIFE family) with the same contract as
+    ``interpolate``: (F - 1) * factor + 1 frames, originals kept bit-identical.
+
+    The model is any callable ``model(frame0, frame1, t)`` taking float tensors
+    (1, 3, H, W) in [0, 1] and a float time t in (0, 1), returning the frame at
+    t as (1, 3, H, W). ``from_file`` loads a TorchScript export (``torch.jit.save``
+    of a module with that forward), which needs no model code at load time. Frames
+    are padded (edge pixels repeated) to a multiple of ``pad_multiple`` for the
+    model's pyramid and cropped back. Pairs are independent, so chunked
+    interpolation equals whole-clip interpolation as with optical flow.
+    """
+
+    def __init__(self, model, *, device: str | None = None, pad_multiple: int = 32) -> None:
+        import torch
+
+        if pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
+        self.model = model
+        self.pad_multiple = pad_multiple
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @classmethod
+    def from_file(cls, path, *, device: str | None = None, pad_multiple: int = 32) -> "LearnedInterpolator":
+        from pathlib import Path
+
+        import torch
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no interpolator weights at {path}")
+        target = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = torch.jit.load(str(path), map_location=target).eval()
+        return cls(model, device=target, pad_multiple=pad_multiple)
+
+    def interpolate(self, frames: np.ndarray, factor: int) -> np.ndarray:
+        import torch
+        import torch.nn.functional as functional
+
+        check_frames(frames)
+        if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+            raise ValueError(f"factor must be an integer >= 1, got {factor!r}")
+        factor = int(factor)
+        count, height, width, _ = frames.shape
+        if count == 0:
+            raise ValueError("cannot interpolate an empty clip")
+        output = np.empty(((count - 1) * factor + 1, height, width, 3), dtype=np.uint8)
+        output[::factor] = frames
+        if factor == 1 or count == 1:
+            return output
+        pad_bottom = -height % self.pad_multiple
+        pad_right = -width % self.pad_multiple
+
+        def tensor(frame: np.ndarray):
+            image = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].to(self.device)
+            image = image.to(torch.float32).div_(255.0)
+            return functional.pad(image, (0, pad_right, 0, pad_bottom), mode="replicate") if pad_bottom or pad_right else image
+
+        with torch.inference_mode():
+            previous = tensor(frames[0])
+            for index in range(count - 1):
+                following = tensor(frames[index + 1])
+                for step in range(1, factor):
+                    middle = self.model(previous, following, step / factor)[0, :, :height, :width]
+                    pixels = middle.float().clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
+                    output[index * factor + step] = pixels.permute(1, 2, 0).cpu().numpy()
+                previous = following
+        return output

@@ -32,19 +32,22 @@ def encode_segment(
     fps: int | float | fractions.Fraction,
     start_frame: int,
     *,
-    crf: int = 18,
+    crf: int | None = 18,
     preset: str = "veryfast",
+    bitrate_kbps: int | None = None,
+    threads: int | None = None,
 ) -> bytes:
     """H.264 MP4 segment of uint8 frames (F, H, W, 3) whose frame i has pts
     start_frame + i (time base 1/fps). Segments of one clip must share fps,
-    size, crf and preset to be joined by ``concat_segments``. (The MP4 edit
+    size and encoder settings (crf or bitrate, preset) to be joined by ``concat_segments``. (The MP4 edit
     list that places a segment at start_frame is stored in milliseconds, so a
     segment on its own may report its start rounded to 1 ms.)"""
     if start_frame < 0:
         raise ValueError(f"start_frame must be >= 0, got {start_frame}")
     if len(frames) == 0:
         raise ValueError("a segment needs at least one frame")
-    return encode_h264_mp4(frames, fps, start_frame=start_frame, crf=crf, preset=preset)
+    return encode_h264_mp4(frames, fps, start_frame=start_frame, crf=crf, preset=preset,
+                           bitrate_kbps=bitrate_kbps, threads=threads)
 
 
 def concat_segments(segments: Sequence[bytes], fps: int | float | fractions.Fraction) -> bytes:
