@@ -1,19 +1,29 @@
 """What every engine offers the inference plane, and what it hands back.
 
 The scheduler and the Serve deployment talk to an engine only through `Engine`:
-`render` (with a progress sink and a stop check) and `check_health`.
+`render` (with a progress sink, a stop check, and optionally a preemption check and
+a checkpoint to resume from) and `check_health`.
+
+Preemption: when `should_preempt` says so at a step boundary, an engine that
+`supports_checkpoint` stops there and raises `RenderPreempted` with a
+`DenoiseCheckpoint`; a later render of the same spec given that checkpoint runs only
+the remaining steps and returns the frames the uninterrupted render would have.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from farm.config import Task
 from farm.jobs.spec import ResolvedPostprocess
+
+if TYPE_CHECKING:
+    import torch
 
 # Stage names; the same strings as the proto's Stage enum without the prefix.
 LOADING = "LOADING"
@@ -90,18 +100,117 @@ class RenderCancelled(Exception):
         self.step = step
 
 
+# The "format" entry of every serialized checkpoint; bump it on any change of layout.
+CHECKPOINT_FORMAT = "farm-denoise-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that this request or engine must not resume
+    (another spec, seed, model or dtype): resuming it would not give the render's video."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DenoiseCheckpoint:
+    """The denoising state of one render after `step` of its `total_steps` steps.
+
+    Everything the remaining steps depend on that a fresh call of the pipeline would
+    not compute identically on its own: the latents after step `step`, the scheduler's
+    carried state, and the random generator's state. Prompt embeddings, image latents
+    and the sigma schedule are recomputed on resume (they are deterministic); the full
+    schedule is kept too, and a resume whose recomputed schedule differs is refused.
+
+    `spec` holds the fields that decide the video (prompt, size, steps, seed, the image's
+    sha256, the weights' sha256, the dtype) and `fingerprint` their sha256: a checkpoint
+    is only ever resumed by a request with the same fingerprint.
+    """
+
+    step: int
+    """Denoising steps already done (1 <= step < total_steps)."""
+    total_steps: int
+    fingerprint: str
+    spec: dict[str, Any]
+    latents: torch.Tensor
+    """The latents after step `step`, as the pipeline holds them (packed for LTX-Video), on the CPU."""
+    scheduler_state: dict[str, Any]
+    """The scheduler's class, its full timestep (and sigma) schedule, and any state it carries
+    between steps (e.g. CogVideoX DPM's previous x0 prediction); tensors on the CPU."""
+    generator_state: torch.Tensor
+    """`torch.Generator.get_state()` after step `step` (the noise of later steps and of the decode)."""
+    generator_device: str
+    """The device type of that generator ("cpu", "cuda"): their states do not transfer."""
+    model: str
+    device_kind: str
+    """Where the checkpoint was made; a resume elsewhere is allowed but noted (not bitwise then)."""
+    backend: str
+    created_at: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.step < self.total_steps:
+            raise CheckpointError(
+                f"a checkpoint is taken between steps: step must be in 1..{self.total_steps - 1}, got {self.step}"
+            )
+
+    def to_bytes(self) -> bytes:
+        """The checkpoint as one `torch.save` payload (plain types and tensors only)."""
+        import torch
+
+        payload = {"format": CHECKPOINT_FORMAT}
+        payload.update({field.name: getattr(self, field.name) for field in dataclasses.fields(self)})
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DenoiseCheckpoint:
+        """Reads `to_bytes` output (with torch's `weights_only` loader: no code runs); raises CheckpointError."""
+        import torch
+
+        try:
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unreadable payload is one kind of failure here
+            raise CheckpointError(f"not a readable denoising checkpoint: {type(error).__name__}: {error}") from None
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+            raise CheckpointError(f"not a denoising checkpoint of format {CHECKPOINT_FORMAT} (found {found!r})")
+        names = [field.name for field in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in payload]
+        if missing:
+            raise CheckpointError(f"denoising checkpoint lacks {missing}")
+        return cls(**{name: payload[name] for name in names})
+
+    def describe(self) -> str:
+        return f"step {self.step} of {self.total_steps} ({self.model} on {self.device_kind}, {self.backend})"
+
+
+class RenderPreempted(Exception):
+    """The preemption check said yield; raised at a step boundary (after `step` of N steps,
+    step < N), before any VAE decode, with the state to resume from."""
+
+    def __init__(self, timings: list[PhaseTiming], step: int, checkpoint: DenoiseCheckpoint):
+        super().__init__(f"preempted after step {step} of {checkpoint.total_steps}")
+        self.timings = timings
+        self.step = step
+        self.checkpoint = checkpoint
+
+
 class Engine(Protocol):
     model_name: str
     device_kind: str
     backend: str
     weights_sha256: str
+    supports_checkpoint: bool
+    """Whether `should_preempt` is honoured; an engine that cannot checkpoint never consults it."""
 
     def render(
         self,
         request: EngineRequest,
         on_progress: Callable[[Progress], None],
         should_stop: Callable[[], bool],
-    ) -> RenderOutput: ...
+        should_preempt: Callable[[], bool] | None = None,
+        resume: DenoiseCheckpoint | None = None,
+    ) -> RenderOutput:
+        """Renders the request; `resume` (a checkpoint of this request's spec) skips the steps it holds."""
+        ...
 
     def check_health(self) -> None: ...
 

@@ -8,6 +8,13 @@ The engine (`farm.engines.pipeline_engine`) splits a render into three timed pha
 it encodes the prompt with `encode_prompt`, runs the pipeline to latents, and
 decodes them with `decode_latents`, which is what `CogVideoXPipeline.__call__`
 does after its denoising loop.
+
+Preemption: both pipelines can resume from a checkpoint bitwise with CogVideoXDPMScheduler
+(CogVideoX-5B, the tiny models) and CogVideoXDDIMScheduler (CogVideoX-2B). The DPM scheduler's
+second-order update needs the previous step's x0 prediction, which the pipeline keeps in a loop
+variable; the engine keeps it from the scheduler's `step` output and hands it back at the
+first resumed step, with the previous timestep and the generator's state (DPM draws noise
+every step).
 """
 
 from __future__ import annotations
@@ -33,6 +40,14 @@ PIPELINE_CLASSES: dict[Task, type[DiffusionPipeline]] = {
     Task.IMAGE_TO_VIDEO: CogVideoXImageToVideoPipeline,
 }
 
+
+# Pipelines whose denoising a checkpoint can resume (`farm.engines.checkpoint`): given
+# `latents` they draw no noise and multiply them by init_noise_sigma (1 for the DPM and DDIM
+# schedulers); image-to-video re-encodes its image with the generator fresh from the seed,
+# which was its first draw in the interrupted attempt too; their loop runs over the
+# scheduler's timesteps. The DPM scheduler's carried x0 prediction lives in the loop, not in
+# the scheduler: the engine captures it from and gives it back to `scheduler.step`.
+RESUMABLE_PIPELINES: tuple[type[DiffusionPipeline], ...] = (CogVideoXPipeline, CogVideoXImageToVideoPipeline)
 
 # The CogVideoX VAE decodes two latent frames (8 video frames) at a time and handles
 # the first frame alone only in a batch of three, so it returns exactly num_frames

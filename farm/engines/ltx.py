@@ -8,6 +8,9 @@ The engine (`farm.engines.pipeline_engine`) splits a render into three timed pha
 it encodes the prompt with `encode_prompt`, runs the pipeline to latents, and
 decodes them with `decode_latents`, which repeats what `LTXPipeline.__call__` does
 after its denoising loop, through the pipeline's own helpers.
+
+Preemption: both pipelines can resume from a checkpoint bitwise (FlowMatchEulerDiscreteScheduler
+keeps no state between steps but its step index, which the engine sets on resume).
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ PIPELINE_CLASSES: dict[Task, type[DiffusionPipeline]] = {
     Task.TEXT_TO_VIDEO: LTXPipeline,
     Task.IMAGE_TO_VIDEO: LTXImageToVideoPipeline,
 }
+
+# Pipelines whose denoising a checkpoint can resume (`farm.engines.checkpoint`): given
+# `latents` (packed, float32) they skip the noise draw and, for image-to-video, the image
+# encode (the image's latents are the first latent frame, kept in the checkpoint's latents),
+# and their loop runs over the scheduler's timesteps. The generator is drawn from again only
+# by the decode noise, after the restored state.
+RESUMABLE_PIPELINES: tuple[type[DiffusionPipeline], ...] = (LTXPipeline, LTXImageToVideoPipeline)
 
 # The pipelines' own defaults for the decode-time noise of timestep-conditioned VAEs
 # (LTX-Video 0.9.1+); the engine uses them so its output equals the pipeline's.

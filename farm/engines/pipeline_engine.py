@@ -19,6 +19,22 @@ Cancellation is cooperative: after every denoising step the stop check runs; whe
 it says stop, the pipeline's ``_interrupt`` flag ends the loop (the diffusers
 pattern) and, because the pipeline was asked for latents, nothing is decoded:
 `RenderCancelled` is raised instead.
+
+Preemption works the same way, with a checkpoint: when the optional `should_preempt`
+check says so after step k of N (k < N; after the last step the render just finishes),
+the loop ends, the latents, the scheduler's carried state and the generator's state
+after step k go into a `DenoiseCheckpoint`, and `RenderPreempted` is raised, again
+before any decode. A render given that checkpoint (`resume=`) encodes the prompt again,
+starts from the checkpoint's latents and runs steps k+1..N on the same sigmas
+(`farm.engines.checkpoint.ResumableDenoising`); its progress counts on from k+1 and its
+frames equal the uninterrupted render's bitwise on the same device and backend (a resume
+on another device kind or backend is within that backend's tolerance, and noted in the
+output). With First-Block Cache the resumed first step always runs the whole transformer
+(the cache's residuals are not checkpointed), so such a render is within the step cache's
+tolerance, not bitwise. An engine whose pipelines cannot be resumed exactly (a scheduler
+farm does not know, or one that keeps other state) has ``supports_checkpoint = False``
+and ``describe()["preemptible"] = False``, never consults `should_preempt`, and refuses
+a checkpoint: the scheduler must not preempt it.
 """
 
 from __future__ import annotations
@@ -55,13 +71,17 @@ from farm.engines.base import (
     DECODING,
     DENOISING,
     ENCODING_PROMPT,
+    CheckpointError,
+    DenoiseCheckpoint,
     EngineRequest,
     PhaseTiming,
     Progress,
     RenderCancelled,
     RenderOutput,
+    RenderPreempted,
 )
 from farm.engines.build import BuildRecord, EngineBuildMissing, engine_key_fields, find_builds
+from farm.engines.checkpoint import ResumableDenoising, checkpoint_spec, checkpoint_support, verify_resumable
 from farm.engines.hf_progress import no_progress_bars
 
 log = logging.getLogger(__name__)
@@ -200,6 +220,8 @@ class DiffusersEngine:
         self.rejected_builds: list[str] = []
         if self._backend.builds_per_shape:
             self._load_builds()
+        self.checkpoint_unsupported = self._checkpoint_unsupported()
+        self.supports_checkpoint = self.checkpoint_unsupported is None
         # Pipelines keep per-call state (_interrupt, scheduler timesteps): one render at a time.
         self._render_lock = threading.Lock()
 
@@ -216,6 +238,17 @@ class DiffusersEngine:
             if config.first_block_cache_threshold is not None:
                 apply_first_block_cache(transformer, config.first_block_cache_threshold)
             self._routers[key] = TransformerRouter(transformer)
+
+    def _checkpoint_unsupported(self) -> str | None:
+        """Why this engine cannot checkpoint and resume a render exactly, or None when it can."""
+        resumable = getattr(self.family, "RESUMABLE_PIPELINES", ())
+        for task, pipe in self.pipelines.items():
+            if type(pipe) not in resumable:
+                return f"{type(pipe).__name__} ({task.value}) is not a pipeline whose loop farm can resume"
+            reason = checkpoint_support(pipe)
+            if reason is not None:
+                return f"{type(pipe).__name__} ({task.value}): {reason}"
+        return None
 
     def _with_step_cache(self, label: str) -> str:
         threshold = self.model.backend.first_block_cache_threshold
@@ -303,13 +336,33 @@ class DiffusersEngine:
         request: EngineRequest,
         on_progress: Callable[[Progress], None],
         should_stop: Callable[[], bool],
+        should_preempt: Callable[[], bool] | None = None,
+        resume: DenoiseCheckpoint | None = None,
     ) -> RenderOutput:
+        """Renders a request; see the module's docstring for cancellation, preemption and `resume`.
+
+        Raises RenderCancelled, RenderPreempted (with the checkpoint), or CheckpointError
+        for a checkpoint of another spec, seed, model or dtype (before any work).
+        """
         pipe = self.pipeline(request.task)
         # Built first so that a request the pipeline cannot serve fails before any work.
         call_kwargs = self.family.call_kwargs(request, _conditioning_image(request))
         shape = ShapeBucket.for_render(request.width, request.height, request.num_frames, request.guidance_scale)
         runner, backend_used, notes = self._route(request.task, shape)
         router = self._routers[id(pipe.transformer)]
+        if not self.supports_checkpoint:
+            if resume is not None:
+                raise CheckpointError(
+                    f"model {self.model_name} cannot resume a checkpoint: {self.checkpoint_unsupported}"
+                )
+            should_preempt = None
+        spec = None
+        if resume is not None or should_preempt is not None:
+            spec = checkpoint_spec(request, self.weights_sha256, _dtype_name(self.dtype))
+        if resume is not None:
+            verify_resumable(resume, spec, self.device.type)
+            call_kwargs["latents"] = resume.latents.to(self.device)
+            notes = notes + [self._resume_note(resume, backend_used)]
         with self._render_lock, torch.inference_mode():
             # A render never reuses step-cache residuals of the one before (e.g. a cancelled one).
             reset_first_block_cache(pipe.transformer)
@@ -328,21 +381,38 @@ class DiffusersEngine:
             total_steps = request.num_inference_steps
             on_progress(Progress(DENOISING, 0, total_steps))
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
+            # Installed only when a checkpoint may be taken or is resumed; it wraps the scheduler for this call.
+            denoising = ResumableDenoising(pipe, generator, total_steps, resume) if spec is not None else None
+            first_step = resume.step if resume is not None else 0
             stopped_after_step: int | None = None
+            checkpoint: DenoiseCheckpoint | None = None
             # The first step's time also holds the pipeline's set-up (noise, image latents).
             last_step_end = self._clock()
 
             def on_step_end(pipeline: DiffusionPipeline, index: int, timestep, callback_kwargs: dict) -> dict:
-                nonlocal stopped_after_step, last_step_end
+                nonlocal stopped_after_step, checkpoint, last_step_end
+                step = first_step + index + 1
                 now = self._clock()
-                on_progress(Progress(DENOISING, index + 1, total_steps, now - last_step_end))
+                on_progress(Progress(DENOISING, step, total_steps, now - last_step_end))
                 last_step_end = now
-                if stopped_after_step is None and should_stop():
-                    stopped_after_step = index + 1
+                if stopped_after_step is not None or checkpoint is not None:
+                    return {}
+                if should_stop():
+                    stopped_after_step = step
                     pipeline._interrupt = True  # the pipeline skips the remaining steps
+                elif should_preempt is not None and step < total_steps and should_preempt():
+                    checkpoint = denoising.checkpoint(
+                        step, callback_kwargs["latents"], spec=spec, model=self.model_name,
+                        device_kind=self.device_kind, backend=backend_used,
+                    )
+                    pipeline._interrupt = True
                 return {}
 
-            with self._timed(DENOISING, timings), router.routed_to(runner):
+            with (
+                self._timed(DENOISING, timings),
+                router.routed_to(runner),
+                denoising if denoising is not None else contextlib.nullcontext(),
+            ):
                 latents = pipe(
                     **call_kwargs,
                     **prompt_kwargs,
@@ -350,9 +420,12 @@ class DiffusersEngine:
                     output_type="latent",
                     return_dict=False,
                     callback_on_step_end=on_step_end,
+                    callback_on_step_end_tensor_inputs=["latents"],
                 )[0]
             if stopped_after_step is not None:
                 raise RenderCancelled(timings, stopped_after_step)
+            if checkpoint is not None:
+                raise RenderPreempted(timings, checkpoint.step, checkpoint)
 
             on_progress(Progress(DECODING))
             with self._timed(DECODING, timings):
@@ -371,6 +444,13 @@ class DiffusersEngine:
             backend=backend_used,
             notes=notes,
         )
+
+    def _resume_note(self, resume: DenoiseCheckpoint, backend: str) -> str:
+        note = f"resumed after {resume.describe()}"
+        if (resume.device_kind, resume.backend) != (self.device_kind, backend):
+            note += f"; continued on {self.device_kind} with {backend}, so equal to an uninterrupted render only " \
+                    "within the backends' tolerance, not bitwise"
+        return note
 
     def check_health(self) -> None:
         """Runs a tiny computation on the device; raises if the device is unusable."""
@@ -394,6 +474,17 @@ class DiffusersEngine:
                 task.value: [shape.describe() for shape in self.built_shapes(task)] for task in self.pipelines
             },
             "rejected_builds": list(self.rejected_builds),
+            # Whether the scheduler may preempt this engine's renders (they resume from a checkpoint).
+            "preemptible": self.supports_checkpoint,
+            "checkpoint": {
+                "supported": self.supports_checkpoint,
+                "unsupported_reason": self.checkpoint_unsupported,
+                "resume": (
+                    None if not self.supports_checkpoint
+                    else "bitwise" if self.model.backend.first_block_cache_threshold is None
+                    else "within the step cache's tolerance"
+                ),
+            },
             "dtype": _dtype_name(self.dtype),
             "device": str(self.device),
             "device_kind": self.device_kind,

@@ -3,7 +3,12 @@ default, s3:// or any other fsspec filesystem in a cluster.
 
 Each attempt writes under its own prefix, so an attempt that lost its lease but is
 still running can never overwrite the one that finished. Writes go to a temporary
-name first and are renamed into place, so a reader never sees half a file."""
+name first and are renamed into place, so a reader never sees half a file.
+
+Denoising checkpoints of preempted attempts live beside the attempts, under the
+render's `checkpoints/` prefix, one per attempt: deleting an attempt's files never
+deletes the checkpoint the next attempt resumes from; `delete_checkpoints` removes them
+all once the render has finished."""
 
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import fsspec
 
 VIDEO_NAME = "video.mp4"
 MANIFEST_NAME = "manifest.json"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_SUFFIX = ".ckpt"
 
 
 class ArtifactStore:
@@ -47,6 +54,26 @@ class ArtifactStore:
                 self.fs.rm(partial)
             raise
         return path
+
+    def checkpoint_prefix(self, render_id: str) -> str:
+        return f"{self.root}/renders/{render_id}/{CHECKPOINTS_DIR}"
+
+    def write_checkpoint(self, render_id: str, attempt: int, data: bytes) -> str:
+        """Writes the checkpoint a preempted attempt left (temporary name, then renamed); returns its URI."""
+        prefix = self.checkpoint_prefix(render_id)
+        self.fs.makedirs(prefix, exist_ok=True)
+        return self.uri(self._put(f"{prefix}/attempt-{attempt}{CHECKPOINT_SUFFIX}", data))
+
+    def read_checkpoint(self, uri: str) -> bytes:
+        """The bytes `write_checkpoint` wrote; FileNotFoundError when it is gone."""
+        fs, path = fsspec.core.url_to_fs(uri)
+        return fs.cat_file(path)
+
+    def delete_checkpoints(self, render_id: str) -> None:
+        """Removes every checkpoint of a render (when it has finished, one way or another)."""
+        prefix = self.checkpoint_prefix(render_id)
+        if self.fs.exists(prefix):
+            self.fs.rm(prefix, recursive=True)
 
     def delete_attempt(self, render_id: str, attempt: int) -> None:
         prefix = self.attempt_prefix(render_id, attempt)

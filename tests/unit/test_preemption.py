@@ -1,0 +1,395 @@
+"""Preemption on the engine side: a render stopped at a denoising step boundary leaves a
+checkpoint, and a render resumed from it equals the uninterrupted one bitwise (CPU,
+float32); checkpoints of another spec are refused; the artifact store keeps them whole."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from farm.config import Task
+from farm.engines import load_engine
+from farm.engines.base import (
+    DECODING,
+    DENOISING,
+    ENCODING_PROMPT,
+    CheckpointError,
+    DenoiseCheckpoint,
+    EngineRequest,
+    RenderCancelled,
+    RenderPreempted,
+)
+from farm.engines.checkpoint import throttled
+from farm.engines.pipeline_engine import DiffusersEngine
+from farm.engines.tiny import tiny_model_configs
+from farm.storage.artifacts import ArtifactStore
+
+STEPS = 4
+FAMILIES_AND_TASKS = [
+    ("ltx-video-tiny", Task.TEXT_TO_VIDEO),
+    ("ltx-video-tiny", Task.IMAGE_TO_VIDEO),
+    ("cogvideox-tiny", Task.TEXT_TO_VIDEO),
+    ("cogvideox-tiny", Task.IMAGE_TO_VIDEO),
+]
+
+
+@pytest.fixture(scope="module")
+def engines(models_dir) -> dict[str, DiffusersEngine]:
+    return {model.name: load_engine(model) for model in tiny_model_configs(models_dir)}
+
+
+def png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(150, 200, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_request(engine: DiffusersEngine, task: Task, **overrides) -> EngineRequest:
+    fields = dict(
+        render_id="r-1", attempt=1, task=task, prompt="a red fox running through a snowy forest",
+        negative_prompt="blurry", image=png(0) if task == Task.IMAGE_TO_VIDEO else None,
+        width=64, height=64, num_frames=9, fps=engine.model.defaults.fps,
+        num_inference_steps=STEPS, guidance_scale=3.0, seed=1234,
+    )
+    fields.update(overrides)
+    return EngineRequest(**fields)
+
+
+class Run:
+    """Progress events of one render, and a preemption check that fires after a chosen step."""
+
+    def __init__(self, preempt_after: int | None = None):
+        self.events = []
+        self.preempt_after = preempt_after
+        self.preempt_checks: list[int] = []  # the step after which the engine asked
+
+    def on_progress(self, progress) -> None:
+        self.events.append(progress)
+
+    def last_step(self) -> int:
+        return max((e.step for e in self.events if e.stage == DENOISING), default=0)
+
+    def should_preempt(self) -> bool:
+        self.preempt_checks.append(self.last_step())
+        return self.preempt_after is not None and self.last_step() >= self.preempt_after
+
+    def steps(self) -> list[int]:
+        return [e.step for e in self.events if e.stage == DENOISING and e.step > 0]
+
+    def stages(self) -> list[str]:
+        return [e.stage for e in self.events if e.step == 0]
+
+
+@pytest.fixture
+def decoded_latents(engines, monkeypatch) -> list[torch.Tensor]:
+    """The denoised latents every render hands to its family's decode, in order."""
+    seen: list[torch.Tensor] = []
+    for family in {id(engine.family): engine.family for engine in engines.values()}.values():
+        original = family.decode_latents
+
+        def recording(pipe, latents, request, generator, original=original):
+            seen.append(latents.detach().clone())
+            return original(pipe, latents, request, generator)
+
+        monkeypatch.setattr(family, "decode_latents", recording)
+    return seen
+
+
+def never() -> bool:
+    return False
+
+
+def preempt(engine: DiffusersEngine, request: EngineRequest, after: int, resume=None) -> RenderPreempted:
+    run = Run(preempt_after=after)
+    with pytest.raises(RenderPreempted) as preempted:
+        engine.render(request, run.on_progress, never, should_preempt=run.should_preempt, resume=resume)
+    return preempted.value
+
+
+# Preempt and resume -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_name, task", FAMILIES_AND_TASKS)
+def test_preempted_render_resumes_to_the_uninterrupted_frames_bitwise(engines, decoded_latents, model_name, task):
+    engine = engines[model_name]
+    request = make_request(engine, task)
+    uninterrupted = engine.render(request, lambda p: None, never)
+    assert len(decoded_latents) == 1
+
+    run = Run(preempt_after=2)
+    with pytest.raises(RenderPreempted) as raised:
+        engine.render(request, run.on_progress, never, should_preempt=run.should_preempt)
+    preempted = raised.value
+    assert preempted.step == 2 and preempted.checkpoint.step == 2 and preempted.checkpoint.total_steps == STEPS
+    assert run.steps() == [1, 2] and run.stages() == [ENCODING_PROMPT, DENOISING]
+    assert len(decoded_latents) == 1  # nothing decoded
+    assert [t.phase for t in preempted.timings] == [ENCODING_PROMPT, DENOISING]
+    assert all(t.seconds > 0 and t.device_kind == "CPU" for t in preempted.timings)
+
+    data = preempted.checkpoint.to_bytes()
+    checkpoint = DenoiseCheckpoint.from_bytes(data)
+    assert checkpoint.step == 2 and checkpoint.fingerprint == preempted.checkpoint.fingerprint
+    assert torch.equal(checkpoint.latents, preempted.checkpoint.latents)
+    # Half-way latents are not the final ones: the resume has real work left.
+    assert not torch.equal(checkpoint.latents, decoded_latents[0].cpu())
+
+    resumed_run = Run()
+    resumed = engine.render(request, resumed_run.on_progress, never, resume=checkpoint)
+    assert resumed_run.steps() == [3, 4]
+    assert all(e.total_steps == STEPS for e in resumed_run.events if e.stage == DENOISING)
+    assert resumed_run.stages() == [ENCODING_PROMPT, DENOISING, DECODING]
+    assert torch.equal(decoded_latents[1], decoded_latents[0])  # bitwise, not just close
+    np.testing.assert_array_equal(resumed.frames, uninterrupted.frames)
+    assert any("resumed after step 2 of 4" in note for note in resumed.notes)
+    assert [t.phase for t in resumed.timings] == [ENCODING_PROMPT, DENOISING, DECODING]
+
+
+@pytest.mark.parametrize("model_name", ["ltx-video-tiny", "cogvideox-tiny"])
+def test_resumed_render_can_be_preempted_again(engines, decoded_latents, model_name):
+    # CogVideoX's DPM scheduler carries the previous x0 prediction: the second checkpoint
+    # must take it from the resumed run, the first resume after step 1 from the first step.
+    engine = engines[model_name]
+    request = make_request(engine, Task.TEXT_TO_VIDEO, num_inference_steps=5)
+    uninterrupted = engine.render(request, lambda p: None, never)
+
+    first = preempt(engine, request, after=1)
+    second = preempt(engine, request, after=3, resume=DenoiseCheckpoint.from_bytes(first.checkpoint.to_bytes()))
+    assert (first.step, second.step) == (1, 3)
+
+    run = Run()
+    resumed = engine.render(request, run.on_progress, never, resume=DenoiseCheckpoint.from_bytes(
+        second.checkpoint.to_bytes()))
+    assert run.steps() == [4, 5]
+    assert torch.equal(decoded_latents[-1], decoded_latents[0])
+    np.testing.assert_array_equal(resumed.frames, uninterrupted.frames)
+
+
+def test_the_last_step_is_never_a_preemption_point(engines, decoded_latents):
+    engine = engines["ltx-video-tiny"]
+    request = make_request(engine, Task.TEXT_TO_VIDEO)
+    run = Run(preempt_after=STEPS)  # says yes only once all steps are done
+    output = engine.render(request, run.on_progress, never, should_preempt=run.should_preempt)
+    assert output.frames.shape == (9, 64, 64, 3)
+    assert run.preempt_checks == [1, 2, 3]  # asked after steps 1..N-1, never after N
+    assert run.stages() == [ENCODING_PROMPT, DENOISING, DECODING]
+
+    checkpoint = preempt(engine, request, after=1).checkpoint
+    for step in (0, STEPS):
+        with pytest.raises(CheckpointError, match="between steps"):
+            dataclasses.replace(checkpoint, step=step)
+
+
+def test_cancel_wins_over_preempt(engines):
+    engine = engines["ltx-video-tiny"]
+    run = Run(preempt_after=1)
+    with pytest.raises(RenderCancelled) as cancelled:
+        engine.render(make_request(engine, Task.TEXT_TO_VIDEO), run.on_progress,
+                      lambda: run.last_step() >= 1, should_preempt=run.should_preempt)
+    assert cancelled.value.step == 1
+
+
+# Refusals ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ltx_checkpoint(engines) -> DenoiseCheckpoint:
+    engine = engines["ltx-video-tiny"]
+    return preempt(engine, make_request(engine, Task.IMAGE_TO_VIDEO), after=2).checkpoint
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(seed=1235), "seed"),
+        (dict(prompt="a blue bird"), "prompt"),
+        (dict(num_inference_steps=STEPS + 2), "num_inference_steps"),
+        (dict(image=png(1)), "image_sha256"),
+        (dict(width=96), "width"),
+        (dict(task=Task.TEXT_TO_VIDEO, image=None), "task"),
+    ],
+)
+def test_checkpoint_of_another_spec_is_refused_before_any_work(engines, ltx_checkpoint, overrides, field):
+    engine = engines["ltx-video-tiny"]
+    run = Run()
+    fields = dict(task=Task.IMAGE_TO_VIDEO)
+    fields.update(overrides)
+    with pytest.raises(CheckpointError, match=f"another render spec: .*{field}: checkpoint"):
+        engine.render(make_request(engine, **fields), run.on_progress, never, resume=ltx_checkpoint)
+    assert run.events == []
+
+
+def test_checkpoint_is_not_tied_to_the_render_id_or_attempt(engines, ltx_checkpoint):
+    engine = engines["ltx-video-tiny"]
+    request = make_request(engine, Task.IMAGE_TO_VIDEO, render_id="r-1", attempt=2)
+    run = Run()
+    engine.render(request, run.on_progress, never, resume=ltx_checkpoint)
+    assert run.steps() == [3, 4]
+
+
+def test_checkpoint_of_another_model_is_refused(engines, ltx_checkpoint):
+    engine = engines["cogvideox-tiny"]
+    request = make_request(engine, Task.IMAGE_TO_VIDEO, fps=engines["ltx-video-tiny"].model.defaults.fps)
+    with pytest.raises(CheckpointError, match="weights_sha256"):
+        engine.render(request, lambda p: None, never, resume=ltx_checkpoint)
+
+
+def test_checkpoint_with_another_schedule_or_generator_is_refused(engines, ltx_checkpoint):
+    engine = engines["ltx-video-tiny"]
+    request = make_request(engine, Task.IMAGE_TO_VIDEO)
+    state = dict(ltx_checkpoint.scheduler_state)
+    state["sigmas"] = state["sigmas"] * 1.001
+    with pytest.raises(CheckpointError, match="sigmas .* differ"):
+        engine.render(request, lambda p: None, never, resume=dataclasses.replace(ltx_checkpoint, scheduler_state=state))
+    with pytest.raises(CheckpointError, match="cuda generator"):
+        engine.render(request, lambda p: None, never, resume=dataclasses.replace(ltx_checkpoint, generator_device="cuda"))
+
+
+def test_unreadable_checkpoint_bytes_are_refused(ltx_checkpoint):
+    with pytest.raises(CheckpointError, match="not a readable"):
+        DenoiseCheckpoint.from_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        DenoiseCheckpoint.from_bytes(ltx_checkpoint.to_bytes()[:-100])  # truncated
+    buffer = io.BytesIO()
+    torch.save({"format": "something-else/1"}, buffer)
+    with pytest.raises(CheckpointError, match="something-else"):
+        DenoiseCheckpoint.from_bytes(buffer.getvalue())
+
+
+# Schedulers -------------------------------------------------------------------------------
+
+
+def copy_with_scheduler(models_dir: Path, tmp_path: Path, directory: str, **changes) -> Path:
+    """A copy of a tiny model whose scheduler config (and class, with `_class_name`) is changed."""
+    target = tmp_path / directory
+    shutil.copytree(models_dir / directory, target)
+    config_path = target / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(changes)
+    config_path.write_text(json.dumps(config))
+    if "_class_name" in changes:
+        index_path = target / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["scheduler"][1] = changes["_class_name"]
+        index_path.write_text(json.dumps(index))
+    return target
+
+
+def test_cogvideox_with_the_ddim_scheduler_resumes_bitwise(models_dir, tmp_path):
+    source = copy_with_scheduler(models_dir, tmp_path, "cogvideox-tiny", _class_name="CogVideoXDDIMScheduler")
+    model = next(m for m in tiny_model_configs(models_dir) if m.name == "cogvideox-tiny")
+    model = model.model_copy(update={"sources": {Task.TEXT_TO_VIDEO: str(source)}})
+    engine = load_engine(model)
+    assert type(engine.pipeline(Task.TEXT_TO_VIDEO).scheduler).__name__ == "CogVideoXDDIMScheduler"
+    assert engine.supports_checkpoint
+    request = make_request(engine, Task.TEXT_TO_VIDEO)
+    uninterrupted = engine.render(request, lambda p: None, never)
+    checkpoint = preempt(engine, request, after=3).checkpoint
+    resumed = engine.render(request, lambda p: None, never, resume=DenoiseCheckpoint.from_bytes(checkpoint.to_bytes()))
+    np.testing.assert_array_equal(resumed.frames, uninterrupted.frames)
+
+
+def test_engine_that_cannot_checkpoint_says_so_and_never_preempts(models_dir, tmp_path, ltx_checkpoint):
+    # Stochastic sampling draws from torch's global generator, which no checkpoint holds.
+    source = copy_with_scheduler(models_dir, tmp_path, "ltx-video-tiny", stochastic_sampling=True)
+    model = next(m for m in tiny_model_configs(models_dir) if m.name == "ltx-video-tiny")
+    model = model.model_copy(update={"sources": {task: str(source) for task in model.sources}})
+    engine = load_engine(model)
+    assert engine.supports_checkpoint is False
+    description = engine.describe()
+    assert description["preemptible"] is False
+    assert "stochastic_sampling" in description["checkpoint"]["unsupported_reason"]
+
+    run = Run(preempt_after=1)
+    output = engine.render(make_request(engine, Task.TEXT_TO_VIDEO), run.on_progress, never,
+                           should_preempt=run.should_preempt)
+    assert output.frames.shape == (9, 64, 64, 3) and run.preempt_checks == []
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        engine.render(make_request(engine, Task.IMAGE_TO_VIDEO), lambda p: None, never, resume=ltx_checkpoint)
+
+
+def test_preemptible_engines_say_so(engines):
+    for engine in engines.values():
+        assert engine.supports_checkpoint is True
+        assert engine.describe()["preemptible"] is True
+        assert engine.describe()["checkpoint"]["resume"] == "bitwise"
+
+
+def test_scheduler_is_left_unwrapped_after_a_preempted_call(engines):
+    engine = engines["ltx-video-tiny"]
+    scheduler = engine.pipeline(Task.TEXT_TO_VIDEO).scheduler
+    preempt(engine, make_request(engine, Task.TEXT_TO_VIDEO), after=1)
+    assert "step" not in vars(scheduler) and "set_timesteps" not in vars(scheduler)
+
+
+# Rate-limited checks ----------------------------------------------------------------------
+
+
+def test_throttled_check_asks_at_most_once_per_interval_and_remembers_yes():
+    now = [0.0]
+    answers = iter([False, False, True])
+    asked = []
+
+    def check() -> bool:
+        asked.append(now[0])
+        return next(answers)
+
+    limited = throttled(check, 0.02, clock=lambda: now[0])
+    results = []
+    for t in (0.0, 0.005, 0.019, 0.021, 0.03, 0.045, 0.05, 0.5):
+        now[0] = t
+        results.append(limited())
+    assert asked == [0.0, 0.021, 0.045]
+    assert results == [False, False, False, False, False, True, True, True]
+
+
+# Artifact store ---------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["file", "memory"])
+def artifact_store(request, tmp_path) -> ArtifactStore:
+    if request.param == "file":
+        return ArtifactStore(str(tmp_path / "artifacts"))
+    return ArtifactStore(f"memory://farm-test-{tmp_path.name}")
+
+
+def test_checkpoint_round_trips_through_the_artifact_store(artifact_store, ltx_checkpoint):
+    data = ltx_checkpoint.to_bytes()
+    uri = artifact_store.write_checkpoint("r-9", 2, data)
+    assert "r-9" in uri and "attempt-2" in uri
+    assert artifact_store.read_checkpoint(uri) == data
+    restored = DenoiseCheckpoint.from_bytes(artifact_store.read_checkpoint(uri))
+    assert torch.equal(restored.latents, ltx_checkpoint.latents) and restored.step == ltx_checkpoint.step
+    # No temporary file is left beside it.
+    assert artifact_store.fs.ls(artifact_store.checkpoint_prefix("r-9"), detail=False) == [
+        artifact_store.fs._strip_protocol(uri)
+    ]
+
+    # Another attempt's checkpoint lives beside it; deleting the attempt's files keeps both.
+    other = artifact_store.write_checkpoint("r-9", 3, b"later")
+    artifact_store.delete_attempt("r-9", 2)
+    assert artifact_store.read_checkpoint(uri) == data and artifact_store.read_checkpoint(other) == b"later"
+
+    artifact_store.delete_checkpoints("r-9")
+    for gone in (uri, other):
+        with pytest.raises(FileNotFoundError):
+            artifact_store.read_checkpoint(gone)
+    artifact_store.delete_checkpoints("r-9")  # nothing left: no error
+
+
+def test_a_failed_checkpoint_write_leaves_no_checkpoint(artifact_store, monkeypatch):
+    def failing_move(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifact_store.fs, "mv", failing_move)
+    with pytest.raises(OSError, match="disk full"):
+        artifact_store.write_checkpoint("r-8", 1, b"x" * 1000)
+    assert artifact_store.fs.ls(artifact_store.checkpoint_prefix("r-8"), detail=False) == []
