@@ -19,8 +19,11 @@ setup: $(BIN)/farm
 demo: setup
 	$(BIN)/farm demo
 
+# The multi-node tests make their own Ray cluster, and a process joins one cluster
+# only: they run in a second pytest process.
 test: setup
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests/cluster
 
 # Regenerate farm/v1 from protos/ (the generated code is committed so that it is
 # importable right after install; tests/unit/test_protos.py checks it is current).

@@ -271,41 +271,43 @@ class Scheduler:
     # -- preemption --------------------------------------------------------------------
 
     async def _preempt_for_waiting(self) -> None:
-        """When the best queued render of a preempting class waits for a model whose
-        pools are full, the lowest-class running render of that model makes room:
-        renders still waiting in a replica's queue are taken back first; else one that
-        is denoising checkpoints at its next step. One victim per waiting render."""
+        """Makes room for renders of a preempting class: when one waits (queued, or
+        dispatched but stuck behind others in a replica's queue) and every engine of
+        the pools it may use is busy with a lower class, lower-class renders still
+        waiting in those replicas' queues are taken back (no cost), and one denoising
+        lower-class render per waiting urgent one checkpoints at its next step."""
         settings = self.settings
         if not any(c.preempts for c in settings.priority_classes):
             return
-        waiting = await asyncio.to_thread(self.store.best_queued, list(self.pools))
-        for model, (priority, required) in waiting.items():
-            if not settings.priority_class(priority).preempts:
+        queued = await asyncio.to_thread(self.store.best_queued, list(self.pools))
+        for model, pools in self.pools.items():
+            waiting = [(r.claimed.spec.priority, r.claimed.spec.require_device_kind or None)
+                       for r in self.running.values()
+                       if r.claimed.spec.model == model and not r.engine_started and not r.withdrawn]
+            if model in queued:
+                waiting.append(queued[model])
+            urgent = [(p, kind) for p, kind in waiting if settings.priority_class(p).preempts]
+            if not urgent:
                 continue
+            priority, required = max(urgent, key=lambda u: u[0])
             rank = settings.class_rank(priority)
-            pools = [p for p in self.pools[model] if not required or p.device_kind == required]
-            if not pools or any(self._pool_room(p) > 0 for p in pools):
-                continue
-            pending = [r for r in self.running.values()
-                       if r.pool in pools and (r.preempt_sent or r.withdrawn)]
-            if pending:
-                continue  # room is already being made
-            victims = [r for r in self.running.values()
-                       if r.pool in pools and not r.cancel_sent
-                       and settings.class_rank(r.claimed.spec.priority) < rank]
-            if not victims:
-                continue
-            unstarted = [r for r in victims if not r.engine_started]
-            if unstarted:
-                victim = min(unstarted, key=lambda r: (r.claimed.spec.priority, -r.claimed.claimed_at.timestamp()))
-                victim.withdrawn = True
-                if victim.stream is not None:
-                    victim.stream.cancel()
-                continue
-            started = [r for r in victims if r.pool.preemptible
-                       and r.claimed.preemptions < settings.max_preemptions]
-            if started:
-                victim = min(started, key=lambda r: (r.claimed.spec.priority, -r.claimed.claimed_at.timestamp()))
+            eligible = [p for p in pools if not required or p.device_kind == required]
+            on_eligible = [r for r in self.running.values() if r.pool in eligible and not r.cancel_sent]
+            lower = [r for r in on_eligible if settings.class_rank(r.claimed.spec.priority) < rank]
+            for entry in lower:
+                if not entry.engine_started and not entry.withdrawn:
+                    entry.withdrawn = True
+                    if entry.stream is not None:
+                        entry.stream.cancel()
+            engines = sum(p.slots for p in eligible)
+            busy = sum(1 for r in on_eligible if r.engine_started and not r.preempt_sent and not r.withdrawn)
+            waiting_urgent = sum(1 for p, kind in urgent if settings.class_rank(p) >= rank)
+            needed = waiting_urgent - (engines - busy)
+            victims = sorted(
+                (r for r in lower if r.engine_started and not r.preempt_sent and not r.withdrawn
+                 and r.pool.preemptible and r.claimed.preemptions < settings.max_preemptions),
+                key=lambda r: (r.claimed.spec.priority, -r.claimed.claimed_at.timestamp()))
+            for victim in victims[:max(needed, 0)]:
                 victim.preempt_sent = True
                 log.info("preempting %s (priority %d) for a priority-%d render of %s", victim.claimed.id,
                          victim.claimed.spec.priority, priority, model)
@@ -471,7 +473,7 @@ class Scheduler:
                 outcome, error = AttemptOutcome.FAILED, f"{type(failure).__name__}: {failure}"
                 log.warning("render %s failed on %s: %s", claimed.id, entry.node or pool.key, error)
         if entry.withdrawn and outcome is not AttemptOutcome.SUCCEEDED and not entry.cancel_sent:
-            await self._preempted(entry, {"step": 0})
+            await self._preempted(entry, {"step": 0}, counted=False)
         elif outcome is AttemptOutcome.PREEMPTED:
             await self._preempted(entry, result)
         elif outcome is AttemptOutcome.FAILED and entry.engine_started:
@@ -502,9 +504,9 @@ class Scheduler:
     def _done_timings(self, entry: _Running) -> list[tuple[str, str, float]]:
         return [(t.phase, t.device_kind, t.seconds) for t in entry.timings]
 
-    async def _preempted(self, entry: _Running, event: dict[str, Any]) -> None:
+    async def _preempted(self, entry: _Running, event: dict[str, Any], counted: bool = True) -> None:
         """The attempt gave its engine up: charge what it did, queue it again with its
-        checkpoint (none when it never started)."""
+        checkpoint (none when it was taken back before it started: not counted)."""
         claimed = entry.claimed
         timings = [tuple(t) for t in event["timings"]] if event.get("timings") else self._done_timings(entry)
         charges = price_timings(self.config.prices, timings)
@@ -512,7 +514,7 @@ class Scheduler:
         recorded = await asyncio.to_thread(
             self.store.preempt, self.owner, claimed.id, claimed.attempt, checkpoint_uri=event.get("checkpoint_uri"),
             step=int(event.get("step", 0)), charges=charges, device_kind=entry.pool.device_kind,
-            node=event.get("node") or entry.node, timings=[list(t) for t in timings])
+            node=event.get("node") or entry.node, timings=[list(t) for t in timings], counted=counted)
         if recorded:
             self.metrics.charged(claimed.tenant_name, claimed.spec.model, charges)
         self.running.pop(claimed.id, None)

@@ -608,11 +608,12 @@ class JobStore:
 
     def preempt(self, owner: str, render_id: str, attempt: int, *, checkpoint_uri: str | None, step: int,
                 charges: list[Charge] = (), device_kind: str | None = None, node: str | None = None,
-                timings: list | None = None) -> bool:
+                timings: list | None = None, counted: bool = True) -> bool:
         """Ends an attempt that gave its engine to a higher-priority render: the steps it
         did are charged (the next attempt resumes from its checkpoint instead of redoing
         them), and the render is queued again with attempt + 1. A lease already lost
-        writes nothing (False)."""
+        writes nothing (False). `counted=False` for a render taken back from a replica's
+        queue before it started: nothing to resume, not a preemption the client sees."""
         with self._write() as session:
             row = self._leased(session, owner, {render_id}).get(render_id)
             if row is None or row.attempt != attempt:
@@ -620,7 +621,7 @@ class JobStore:
             self._end_attempt(session, row, AttemptOutcome.PREEMPTED, None, device_kind, node, timings)
             self._add_ledger(session, row, attempt, charges, charged=True)
             row.cost_nanodollars += sum(c.nanodollars for c in charges)
-            row.preemptions += 1
+            row.preemptions += 1 if counted else 0
             if checkpoint_uri:
                 row.checkpoint_uri, row.checkpoint_step = checkpoint_uri, step
             if row.cancel_requested:

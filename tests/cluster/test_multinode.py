@@ -1,0 +1,145 @@
+"""The farm on a several-node Ray cluster: placement by accelerator kind, scaling
+with the backlog, preemption with resume from a checkpoint, and nodes removed in the
+middle of renders. Every render finishes exactly once and is charged exactly once."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import av
+import numpy as np
+import sqlalchemy
+
+from farm.config import Task
+from farm.jobs import schema as t
+from farm.jobs.records import RenderRecord
+from farm.jobs.spec import RenderSpec, resolve_spec
+from farm.jobs.states import RenderState
+from farm.storage.artifacts import ArtifactStore
+from tests.cluster.conftest import wait_for
+from tests.conftest import POSTGRES_URL
+
+
+def submit(farm, tenant, **fields) -> RenderRecord:
+    values = dict(model="ltx", task=Task.TEXT_TO_VIDEO, prompt="a lighthouse at dusk", width=128, height=128,
+                  num_frames=17, num_inference_steps=12, seed=7)
+    values.update(fields)
+    request = RenderSpec(**values)
+    record, _ = farm.store.submit(tenant.id, request, resolve_spec(request, {"ltx": farm.model}))
+    return record
+
+
+def final(farm, render_id: str, timeout: float = 240) -> RenderRecord:
+    return wait_for(lambda: (r := farm.store.get(None, render_id)).state.is_final and r, timeout=timeout,
+                    what=f"render {render_id} to finish")
+
+
+def attempts(farm, render_id: str) -> list:
+    with farm.store._read() as session:
+        return list(session.execute(
+            sqlalchemy.select(t.Attempt.number, t.Attempt.outcome, t.Attempt.node, t.Attempt.device_kind)
+            .where(t.Attempt.render_id == render_id).order_by(t.Attempt.number)).all())
+
+
+def frames_of(farm, record: RenderRecord) -> np.ndarray:
+    store = ArtifactStore(farm.config.artifacts_url)
+    data = b"".join(chunk for _, chunk in store.read_chunks(record.artifact_uri, 1 << 20))
+    with av.open(io.BytesIO(data)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def node_id(farm, name: str) -> str:
+    return farm.nodes[name].node_id[:12]
+
+
+def test_renders_run_on_the_kind_they_require(cluster_farm, tenant):
+    farm = cluster_farm
+    on_a100 = submit(farm, tenant, require_device_kind="A100")
+    # The H100 pool starts at zero replicas: its backlog wakes it (a cold start).
+    on_h100 = submit(farm, tenant, require_device_kind="H100")
+    for render, kind, nodes in ((on_a100, "A100", ["a100-a"]), (on_h100, "H100", ["h100-a", "h100-b"])):
+        record = final(farm, render.id)
+        assert record.state is RenderState.SUCCEEDED, record.error
+        assert record.device_kind == kind
+        [(number, outcome, node, device_kind)] = attempts(farm, render.id)
+        assert device_kind == kind and any(node.endswith(node_id(farm, n)) for n in nodes), node
+
+
+def test_the_backlog_scales_a_pool_up_and_idleness_back_to_zero(cluster_farm, tenant):
+    farm = cluster_farm
+    renders = [submit(farm, tenant, require_device_kind="H100", num_inference_steps=20, seed=i) for i in range(8)]
+    wait_for(lambda: farm.running_replicas("H100") == 2, what="the H100 pool to reach its maximum of 2")
+    records = [final(farm, r.id) for r in renders]
+    assert all(r.state is RenderState.SUCCEEDED for r in records), [r.error for r in records]
+    # Scaling down drains: no render lost an attempt to it.
+    assert all(r.attempt == 1 for r in records)
+    wait_for(lambda: farm.running_replicas("H100") == 0, what="the idle H100 pool to scale to zero")
+    pools = {p.device_kind: p for p in farm.store.pools()}
+    assert pools["H100"].min_replicas == 0 and pools["H100"].max_replicas == 2
+
+
+def test_an_urgent_render_preempts_and_the_preempted_render_resumes_identically(cluster_farm, tenant):
+    farm = cluster_farm
+    spec = dict(require_device_kind="A100", num_inference_steps=40, seed=11, priority=10)
+    reference = final(farm, submit(farm, tenant, **spec).id)
+    assert reference.state is RenderState.SUCCEEDED, reference.error
+
+    victim = submit(farm, tenant, **spec)
+    wait_for(lambda: farm.store.get(None, victim.id).step >= 3, what="the victim to be denoising")
+    urgent = submit(farm, tenant, require_device_kind="A100", priority=90, num_inference_steps=4, seed=1)
+    urgent_done, victim_done = final(farm, urgent.id), final(farm, victim.id)
+    assert urgent_done.state is RenderState.SUCCEEDED and victim_done.state is RenderState.SUCCEEDED
+    assert urgent_done.finished_at < victim_done.finished_at
+    assert victim_done.preemptions == 1
+
+    events = farm.store.events_after(victim.id, 0)
+    [preempted] = [e for e in events if "preempted at step" in e.message]
+    step = int(preempted.message.split("preempted at step ")[1].split(";")[0])
+    assert 3 <= step < 40
+    resumed_steps = [e.step for e in events if e.attempt == 2 and e.step]
+    assert resumed_steps and min(resumed_steps) == step + 1, "the resumed attempt did not start at its checkpoint"
+    # The same video as if it had never been interrupted (same seed).
+    np.testing.assert_array_equal(frames_of(farm, victim_done), frames_of(farm, reference))
+    # It paid for each step once: the preempted attempt's steps plus the rest.
+    charged = {c.attempt for c in victim_done.charges if c.phase == "DENOISING"}
+    assert charged == {1, 2}
+
+
+def test_nodes_removed_mid_render_lose_nothing_and_charge_nothing_twice(cluster_farm, tenant):
+    farm = cluster_farm
+    renders = [submit(farm, tenant, num_inference_steps=30, seed=100 + i) for i in range(12)]
+    # Wait until the H100 pool is working, then take one of its nodes away.
+    wait_for(lambda: farm.running_replicas("H100") >= 1 and any(
+        farm.store.get(None, r.id).step >= 2 and farm.store.get(None, r.id).device_kind in (None, "H100")
+        for r in renders), what="renders denoising on the H100 pool")
+    victim_node = next(name for name in ("h100-a", "h100-b") if name in farm.nodes)
+    farm.remove_node(victim_node)
+    # And the database drops every connection of the farm's, as in a restart.
+    cut = threading.Thread(target=_cut_store_connections, args=(farm,))
+    cut.start()
+    cut.join()
+    farm.add_gpu_node(f"{victim_node}-new", "H100")
+
+    records = [final(farm, r.id, timeout=400) for r in renders]
+    assert all(r.state is RenderState.SUCCEEDED for r in records), [r.error for r in records]
+    for record in records:
+        outcomes = [a.outcome for a in attempts(farm, record.id)]
+        assert outcomes.count("SUCCEEDED") == 1 and outcomes[-1] == "SUCCEEDED", outcomes
+        charged_attempts = {c.attempt for c in record.charges}
+        lost = {a.number for a in attempts(farm, record.id) if a.outcome == "LOST"}
+        assert not charged_attempts & lost, "an attempt lost to the node was charged"
+    ledger = farm.store.ledger_total_nanodollars(tenant.id)
+    every_render = farm.store.list(tenant.id, page_size=1000)[0]
+    assert ledger == sum(r.cost_nanodollars for r in every_render)
+
+
+def _cut_store_connections(farm) -> None:
+    name = farm.config.store_url.split("application_name=")[1]
+    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %(name)s",
+            {"name": name})
+    admin.dispose()
+
