@@ -51,6 +51,8 @@ def start_inference_plane(config: FarmConfig) -> None:
             # Logical CPUs: enough for every replica even on a small machine; the
             # engines share the real cores through their torch threads.
             wanted = sum(m.num_cpus * m.replicas for m in config.served_models())
+            # ... and for every post-processing replica.
+            wanted += config.postproc.num_cpus * max(config.postproc.replicas, config.postproc.max_replicas or 0)
             num_cpus = max(os.cpu_count() or 1, math.ceil(wanted))
             # Workers inherit this process's environment, so these reach every replica.
             for name, value in QUIET_RAY_ENV.items():

@@ -8,7 +8,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from farm.config import ModelConfig, Task
 from farm.jobs.records import BudgetStatus, EventRecord, RenderRecord
-from farm.jobs.spec import RenderSpec, ResolvedSpec
+from farm.jobs.spec import (
+    ColorReference,
+    EncoderSettings,
+    PostprocessSpec,
+    RenderSpec,
+    ResolvedPostprocess,
+    ResolvedSpec,
+)
 from farm.jobs.states import RenderState, Stage
 from farm.metering.cost import to_dollars
 from farm.v1 import render_pb2 as pb
@@ -37,6 +44,7 @@ def spec_from_pb(message: pb.RenderSpec) -> RenderSpec:
         priority=_optional(message, "priority"),
         labels=dict(message.labels),
         idempotency_key=message.idempotency_key,
+        postprocess=postprocess_from_pb(message.postprocess) if message.HasField("postprocess") else None,
         require_device_kind=message.placement.require_device_kind,
         prefer_device_kind=message.placement.prefer_device_kind,
     )
@@ -46,8 +54,68 @@ def _optional(message, field: str):
     return getattr(message, field) if message.HasField(field) else None
 
 
+def postprocess_from_pb(message: pb.PostprocessSpec) -> PostprocessSpec:
+    color = None
+    if message.HasField("color_reference"):
+        reference = message.color_reference
+        source = reference.WhichOneof("source")
+        strength = reference.strength if reference.HasField("strength") else None
+        if source == "statistics":
+            color = ColorReference(mean=tuple(reference.statistics.mean), std=tuple(reference.statistics.std),
+                                   strength=strength)
+        else:
+            color = ColorReference(render_id=reference.render_id, strength=strength)
+    encoder = message.encoder
+    return PostprocessSpec(
+        interpolation_factor=_optional(message, "interpolation_factor"),
+        target_fps=_optional(message, "target_fps"),
+        upscale_factor=_optional(message, "upscale_factor"),
+        color_reference=color,
+        encoder=EncoderSettings(codec=encoder.codec, crf=_optional(encoder, "crf"),
+                                bitrate_kbps=_optional(encoder, "bitrate_kbps"), preset=encoder.preset),
+        candidates=_optional(message, "candidates"),
+    )
+
+
+def postprocess_to_pb(post: ResolvedPostprocess) -> pb.PostprocessSpec:
+    """The resolved post-processing (a target fps shows as its interpolation factor; a
+    color reference by render id shows the statistics it was resolved into, and the id)."""
+    message = pb.PostprocessSpec(
+        encoder=pb.EncoderSettings(codec=post.codec, preset=post.preset), candidates=post.candidates)
+    if post.interpolation_factor > 1:
+        message.interpolation_factor = post.interpolation_factor
+    if post.upscale_factor > 1:
+        message.upscale_factor = post.upscale_factor
+    if post.crf is not None:
+        message.encoder.crf = post.crf
+    if post.bitrate_kbps is not None:
+        message.encoder.bitrate_kbps = post.bitrate_kbps
+    color = post.color_reference
+    if color is not None:
+        message.color_reference.statistics.mean.extend(color.mean or ())
+        message.color_reference.statistics.std.extend(color.std or ())
+        if color.strength is not None:
+            message.color_reference.strength = color.strength
+    return message
+
+
+def quality_to_pb(quality: dict | None) -> pb.QualityReport | None:
+    if not quality:
+        return None
+    return pb.QualityReport(
+        temporal_consistency=quality.get("temporal_consistency", 0.0), flicker=quality.get("flicker", 0.0),
+        motion_smoothness=quality.get("motion_smoothness", 0.0), frozen=bool(quality.get("frozen", False)),
+        issues=list(quality.get("issues", ())),
+    )
+
+
+def candidates_to_pb(candidates: list[dict] | None) -> list[pb.CandidateScore]:
+    return [pb.CandidateScore(seed=c["seed"], quality=quality_to_pb(c.get("quality")), score=c.get("score", 0.0),
+                              chosen=bool(c.get("chosen"))) for c in candidates or ()]
+
+
 def spec_to_pb(spec: ResolvedSpec, with_image: bool = False) -> pb.RenderSpec:
-    return pb.RenderSpec(
+    message = pb.RenderSpec(
         model=spec.model, task=TASK_TO_PB[spec.task], prompt=spec.prompt, negative_prompt=spec.negative_prompt,
         image=spec.image if with_image else b"", width=spec.width, height=spec.height,
         num_frames=spec.num_frames, fps=spec.fps, num_inference_steps=spec.num_inference_steps,
@@ -56,6 +124,9 @@ def spec_to_pb(spec: ResolvedSpec, with_image: bool = False) -> pb.RenderSpec:
         placement=pb.Placement(require_device_kind=spec.require_device_kind,
                                prefer_device_kind=spec.prefer_device_kind),
     )
+    if spec.postprocess is not None:
+        message.postprocess.CopyFrom(postprocess_to_pb(spec.postprocess))
+    return message
 
 
 def timestamp(value: dt.datetime | None) -> Timestamp | None:
@@ -83,6 +154,7 @@ def render_to_pb(record: RenderRecord) -> pb.Render:
         manifest_uri=record.manifest_uri or "", cost=cost, error=record.error or "", seed=record.spec.seed,
         cancel_requested=record.cancel_requested, preemptions=record.preemptions,
         device_kind=record.device_kind or "",
+        quality=quality_to_pb(record.quality), candidates=candidates_to_pb(record.candidates),
     )
 
 
@@ -110,6 +182,15 @@ def model_to_pb(model: ModelConfig, ready: bool, device_kinds: list[str]) -> pb.
             guidance_scale=defaults.guidance_scale,
         ),
         ready=ready, device_kind=device_kinds[0] if device_kinds else "", device_kinds=device_kinds,
+        postprocess_limits=postprocess_limits_to_pb(limits.postprocess),
+    )
+
+
+def postprocess_limits_to_pb(limits) -> pb.PostprocessLimits:
+    return pb.PostprocessLimits(
+        max_interpolation_factor=limits.max_interpolation_factor, max_output_fps=limits.max_output_fps,
+        max_upscale_factor=limits.max_upscale_factor, max_output_pixels=limits.max_output_pixels,
+        max_output_frames=limits.max_output_frames, max_candidates=limits.max_candidates,
     )
 
 

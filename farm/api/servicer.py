@@ -4,7 +4,9 @@ thread, bounded by the client's deadline) and converts the answer."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
+import json
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -16,9 +18,9 @@ from farm.api.interceptors import current_tenant
 from farm.api.metrics import GatewayMetrics
 from farm.api.watch import EventHub
 from farm.config import FarmConfig
-from farm.errors import FailedPrecondition, invalid
+from farm.errors import FailedPrecondition, NotFound, invalid
 from farm.jobs.schema import utcnow
-from farm.jobs.spec import resolve_spec
+from farm.jobs.spec import MAX_REFERENCE_ID_CHARS, RenderSpec, resolve_spec
 from farm.jobs.states import RenderState
 from farm.jobs.store import JobStore
 from farm.metering.calibrate import measured_samples
@@ -96,10 +98,49 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
                      for kind in ([wanted] if wanted else kinds)]
         return max(estimates, key=lambda e: e.nanodollars)
 
+    async def _resolve_color_reference(self, context, tenant_id: str, spec: RenderSpec) -> RenderSpec:
+        """A spec whose color reference names a render gets that render's Lab statistics
+        (from its manifest, else measured from its MP4). The render must be the same
+        tenant's (else NOT_FOUND) and SUCCEEDED (else FAILED_PRECONDITION)."""
+        post = spec.postprocess
+        color = post.color_reference if post else None
+        if color is None or not color.render_id or color.mean is not None or color.std is not None:
+            return spec
+        if len(color.render_id) > MAX_REFERENCE_ID_CHARS:
+            return spec  # resolve_spec names the field and its limit
+        field = "spec.postprocess.color_reference.render_id"
+        try:
+            record = await self._call(context, self.store.get, tenant_id, color.render_id)
+        except NotFound:
+            raise NotFound(f"{field}: render {color.render_id!r} not found") from None
+        if record.state is not RenderState.SUCCEEDED:
+            raise FailedPrecondition(
+                f"{field}: render {color.render_id} is {record.state.value}; only a SUCCEEDED render can be "
+                f"a color reference")
+        stats = await self._call(context, self._reference_statistics, record)
+        resolved = dataclasses.replace(color, mean=tuple(stats.mean), std=tuple(stats.std))
+        return dataclasses.replace(spec, postprocess=dataclasses.replace(post, color_reference=resolved))
+
+    def _reference_statistics(self, record):
+        from farm.postproc.color import ColorStats
+        from farm.postproc.pipeline import statistics_of_mp4
+
+        def read(uri: str) -> bytes:
+            return b"".join(data for _, data in self.artifacts.read_chunks(uri, 1 << 22))
+
+        if record.manifest_uri:
+            stored = (json.loads(read(record.manifest_uri)).get("postprocess") or {}).get("color_statistics")
+            if stored:
+                return ColorStats.from_dict(stored)
+        # A render written before post-processing recorded its statistics.
+        return statistics_of_mp4(read(record.artifact_uri))
+
     async def SubmitRender(self, request: pb.SubmitRenderRequest, context) -> pb.Render:
         tenant = current_tenant()
         spec_request = convert.spec_from_pb(request.spec)
-        spec = resolve_spec(spec_request, self.models)
+        # The stored spec stands alone: a color reference by render id becomes statistics
+        # here, while the idempotency fingerprint stays that of the request as sent.
+        spec = resolve_spec(await self._resolve_color_reference(context, tenant.id, spec_request), self.models)
         estimate = await self._estimate(context, spec)
         record, created = await self._call(context, self.store.submit, tenant.id, spec_request, spec,
                                            estimate.nanodollars)
@@ -163,7 +204,9 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             yield pb.ArtifactChunk(data=data, offset=offset, total_bytes=total, content_type=content_type)
 
     async def EstimateCost(self, request: pb.EstimateCostRequest, context) -> pb.CostEstimate:
-        spec = resolve_spec(convert.spec_from_pb(request.spec), self.models)
+        spec_request = convert.spec_from_pb(request.spec)
+        spec = resolve_spec(await self._resolve_color_reference(context, current_tenant().id, spec_request),
+                            self.models)
         result = await self._estimate(context, spec)
         phases = [pb.PhaseCost(phase=phase, device_kind=result.device_kind, device_seconds=seconds)
                   for phase, seconds in sorted(result.phases.items())]

@@ -211,3 +211,23 @@ def quality_scores(frames: np.ndarray) -> QualityScores:
     """Scores uint8 frames (F, H, W, 3); see QualityScores for each score's
     range and meaning."""
     return score(measure_pairs(frames))
+
+
+def overall_score(scores: QualityScores) -> float:
+    """One number to rank candidates by, in [0, 1], higher is better: the mean of
+    temporal consistency, motion smoothness and a flicker term 1 / (1 + flicker),
+    and 0 for a frozen clip."""
+    if scores.frozen:
+        return 0.0
+    return (scores.temporal_consistency + scores.motion_smoothness + 1.0 / (1.0 + scores.flicker)) / 3.0
+
+
+def summary(scores: QualityScores) -> dict:
+    """The scores a render reports (QualityReport in the API): no per-pair numbers."""
+    return {
+        "temporal_consistency": scores.temporal_consistency,
+        "flicker": scores.flicker,
+        "motion_smoothness": scores.motion_smoothness,
+        "frozen": scores.frozen,
+        "issues": scores.issues(),
+    }

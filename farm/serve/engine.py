@@ -1,15 +1,31 @@
 """The engine deployment: one per served model, hosting its diffusers pipelines.
 
-`render` is an async generator: it streams progress while the pipeline runs in a
-worker thread, then encodes the MP4, writes it with its manifest, and ends with a
-"done" event. When the caller cancels the request, Serve raises CancelledError here;
-the stop flag makes the pipeline return at its next step boundary, before decoding."""
+`render` is an async generator: it streams progress while the pipeline runs in the
+replica's single render thread (every candidate seed of the render, one after the
+other), then post-processes the frames in the replica's event loop, fanning chunks
+out to the post-processing deployment, writes the MP4 with its manifest, and ends
+with a "done" event. The render thread is free as soon as the frames exist, so the
+next render queued on the replica starts while this one is post-processed. When the
+caller cancels the request, Serve raises CancelledError here; the stop flag makes the
+pipeline return at its next step boundary, before decoding.
+
+Preemption: the scheduler raises a flag for the attempt (`farm.serve.signals`); while
+the render's first candidate (its own seed) denoises, the engine reads the flag at step
+boundaries (at most once per PREEMPT_CHECK_INTERVAL_S) and, when it is up, stops with a
+denoising checkpoint, which is written to the artifact store; the stream then ends
+normally with a "preempted" event instead of "done". A request with `resume_from`
+resumes that candidate from the checkpoint; a checkpoint that cannot be read or does not
+fit the request is logged, noted in the manifest, and the candidate runs from step 0
+instead (same seed, so the same video; only the checkpointed steps' time is lost). Later
+candidates and quality retries are not preemptible: a checkpoint there would lose the
+candidates already rendered."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import hashlib
 import logging
 import os
@@ -21,14 +37,27 @@ from typing import Any
 
 from ray import serve
 
-from farm.config import ModelConfig, PoolConfig
-from farm.engines.base import ENCODING, WRITING, EngineRequest, Progress, RenderCancelled
+from farm.config import ModelConfig, PoolConfig, PostprocConfig
+from farm.engines.base import (
+    POSTPROCESSING,
+    WRITING,
+    CheckpointError,
+    DenoiseCheckpoint,
+    EngineRequest,
+    Progress,
+    RenderCancelled,
+    RenderOutput,
+    RenderPreempted,
+)
+from farm.jobs.spec import MAX_SEED, ResolvedPostprocess
 from farm.storage.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
 CPU = "CPU"
 WAKE_INTERVAL_S = 0.025
 GIL_SWITCH_INTERVAL_S = 0.02
+# The preemption flag is a GCS read: at most one per this many seconds, however short the steps.
+PREEMPT_CHECK_INTERVAL_S = 0.02
 
 
 def node_name() -> str:
@@ -41,9 +70,16 @@ def node_name() -> str:
         return socket.gethostname()
 
 
+class QualityRejected(Exception):
+    """The delivered clip crossed the quality gate of `postproc.quality` (action fail,
+    or retry with every retry used)."""
+
+
 def build_manifest(engine_info: dict, request: EngineRequest, timings: list, output_shape: tuple,
-                   peak_memory_bytes: int | None, backend: str | None = None, notes: list[str] = ()) -> dict:
-    """Everything needed to reproduce the render, and what it took."""
+                   peak_memory_bytes: int | None, backend: str | None = None, notes: list[str] = (),
+                   postprocess: dict | None = None) -> dict:
+    """Everything needed to reproduce the render, and what it took. output_shape is the
+    delivered clip's (frames, height, width); postprocess, what post-processing did."""
     spec = {
         "task": request.task.value, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
         "width": request.width, "height": request.height, "num_frames": request.num_frames, "fps": request.fps,
@@ -65,12 +101,27 @@ def build_manifest(engine_info: dict, request: EngineRequest, timings: list, out
         "peak_memory_bytes": peak_memory_bytes,
         "node": socket.gethostname(),
         "written_at": time.time(),
+        "postprocess": postprocess,
     }
 
 
+def candidate_seed(seed: int, index: int) -> int:
+    """Candidate `index` of a render renders seed + index (wrapping within the seed range)."""
+    return (seed + index) % (MAX_SEED + 1)
+
+
+@dataclasses.dataclass
+class _Candidate:
+    seed: int
+    output: RenderOutput
+    scoring: asyncio.Task | None = None
+
+
 class EngineServer:
-    def __init__(self, model_json: str, artifacts_url: str):
+    def __init__(self, model_json: str, artifacts_url: str, postproc=None, postproc_json: str | None = None):
         from farm.engines import load_engine
+        from farm.postproc.pipeline import LocalChunkRunner
+        from farm.serve.postproc import ServeChunkRunner
 
         started = time.perf_counter()
         self.model = ModelConfig.model_validate_json(model_json)
@@ -81,6 +132,12 @@ class EngineServer:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.engine = load_engine(self.model)
         self.artifacts = ArtifactStore(artifacts_url)
+        # Post-processing: the deployment's handle when the app has one; else (a replica
+        # built on its own) chunks run in a thread here.
+        self.postproc_config = (PostprocConfig.model_validate_json(postproc_json) if postproc_json
+                                else PostprocConfig())
+        self.chunks = (ServeChunkRunner(postproc, self.postproc_config.chunk_retries) if postproc is not None
+                       else LocalChunkRunner(workers=1))
         # One render at a time per replica: a second request waits here, already
         # dispatched, so the engine starts it the moment the first one ends.
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -104,14 +161,77 @@ class EngineServer:
         self.engine.check_health()
 
     async def render(self, request: EngineRequest):
-        """Streams lists of events. The engine thread only appends to a deque and
-        wakes this loop when it is not already awake: one wake-up and one stream item
-        per batch, not per step, so the loop does not fight the engine for the GIL."""
+        """Streams lists of events: progress of every candidate, post-processing, writing,
+        and at last "done" (see `_finish`). The render thread renders the candidates;
+        everything after runs in this replica's event loop."""
+        post = request.postprocess or ResolvedPostprocess()
+        gate = self.postproc_config.quality
+        steps = request.num_inference_steps
+        stop = threading.Event()
+        jobs: list[asyncio.Future] = []
+        candidates: list[_Candidate] = []
+        clip_timings: list[tuple[str, str, float]] = []
+        retries: list[dict] = []
+        try:
+            seeds = [candidate_seed(request.seed, index) for index in range(post.candidates)]
+
+            def arrived(candidate: _Candidate) -> None:
+                # Several candidates: score each one while the next renders.
+                if post.candidates > 1:
+                    candidate.scoring = asyncio.ensure_future(self._score(candidate.output))
+                candidates.append(candidate)
+
+            preempted = False
+            async for batch in self._run_engine(request, seeds, 0, len(seeds) * steps, stop, jobs, arrived):
+                preempted = preempted or any(event["kind"] == "preempted" for event in batch)
+                yield batch
+            if preempted:
+                return  # the attempt ends with its checkpoint; the scheduler queues the render again
+            chosen, scored = await self._choose(candidates)
+            while True:
+                yield [{"kind": "progress", "stage": POSTPROCESSING}]
+                stored = chosen.scoring.result()[0] if chosen.scoring else None
+                clip = await self._postprocess(request, post, chosen.output, stored)
+                clip_timings += clip.timings
+                failures = quality_failures(clip.quality, gate)
+                if not failures:
+                    break
+                used = len(candidates)
+                if gate.action == "retry" and len(retries) < gate.max_retries:
+                    retries.append({"seed": chosen.seed, "issues": failures})
+                    log.info("render %s: seed %d crossed the quality gate (%s); rendering seed %d",
+                             request.render_id, chosen.seed, "; ".join(failures), candidate_seed(request.seed, used))
+                    retry = [candidate_seed(request.seed, used)]
+                    async for batch in self._run_engine(request, retry, used * steps, (used + 1) * steps, stop,
+                                                        jobs, candidates.append):
+                        yield batch
+                    chosen = candidates[-1]
+                    continue
+                # Charge what ran; then fail the render with the scores.
+                yield [{"kind": "progress", "stage": POSTPROCESSING, "finished_phases": list(clip_timings)}]
+                tried = f" after {len(retries)} retries with new seeds" if retries else ""
+                raise QualityRejected(f"quality below the farm's thresholds{tried}: {'; '.join(failures)}")
+            yield [{"kind": "progress", "stage": WRITING}]
+            yield [await self._finish(request, post, candidates, chosen, scored, clip, clip_timings, retries)]
+        except asyncio.CancelledError:
+            stop.set()
+            for job in jobs:
+                await asyncio.shield(job)
+            raise
+        finally:
+            for candidate in candidates:
+                if candidate.scoring is not None and not candidate.scoring.done():
+                    candidate.scoring.cancel()
+
+    async def _run_engine(self, request: EngineRequest, seeds: list[int], first_step: int, total_steps: int,
+                          stop: threading.Event, jobs: list, arrived):
+        """Renders `seeds` in the render thread; yields progress batches and hands each
+        candidate's output to `arrived` as it comes. The engine thread only appends to a
+        deque and wakes this loop when it is not already awake: one wake-up and one stream
+        item per batch, not per step, so the loop does not fight the engine for the GIL."""
         loop = asyncio.get_running_loop()
         pending: collections.deque = collections.deque()
-        arrived = asyncio.Event()
-        stop = threading.Event()
-
+        wake = asyncio.Event()
         last_wake = 0.0
 
         def emit(event: dict[str, Any]) -> None:
@@ -121,41 +241,124 @@ class EngineServer:
             # and errors go at once.
             now = time.monotonic()
             urgent = event["kind"] != "progress" or not event.get("step")
-            if (urgent or now - last_wake >= WAKE_INTERVAL_S) and not arrived.is_set():
+            if (urgent or now - last_wake >= WAKE_INTERVAL_S) and not wake.is_set():
                 last_wake = now
-                loop.call_soon_threadsafe(arrived.set)
+                loop.call_soon_threadsafe(wake.set)
 
-        job = loop.run_in_executor(self._executor, self._render_blocking, request, emit, stop)
-        try:
-            finished = False
-            while not finished:
-                await arrived.wait()
-                arrived.clear()
-                batch = []
-                while pending:
-                    event = pending.popleft()
-                    if event["kind"] == "error":
-                        raise event["error"]
+        job = loop.run_in_executor(self._executor, self._render_blocking, request, emit, stop, seeds, first_step,
+                                   total_steps)
+        jobs.append(job)
+        finished = False
+        while not finished:
+            await wake.wait()
+            wake.clear()
+            batch = []
+            while pending:
+                event = pending.popleft()
+                if event["kind"] == "error":
+                    raise event["error"]
+                if event["kind"] == "candidate":
+                    arrived(_Candidate(event["seed"], event["output"]))
+                elif event["kind"] == "rendered":
+                    finished = True
+                else:
                     batch.append(event)
-                    finished = finished or event["kind"] == "done"
-                if batch:
-                    yield batch
-            await job
-        except asyncio.CancelledError:
-            stop.set()
-            await asyncio.shield(job)
-            raise
+            if batch:
+                yield batch
+        await job
 
-    def _render_blocking(self, request: EngineRequest, emit, stop: threading.Event) -> None:
+    async def _score(self, output: RenderOutput):
+        """A candidate's frames stored for post-processing, its quality scores and what scoring cost."""
+        from farm.postproc.pipeline import measure_clip, store_clip
+
+        stored = await store_clip(output.frames, self.chunks, self.postproc_config.chunk_frames)
+        scores, timings, _ = await measure_clip(stored, self.chunks)
+        return stored, scores, timings
+
+    async def _choose(self, candidates: list[_Candidate]):
+        """The best-scoring candidate (the first one when there is only one) and every
+        candidate's (scores, score)."""
+        from farm.postproc.quality import overall_score
+
+        if len(candidates) == 1:
+            return candidates[0], []
+        scored = []
+        for candidate in candidates:
+            _, scores, _ = await candidate.scoring
+            scored.append((scores, overall_score(scores)))
+        best = max(range(len(candidates)), key=lambda index: scored[index][1])
+        return candidates[best], scored
+
+    async def _postprocess(self, request: EngineRequest, post: ResolvedPostprocess, output: RenderOutput, stored):
+        from farm.postproc.color import ColorStats
+        from farm.postproc.pipeline import postprocess_clip, store_clip
+
+        if stored is None:
+            stored = await store_clip(output.frames, self.chunks, self.postproc_config.chunk_frames)
+        color = post.color_reference
+        return await postprocess_clip(
+            stored, self.chunks, fps=request.fps, interpolation_factor=post.interpolation_factor,
+            upscale_factor=post.upscale_factor,
+            color_reference=ColorStats(mean=color.mean, std=color.std, pixels=1) if color else None,
+            color_strength=color.strength if color else 1.0, crf=post.crf, bitrate_kbps=post.bitrate_kbps,
+            preset=post.preset, threads=self.postproc_config.threads,
+        )
+
+    async def _finish(self, request, post, candidates, chosen, scored, clip, clip_timings, retries) -> dict:
+        """Writes the MP4 and its manifest; returns the "done" event."""
+        from farm.postproc.quality import summary
+
+        timings = [(t.phase, t.device_kind, t.seconds) for c in candidates for t in c.output.timings]
+        for candidate in candidates:
+            if candidate.scoring is not None:
+                timings += candidate.scoring.result()[2]
+        timings += clip_timings
+        reported = [
+            {"seed": candidate.seed, "quality": summary(scores), "score": value, "chosen": candidate is chosen}
+            for candidate, (scores, value) in zip(candidates, scored)
+        ] or None
+        report = {
+            "spec": post.to_dict(),
+            "output": {"frames": clip.num_frames, "height": clip.height, "width": clip.width, "fps": clip.fps},
+            "chunk_frames": self.postproc_config.chunk_frames,
+            **clip.report,
+            "quality": clip.quality.to_dict(),
+            "color_statistics": clip.statistics.to_dict() if clip.statistics else None,
+            "candidates": reported,
+            "quality_retries": retries,
+        }
+        output = chosen.output
+        started = time.perf_counter()
+        manifest = build_manifest(self.engine.describe(), dataclasses.replace(request, seed=chosen.seed), timings,
+                                  (clip.num_frames, clip.height, clip.width), output.peak_memory_bytes,
+                                  output.backend, output.notes, postprocess=report)
+        artifact_uri, manifest_uri = await asyncio.to_thread(
+            self.artifacts.write, request.render_id, request.attempt, clip.video, manifest)
+        timings.append((WRITING, CPU, time.perf_counter() - started))
+        return {
+            "kind": "done", "artifact_uri": artifact_uri, "manifest_uri": manifest_uri, "timings": timings,
+            "device_kind": self.engine.device_kind, "node": self.node, "frames": clip.num_frames,
+            "quality": summary(clip.quality), "candidates": reported, "seed": chosen.seed,
+        }
+
+    def _render_blocking(self, request: EngineRequest, emit, stop: threading.Event, seeds: list[int] | None = None,
+                         first_step: int = 0, total_steps: int | None = None) -> None:
+        """Renders each seed in turn (the render thread); emits progress, a "candidate"
+        event with each output, and "rendered" at the end. Steps count across seeds
+        (first_step + 1 ... of total_steps), so progress only goes forward."""
         if stop.is_set():
             return
+        seeds = seeds or [request.seed]
+        steps = request.num_inference_steps
+        total_steps = total_steps or len(seeds) * steps
         device = self.engine.device_kind
         stage_started = {"stage": None, "at": time.perf_counter()}
+        offset = {"steps": first_step}
 
         def on_progress(progress: Progress) -> None:
             event: dict[str, Any] = {"kind": "progress", "stage": progress.stage}
             if progress.step:
-                event.update(step=progress.step, total_steps=progress.total_steps,
+                event.update(step=offset["steps"] + progress.step, total_steps=total_steps,
                              step_seconds=progress.step_seconds)
             elif progress.stage != stage_started["stage"]:
                 # A stage change closes the previous phase; denoising is charged per step instead.
@@ -170,28 +373,107 @@ class EngineServer:
             emit(event)
 
         try:
-            output = self.engine.render(request, on_progress, stop.is_set)
-            emit({"kind": "progress", "stage": WRITING})
-            from farm.postproc.encode import encode_mp4
-
-            started = time.perf_counter()
-            video = encode_mp4(output.frames, request.fps)
-            encoded = time.perf_counter()
-            timings = [(t.phase, t.device_kind, t.seconds) for t in output.timings]
-            timings.append((ENCODING, CPU, encoded - started))
-            manifest = build_manifest(self.engine.describe(), request, timings, output.frames.shape,
-                                      output.peak_memory_bytes, output.backend, output.notes)
-            artifact_uri, manifest_uri = self.artifacts.write(request.render_id, request.attempt, video, manifest)
-            timings.append((WRITING, CPU, time.perf_counter() - encoded))
-            emit({
-                "kind": "done", "artifact_uri": artifact_uri, "manifest_uri": manifest_uri, "timings": timings,
-                "device_kind": device, "node": self.node, "frames": int(output.frames.shape[0]),
-            })
+            for index, seed in enumerate(seeds):
+                offset["steps"] = first_step + index * steps
+                candidate = request if seed == request.seed else dataclasses.replace(request, seed=seed)
+                if first_step == 0 and index == 0:
+                    output = self._render_preemptible(candidate, on_progress, stop)
+                else:
+                    output = self.engine.render(candidate, on_progress, stop.is_set)
+                emit({"kind": "candidate", "seed": seed, "output": output})
+            previous = stage_started["stage"]
+            event: dict[str, Any] = {"kind": "progress", "stage": POSTPROCESSING, "node": self.node}
+            if previous and previous != "DENOISING":
+                event["finished_phases"] = [(previous, device, time.perf_counter() - stage_started["at"])]
+            emit(event)
+            emit({"kind": "rendered"})
+        except RenderPreempted as preempted:
+            self._preempted(request, preempted, emit)
         except RenderCancelled as cancelled:
             log.info("render %s cancelled after step %d", request.render_id, cancelled.step)
             emit({"kind": "error", "error": cancelled})
         except BaseException as error:  # handed to the caller through the stream
             emit({"kind": "error", "error": error})
+
+
+    # -- preemption (render thread) -------------------------------------------------------
+
+    def _render_preemptible(self, request: EngineRequest, on_progress, stop: threading.Event) -> RenderOutput:
+        """The engine's render, preemptible, and resumed from `resume_from` when the request has one."""
+        should_preempt = self._preemption_check(request) if self.engine.supports_checkpoint else None
+        if not request.resume_from:
+            return self.engine.render(request, on_progress, stop.is_set, should_preempt=should_preempt)
+        try:
+            resume = DenoiseCheckpoint.from_bytes(self.artifacts.read_checkpoint(request.resume_from))
+            return self.engine.render(request, on_progress, stop.is_set, should_preempt=should_preempt,
+                                      resume=resume)
+        except (CheckpointError, FileNotFoundError) as unusable:
+            # Same seed, same video from step 0: only the checkpointed steps' time is lost.
+            note = f"checkpoint {request.resume_from} was not used ({unusable}); rendered from step 0"
+            log.warning("render %s attempt %d: %s", request.render_id, request.attempt, note)
+        output = self.engine.render(request, on_progress, stop.is_set, should_preempt=should_preempt)
+        output.notes.append(note)
+        return output
+
+    def _preemption_check(self, request: EngineRequest):
+        from farm.engines.checkpoint import throttled
+        from farm.serve.signals import preemption_requested
+
+        def flag_is_up() -> bool:
+            try:
+                return preemption_requested(request.render_id, request.attempt)
+            except Exception as error:  # noqa: BLE001 - an unreadable flag must not fail the render
+                log.warning("render %s: cannot read the preemption flag: %s", request.render_id, error)
+                return False
+
+        return throttled(flag_is_up, PREEMPT_CHECK_INTERVAL_S)
+
+    def _preempted(self, request: EngineRequest, preempted: RenderPreempted, emit) -> None:
+        """Writes the checkpoint, lowers the flag, and ends the stream with a "preempted" event."""
+        from farm.serve.signals import clear_preemption
+
+        started = time.perf_counter()
+        try:
+            checkpoint_uri = self.artifacts.write_checkpoint(
+                request.render_id, request.attempt, preempted.checkpoint.to_bytes())
+        except Exception as error:  # the stream must end: as a failed attempt, with the reason
+            log.warning("render %s: the checkpoint after step %d cannot be written: %s", request.render_id,
+                        preempted.step, error)
+            emit({"kind": "error", "error": error})
+            return
+        checkpoint_seconds = time.perf_counter() - started
+        try:
+            clear_preemption(request.render_id, request.attempt)
+        except Exception as error:  # noqa: BLE001 - the checkpoint is written; a stale flag is harmless
+            log.warning("render %s: cannot clear the preemption flag: %s", request.render_id, error)
+        log.info("render %s attempt %d preempted after step %d of %d; checkpoint %s written in %.3f s",
+                 request.render_id, request.attempt, preempted.step, preempted.checkpoint.total_steps,
+                 checkpoint_uri, checkpoint_seconds)
+        emit({
+            "kind": "preempted", "checkpoint_uri": checkpoint_uri, "step": preempted.step,
+            "total_steps": preempted.checkpoint.total_steps,
+            # The work done before the preemption, to be charged (the checkpoint write is not in it).
+            "timings": [(t.phase, t.device_kind, t.seconds) for t in preempted.timings],
+            "checkpoint_seconds": checkpoint_seconds,
+            "device_kind": self.engine.device_kind, "node": self.node,
+        })
+        emit({"kind": "rendered"})
+
+
+def quality_failures(scores, gate) -> list[str]:
+    """What in the scores crosses the gate's thresholds (nothing when the gate is off)."""
+    if gate.action == "off":
+        return []
+    found = []
+    if gate.reject_frozen and scores.frozen:
+        found.append(f"frozen ({scores.frozen_pair_fraction:.0%} of consecutive frames identical)")
+    if gate.min_temporal_consistency is not None and scores.temporal_consistency < gate.min_temporal_consistency:
+        found.append(f"temporal consistency {scores.temporal_consistency:.3f} < {gate.min_temporal_consistency}")
+    if gate.max_flicker is not None and scores.flicker > gate.max_flicker:
+        found.append(f"flicker {scores.flicker:.3f} > {gate.max_flicker}")
+    if gate.min_motion_smoothness is not None and scores.motion_smoothness < gate.min_motion_smoothness:
+        found.append(f"motion smoothness {scores.motion_smoothness:.3f} < {gate.min_motion_smoothness}")
+    return found
 
 
 def deployment_name(model: ModelConfig, pool: PoolConfig) -> str:
@@ -205,7 +487,9 @@ def pool_model(model: ModelConfig, pool: PoolConfig) -> ModelConfig:
     return model.model_copy(update={"device_kind": kind, "num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus})
 
 
-def engine_deployment(model: ModelConfig, pool: PoolConfig, artifacts_url: str, prefetch: int, app_name: str):
+def engine_deployment(model: ModelConfig, pool: PoolConfig, artifacts_url: str, prefetch: int, app_name: str,
+                      postproc=None, postproc_config: PostprocConfig | None = None):
+    """postproc: the post-processing deployment (bound), whose handle the replicas get."""
     options: dict[str, Any] = {"num_cpus": pool.num_cpus}
     if not pool.num_gpus:
         # Ray sets OMP_NUM_THREADS to the actor's CPU count (1), which caps torch's
@@ -242,4 +526,5 @@ def engine_deployment(model: ModelConfig, pool: PoolConfig, artifacts_url: str, 
         # A replica that Serve scales away first finishes the renders it holds.
         graceful_shutdown_timeout_s=pool.drain_timeout_s,
         logging_config={"enable_access_log": False, "log_level": "WARNING"},
-    ).bind(pool_model(model, pool).model_dump_json(), artifacts_url)
+    ).bind(pool_model(model, pool).model_dump_json(), artifacts_url, postproc,
+           postproc_config.model_dump_json() if postproc_config else None)

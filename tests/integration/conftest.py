@@ -73,6 +73,8 @@ def farm_config() -> tuple[FarmConfig, Path]:
         "gateway": {"port": free_port(), "metrics_port": free_port()},
         "scheduler": {"metrics_port": free_port(), "heartbeat_interval_s": 0.5, "lease_seconds": 10},
         "ray": {"num_cpus": 8, "app_name": "farm-test"},
+        # Small chunks, so that even tiny test clips spread over both post-processing replicas.
+        "postproc": {"replicas": 2, "chunk_frames": 8},
     }
     config_path = home / "farm.yaml"
     config_path.write_text(yaml.safe_dump(values))
