@@ -4,12 +4,15 @@ float32); checkpoints of another spec are refused; the artifact store keeps them
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import json
 import shutil
+import threading
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -247,10 +250,12 @@ def test_checkpoint_with_another_schedule_or_generator_is_refused(engines, ltx_c
     request = make_request(engine, Task.IMAGE_TO_VIDEO)
     state = dict(ltx_checkpoint.scheduler_state)
     state["sigmas"] = state["sigmas"] * 1.001
+    other_schedule = dataclasses.replace(ltx_checkpoint, scheduler_state=state)
     with pytest.raises(CheckpointError, match="sigmas .* differ"):
-        engine.render(request, lambda p: None, never, resume=dataclasses.replace(ltx_checkpoint, scheduler_state=state))
+        engine.render(request, lambda p: None, never, resume=other_schedule)
+    cuda_generator = dataclasses.replace(ltx_checkpoint, generator_device="cuda")
     with pytest.raises(CheckpointError, match="cuda generator"):
-        engine.render(request, lambda p: None, never, resume=dataclasses.replace(ltx_checkpoint, generator_device="cuda"))
+        engine.render(request, lambda p: None, never, resume=cuda_generator)
 
 
 def test_unreadable_checkpoint_bytes_are_refused(ltx_checkpoint):
@@ -393,3 +398,79 @@ def test_a_failed_checkpoint_write_leaves_no_checkpoint(artifact_store, monkeypa
     with pytest.raises(OSError, match="disk full"):
         artifact_store.write_checkpoint("r-8", 1, b"x" * 1000)
     assert artifact_store.fs.ls(artifact_store.checkpoint_prefix("r-8"), detail=False) == []
+
+
+# The engine deployment (its class, without Ray) ---------------------------------------------
+
+
+@pytest.fixture
+def server(models_dir, tmp_path, monkeypatch):
+    """The Serve deployment's class on the tiny LTX-Video, with the scheduler's flags in a set
+    (Ray's KV is not running here)."""
+    from farm.serve import signals
+    from farm.serve.engine import EngineServer
+
+    flags: set[tuple[str, int]] = set()
+    monkeypatch.setattr(signals, "preemption_requested", lambda render_id, attempt: (render_id, attempt) in flags)
+    monkeypatch.setattr(signals, "clear_preemption", lambda render_id, attempt: flags.discard((render_id, attempt)))
+    model = next(m for m in tiny_model_configs(models_dir) if m.name == "ltx-video-tiny")
+    engine_server = EngineServer(model.model_dump_json(), str(tmp_path / "artifacts"))
+    engine_server.flags = flags
+    yield engine_server
+    engine_server._executor.shutdown(wait=True)
+
+
+def stream(server, request: EngineRequest) -> list[dict]:
+    async def collect():
+        return [event async for batch in server.render(request) for event in batch]
+
+    return asyncio.run(collect())
+
+
+def rendered_candidate(server, request: EngineRequest):
+    """The render thread's part alone: its progress events and the engine's output."""
+    events = []
+    server._render_blocking(request, events.append, threading.Event())
+    kinds = [e["kind"] for e in events]
+    assert kinds[-1] == "rendered" and "candidate" in kinds, kinds
+    return events, next(e["output"] for e in events if e["kind"] == "candidate")
+
+
+def test_server_preempts_writes_the_checkpoint_and_resumes_from_it(server):
+    request = make_request(server.engine, Task.TEXT_TO_VIDEO, render_id="r-s")
+    _, uninterrupted = rendered_candidate(server, request)
+
+    server.flags.add(("r-s", 1))
+    events = stream(server, request)
+    assert [e["kind"] for e in events if e["kind"] != "progress"] == ["preempted"]  # no "done", no error
+    preempted = events[-1]
+    assert set(preempted) == {"kind", "checkpoint_uri", "step", "total_steps", "timings", "checkpoint_seconds",
+                              "device_kind", "node"}
+    assert (preempted["step"], preempted["total_steps"]) == (1, STEPS)  # the flag was up from the start
+    assert [phase for phase, _, _ in preempted["timings"]] == [ENCODING_PROMPT, DENOISING]
+    assert preempted["checkpoint_seconds"] > 0 and preempted["device_kind"] == "CPU"
+    assert server.flags == set()  # lowered once the checkpoint is written
+    assert "DECODING" not in [e.get("stage") for e in events]
+    checkpoint = DenoiseCheckpoint.from_bytes(server.artifacts.read_checkpoint(preempted["checkpoint_uri"]))
+    assert checkpoint.step == 1
+
+    resumed_request = dataclasses.replace(request, attempt=2, resume_from=preempted["checkpoint_uri"])
+    progress, resumed = rendered_candidate(server, resumed_request)
+    assert [e["step"] for e in progress if e["kind"] == "progress" and e.get("step")] == [2, 3, 4]
+    np.testing.assert_array_equal(resumed.frames, uninterrupted.frames)
+
+    # The whole stream: post-processed, written, and the manifest says where it resumed.
+    events = stream(server, resumed_request)
+    done = events[-1]
+    assert done["kind"] == "done"
+    with fsspec.open(done["manifest_uri"], "rb") as f:
+        manifest = json.load(f)
+    assert any("resumed after step 1 of 4" in note for note in manifest["notes"])
+
+
+def test_server_renders_from_step_zero_when_the_checkpoint_is_unusable(server, tmp_path):
+    request = make_request(server.engine, Task.TEXT_TO_VIDEO, render_id="r-u", attempt=2,
+                           resume_from=str(tmp_path / "artifacts" / "gone.ckpt"))
+    progress, output = rendered_candidate(server, request)
+    assert [e["step"] for e in progress if e["kind"] == "progress" and e.get("step")] == [1, 2, 3, 4]
+    assert any("was not used" in note and "step 0" in note for note in output.notes)
