@@ -231,3 +231,20 @@ def summary(scores: QualityScores) -> dict:
         "frozen": scores.frozen,
         "issues": scores.issues(),
     }
+
+
+def gate_failures(scores: QualityScores, gate) -> list[str]:
+    """What in the scores crosses a quality gate's thresholds (`farm.config.QualityGate`;
+    nothing when its action is off)."""
+    if gate.action == "off":
+        return []
+    found = []
+    if gate.reject_frozen and scores.frozen:
+        found.append(f"frozen ({scores.frozen_pair_fraction:.0%} of consecutive frames identical)")
+    if gate.min_temporal_consistency is not None and scores.temporal_consistency < gate.min_temporal_consistency:
+        found.append(f"temporal consistency {scores.temporal_consistency:.3f} < {gate.min_temporal_consistency}")
+    if gate.max_flicker is not None and scores.flicker > gate.max_flicker:
+        found.append(f"flicker {scores.flicker:.3f} > {gate.max_flicker}")
+    if gate.min_motion_smoothness is not None and scores.motion_smoothness < gate.min_motion_smoothness:
+        found.append(f"motion smoothness {scores.motion_smoothness:.3f} < {gate.min_motion_smoothness}")
+    return found

@@ -50,6 +50,7 @@ from farm.engines.base import (
     RenderPreempted,
 )
 from farm.jobs.spec import MAX_SEED, ResolvedPostprocess
+from farm.postproc.quality import gate_failures
 from farm.storage.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ class EngineServer:
                 stored = chosen.scoring.result()[0] if chosen.scoring else None
                 clip = await self._postprocess(request, post, chosen.output, stored)
                 clip_timings += clip.timings
-                failures = quality_failures(clip.quality, gate)
+                failures = gate_failures(clip.quality, gate)
                 if not failures:
                     break
                 used = len(candidates)
@@ -458,22 +459,6 @@ class EngineServer:
             "device_kind": self.engine.device_kind, "node": self.node,
         })
         emit({"kind": "rendered"})
-
-
-def quality_failures(scores, gate) -> list[str]:
-    """What in the scores crosses the gate's thresholds (nothing when the gate is off)."""
-    if gate.action == "off":
-        return []
-    found = []
-    if gate.reject_frozen and scores.frozen:
-        found.append(f"frozen ({scores.frozen_pair_fraction:.0%} of consecutive frames identical)")
-    if gate.min_temporal_consistency is not None and scores.temporal_consistency < gate.min_temporal_consistency:
-        found.append(f"temporal consistency {scores.temporal_consistency:.3f} < {gate.min_temporal_consistency}")
-    if gate.max_flicker is not None and scores.flicker > gate.max_flicker:
-        found.append(f"flicker {scores.flicker:.3f} > {gate.max_flicker}")
-    if gate.min_motion_smoothness is not None and scores.motion_smoothness < gate.min_motion_smoothness:
-        found.append(f"motion smoothness {scores.motion_smoothness:.3f} < {gate.min_motion_smoothness}")
-    return found
 
 
 def deployment_name(model: ModelConfig, pool: PoolConfig) -> str:

@@ -167,3 +167,21 @@ def test_learned_interpolator_loads_torchscript_and_chunks_exactly(clip, tmp_pat
     assert np.array_equal(asyncio.run(go()).frames, learned.interpolate(clip, 3))
     with pytest.raises(FileNotFoundError):
         LearnedInterpolator.from_file(tmp_path / "missing.pt")
+
+
+def test_quality_gate_and_candidate_ranking(clip):
+    from farm.config import QualityGate
+    from farm.postproc.quality import gate_failures, overall_score
+
+    clean = quality_scores(clip)
+    frozen = quality_scores(np.repeat(clip[:1], 8, axis=0))
+    flicker = quality_scores(np.clip(clip.astype(np.int16) + np.where(np.arange(len(clip)) % 2, 12, -12)[
+        :, None, None, None], 0, 255).astype(np.uint8))
+    assert overall_score(clean) > overall_score(flicker) > overall_score(frozen) == 0.0
+
+    gate = QualityGate(action="fail", max_flicker=1.0, min_temporal_consistency=0.5)
+    assert gate_failures(clean, gate) == []
+    assert any("flicker" in failure for failure in gate_failures(flicker, gate))
+    assert any("frozen" in failure for failure in gate_failures(frozen, gate))
+    assert gate_failures(frozen, QualityGate(action="off", max_flicker=0.0)) == []
+    assert gate_failures(frozen, QualityGate(action="retry", reject_frozen=False)) == []
