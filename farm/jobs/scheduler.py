@@ -136,6 +136,7 @@ class Scheduler:
         self.models = {m.name: m for m in config.served_models()}
         # (model, device kind) -> (when loaded, timing model or None): for routing and backlog.
         self._timing_models: dict[tuple[str, str], tuple[float, TimingModel | None]] = {}
+        self._last_wanted: dict[str, int] = {}
         self.config = config
         self.settings = config.scheduler
         self.owner = owner
@@ -394,6 +395,10 @@ class Scheduler:
                 load = PoolLoad(pool.key, pool.slots, busy, pool.min_replicas, pool.max_replicas,
                                 backlog.get(pool.key, 0.0), pool.backlog_target_s, pool.cold_start_s)
                 wanted = wanted_replicas(load)
+                if wanted != self._last_wanted.get(pool.key):
+                    log.info("pool %s: %d replicas, %d busy, %.1f s queued -> wants %d", pool.key, pool.slots,
+                             busy, load.backlog_seconds, wanted)
+                    self._last_wanted[pool.key] = wanted
                 pool.scale_to(wanted)
                 self.metrics.pool_sized(model, pool.device_kind, pool.slots, wanted, load.backlog_seconds,
                                         pool.cold_start_s)

