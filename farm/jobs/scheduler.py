@@ -585,11 +585,22 @@ class Scheduler:
         if record is None:
             log.warning("attempt %s of %s no longer held its lease; not recorded", claimed.attempt, claimed.id)
             return
+        if claimed.checkpoint_uri:
+            # Final: the denoising checkpoints of its preemptions are of no more use.
+            await asyncio.to_thread(self._delete_checkpoints, claimed.id)
         duration = (record.finished_at - record.started_at).total_seconds() if record.started_at else None
         frames = claimed.spec.num_frames if outcome is AttemptOutcome.SUCCEEDED else 0
         self.metrics.render_finished(claimed.tenant_name, claimed.spec.model, record.state.value, duration, frames,
                                      charges)
         await self._publish_budget(claimed.tenant_id, claimed.tenant_name)
+
+    def _delete_checkpoints(self, render_id: str) -> None:
+        from farm.storage.artifacts import ArtifactStore
+
+        try:
+            ArtifactStore(self.config.artifacts_url).delete_checkpoints(render_id)
+        except Exception:  # a leftover file costs storage, not correctness
+            log.exception("could not delete the checkpoints of %s", render_id)
 
     async def _publish_budget(self, tenant_id: str, tenant_name: str) -> None:
         status = await asyncio.to_thread(self.store.budget_status, tenant_id)
