@@ -439,9 +439,12 @@ class PostprocConfig(_Section):
     """Frames of the engine's output per chunk (neighbouring chunks share one seam frame).
     Smaller chunks spread a clip over more replicas; each chunk costs one round trip
     and one keyframe."""
-    max_ongoing_requests: int = Field(1, ge=1, le=64)
-    """Chunks a replica holds at once. 1: a chunk waits in the caller's queue until a
-    replica is free, which balances the load and loses nothing queued when a replica dies."""
+    max_ongoing_requests: int = Field(2, ge=1, le=64)
+    """Chunks a replica holds at once; it works on one at a time. 2: the next chunk waits
+    in the replica with its frames already read, so the replica never idles between
+    chunks (a chunk left waiting in the caller's router is retried with a backoff of up
+    to 0.5 s). 1 balances a few uneven chunks better and loses one chunk, not two, when
+    a replica dies; either way lost chunks are sent again."""
     chunk_retries: int = Field(3, ge=0, le=20)
     """A chunk whose replica died is sent again (Serve routes it to a live replica) at
     most this many times before the render fails; the render never restarts for it."""

@@ -161,7 +161,8 @@ def postproc_deployment(config: PostprocConfig, name: str = DEPLOYMENT_NAME):
     if config.max_replicas is not None and config.max_replicas > config.replicas:
         scaling = {"autoscaling_config": {
             "min_replicas": config.replicas, "max_replicas": config.max_replicas,
-            "target_ongoing_requests": config.max_ongoing_requests,
+            # A replica works on one chunk at a time: more than one waiting means too few replicas.
+            "target_ongoing_requests": 1,
         }}
     return serve.deployment(PostprocServer).options(
         name=name,
