@@ -122,6 +122,8 @@ class ProgressUpdate:
     step: int = 0
     total_steps: int = 0
     message: str = ""
+    at: float | None = None
+    """When it happened on the engine (epoch seconds); None means when it is written."""
 
 
 @dataclasses.dataclass(frozen=True)

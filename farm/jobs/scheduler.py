@@ -10,6 +10,7 @@ It knows engines only through `EnginePool`, so it runs (and is tested) without R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
@@ -107,6 +108,10 @@ class _Running:
     # from a replica's queue before it started.
     preempt_sent: bool = False
     withdrawn: bool = False
+    # Claimed but kept back from its pool until its turn (see Scheduler._may_dispatch).
+    held: bool = False
+    # The engine has let go of it (a preemption's checkpoint is written).
+    engine_done: bool = False
     engine_started: bool = False
     node: str | None = None
     # Phases finished so far, for charging work done before a cancel.
@@ -137,6 +142,7 @@ class Scheduler:
         # (model, device kind) -> (when loaded, timing model or None): for routing and backlog.
         self._timing_models: dict[tuple[str, str], tuple[float, TimingModel | None]] = {}
         self._last_wanted: dict[str, int] = {}
+        self._engine_freed = asyncio.Event()
         self.config = config
         self.settings = config.scheduler
         self.owner = owner
@@ -228,6 +234,8 @@ class Scheduler:
             self.running[render.id] = entry
             entry.task = asyncio.create_task(self._run_attempt(entry), name=f"render-{render.id}")
         self._publish_running()
+        if any(self.settings.priority_class(r.spec.priority).preempts for r in claimed):
+            await self._preempt_for_waiting()  # at once: an urgent render waits for it
         return len(claimed)
 
     # -- routing -----------------------------------------------------------------------
@@ -296,7 +304,8 @@ class Scheduler:
             on_eligible = [r for r in self.running.values() if r.pool in eligible and not r.cancel_sent]
             lower = [r for r in on_eligible if settings.class_rank(r.claimed.spec.priority) < rank]
             for entry in lower:
-                if not entry.engine_started and not entry.withdrawn:
+                # Held renders are not in a replica's way; dispatched ones waiting there are.
+                if entry.stream is not None and not entry.engine_started and not entry.withdrawn:
                     entry.withdrawn = True
                     if entry.stream is not None:
                         entry.stream.cancel()
@@ -447,6 +456,10 @@ class Scheduler:
         outcome: AttemptOutcome | None = None
         result: dict[str, Any] = {}
         error: str | None = None
+        await self._wait_for_turn(entry)
+        if entry.withdrawn:
+            await self._preempted(entry, {"step": 0}, counted=False)
+            return
         try:
             entry.stream = pool.render(engine_request(claimed))
             if entry.withdrawn:
@@ -459,6 +472,9 @@ class Scheduler:
                         outcome, result = AttemptOutcome.SUCCEEDED, event
                     elif event["kind"] == "preempted":
                         outcome, result = AttemptOutcome.PREEMPTED, event
+                        # Its engine is free now: the waiting render goes before the store write.
+                        entry.engine_done = True
+                        self._engine_freed.set()
             if outcome is None:
                 outcome, error = AttemptOutcome.FAILED, "the engine ended the render without a result"
         except asyncio.CancelledError:
@@ -502,9 +518,43 @@ class Scheduler:
             entry.timings.append(PhaseTiming("DENOISING", pool.device_kind, event["step_seconds"]))
             self.metrics.step_finished(claimed.spec.model, pool.device_kind, event["step_seconds"])
         self._pending.append(
-            ProgressUpdate(claimed.id, claimed.attempt, stage, event.get("step", 0), event.get("total_steps", 0))
+            ProgressUpdate(claimed.id, claimed.attempt, stage, event.get("step", 0), event.get("total_steps", 0),
+                           at=event.get("at"))
         )
         self._progress_arrived.set()
+
+    def _forget(self, render_id: str) -> None:
+        """The attempt is over (recorded): its engine and its slot are free."""
+        self.running.pop(render_id, None)
+        self._publish_running()
+        self._engine_freed.set()
+        self.wake()
+
+    def _may_dispatch(self, entry: _Running) -> bool:
+        """A render of a preempting class goes to its pool only when an engine there is
+        idle: sent into a busy replica's queue it would wait behind a render that is not
+        being preempted. Meanwhile no lower-class render is sent ahead of it."""
+        settings = self.settings
+        rank = settings.class_rank(entry.claimed.spec.priority)
+        others = [r for r in self._on_pool(entry.pool) if r is not entry]
+        if any(not r.engine_started and settings.class_rank(r.claimed.spec.priority) > rank for r in others):
+            return False
+        if not settings.priority_class(entry.claimed.spec.priority).preempts:
+            return True
+        # A preempted render holds its engine until it has written its checkpoint.
+        dispatched = sum(1 for r in others if r.stream is not None and not r.withdrawn and not r.engine_done)
+        return dispatched < entry.pool.slots
+
+    async def _wait_for_turn(self, entry: _Running) -> None:
+        entry.held = True
+        try:
+            while not self._stopping and not entry.withdrawn and not self._may_dispatch(entry):
+                self._engine_freed.clear()
+                self.wake()  # the claim loop decides preemptions
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._engine_freed.wait(), self.settings.heartbeat_interval_s)
+        finally:
+            entry.held = False
 
     def _done_timings(self, entry: _Running) -> list[tuple[str, str, float]]:
         return [(t.phase, t.device_kind, t.seconds) for t in entry.timings]
@@ -519,12 +569,11 @@ class Scheduler:
         recorded = await asyncio.to_thread(
             self.store.preempt, self.owner, claimed.id, claimed.attempt, checkpoint_uri=event.get("checkpoint_uri"),
             step=int(event.get("step", 0)), charges=charges, device_kind=entry.pool.device_kind,
-            node=event.get("node") or entry.node, timings=[list(t) for t in timings], counted=counted)
+            node=event.get("node") or entry.node, timings=[list(t) for t in timings], counted=counted,
+            checkpoint_seconds=event.get("checkpoint_seconds"))
         if recorded:
             self.metrics.charged(claimed.tenant_name, claimed.spec.model, charges)
-        self.running.pop(claimed.id, None)
-        self._publish_running()
-        self.wake()
+        self._forget(claimed.id)
 
     async def _retry_elsewhere(self, entry: _Running, error: str) -> None:
         claimed = entry.claimed
@@ -535,9 +584,7 @@ class Scheduler:
             self.store.retry_elsewhere, self.owner, claimed.id, claimed.attempt, error=error, node=entry.node,
             failed_node_limit=self.settings.failed_node_limit, charges=charges, device_kind=entry.pool.device_kind,
             timings=[list(t) for t in timings])
-        self.running.pop(claimed.id, None)
-        self._publish_running()
-        self.wake()
+        self._forget(claimed.id)
         if record is None:
             return
         if record.state.is_final:
@@ -557,9 +604,7 @@ class Scheduler:
                                            self.settings.max_attempts, absorbed, entry.node, entry.pool.device_kind)
         if released:
             self.metrics.attempt_absorbed(claimed.spec.model, absorbed)
-        self.running.pop(claimed.id, None)
-        self._publish_running()
-        self.wake()
+        self._forget(claimed.id)
 
     async def _finish(self, entry: _Running, outcome: AttemptOutcome, result: dict[str, Any],
                       error: str | None) -> None:
@@ -579,9 +624,7 @@ class Scheduler:
             node=result.get("node") or entry.node, timings=[list(t) for t in timings],
             quality=result.get("quality"), candidates=result.get("candidates"),
         )
-        self.running.pop(claimed.id, None)
-        self._publish_running()
-        self.wake()
+        self._forget(claimed.id)
         if record is None:
             log.warning("attempt %s of %s no longer held its lease; not recorded", claimed.attempt, claimed.id)
             return

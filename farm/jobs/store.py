@@ -527,7 +527,7 @@ class JobStore:
                 row.stage = update_.stage.value
                 if update_.total_steps:
                     row.step, row.total_steps = update_.step, update_.total_steps
-                self._add_event(session, row, update_.message)
+                self._add_event(session, row, update_.message, at=update_.at)
             return [rid for rid, row in rows.items() if row.cancel_requested]
 
     def heartbeat(self, owner: str, attempts: dict[str, int], lease_seconds: float) -> LeaseStatus:
@@ -608,7 +608,7 @@ class JobStore:
 
     def preempt(self, owner: str, render_id: str, attempt: int, *, checkpoint_uri: str | None, step: int,
                 charges: list[Charge] = (), device_kind: str | None = None, node: str | None = None,
-                timings: list | None = None, counted: bool = True) -> bool:
+                timings: list | None = None, counted: bool = True, checkpoint_seconds: float | None = None) -> bool:
         """Ends an attempt that gave its engine to a higher-priority render: the steps it
         did are charged (the next attempt resumes from its checkpoint instead of redoing
         them), and the render is queued again with attempt + 1. A lease already lost
@@ -627,7 +627,8 @@ class JobStore:
             if row.cancel_requested:
                 self._finish_row(session, row, RenderState.CANCELLED, message=f"cancelled (preempted at step {step})")
             else:
-                self._back_to_queue(session, row, f"preempted at step {step}; resumes from its checkpoint")
+                written = f" (written in {checkpoint_seconds:.3f} s)" if checkpoint_seconds is not None else ""
+                self._back_to_queue(session, row, f"preempted at step {step}; resumes from its checkpoint{written}")
             return True
 
     def retry_elsewhere(self, owner: str, render_id: str, attempt: int, *, error: str, node: str | None,
@@ -743,12 +744,14 @@ class JobStore:
         row.lease_owner = row.lease_expires_at = None
         self._add_event(session, row, message)
 
-    def _add_event(self, session: Session, row: t.Render, message: str) -> None:
+    def _add_event(self, session: Session, row: t.Render, message: str, at: float | None = None) -> None:
         # The render row is locked (or SQLite's write lock is held), so seq has no gaps.
         row.event_seq += 1
+        # Events are written in batches: an engine's own time says when it happened.
+        time_ = dt.datetime.fromtimestamp(at, dt.timezone.utc) if at is not None else t.utcnow()
         session.add(
             t.Event(
-                render_id=row.id, seq=row.event_seq, time=t.utcnow(), state=row.state, stage=row.stage or "",
+                render_id=row.id, seq=row.event_seq, time=time_, state=row.state, stage=row.stage or "",
                 step=row.step, total_steps=row.total_steps, attempt=row.attempt, message=message,
             )
         )

@@ -357,7 +357,7 @@ class EngineServer:
         offset = {"steps": first_step}
 
         def on_progress(progress: Progress) -> None:
-            event: dict[str, Any] = {"kind": "progress", "stage": progress.stage}
+            event: dict[str, Any] = {"kind": "progress", "stage": progress.stage, "at": time.time()}
             if progress.step:
                 event.update(step=offset["steps"] + progress.step, total_steps=total_steps,
                              step_seconds=progress.step_seconds)

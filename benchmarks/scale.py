@@ -1,0 +1,213 @@
+"""Scale-out on a simulated multi-node cluster (`tests/cluster/sim.py`): head node +
+nodes with one logical GPU each, engines running the tiny LTX-Video model on the CPU.
+
+1. Queue wait under a growing backlog (0 -> N renders, submitted at a steady rate):
+   an autoscaled pool (0..2 replicas, scaled from its backlog) versus a fixed pool of
+   2 replicas, one after the other in the same run. Wait = submit to the render's first
+   engine stage. The ratio says what autoscaling costs in waiting (cold starts) for
+   the GPU-hours it saves (reported as replica-seconds held).
+2. Preemption latency: both replicas of the fixed pool busy with long low-priority
+   renders, an urgent render arrives; time from its submit to its first denoising step,
+   against one denoising step of the victim plus its checkpoint write.
+3. Chaos: R renders while a GPU node is removed (and a fresh one added) every few
+   seconds: renders lost (not SUCCEEDED exactly once) and charged twice must be 0.
+
+Run: .venv/bin/python benchmarks/scale.py [--backlog 50] [--chaos 100] [--node-every 5]
+Needs the PostgreSQL server at 127.0.0.1:5432 (the store of a cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import sqlalchemy  # noqa: E402
+
+from farm.config import PoolConfig  # noqa: E402
+from farm.jobs import schema as t  # noqa: E402
+from farm.jobs.states import RenderState  # noqa: E402
+from tests.cluster.sim import cluster_farm, tiny_ltx, wait_for  # noqa: E402
+
+SMALL = dict(width=64, height=64, num_frames=9, num_inference_steps=8)
+
+
+def first_engine_stage(farm, render_id: str, stages=("ENCODING_PROMPT", "DENOISING")) -> dt.datetime | None:
+    return next((e.time for e in farm.store.events_after(render_id, 0) if e.stage.value in stages), None)
+
+
+def wait_done(farm, ids: list[str], timeout: float = 900) -> list:
+    return [wait_for(lambda i=i: (r := farm.store.get(None, i)).state.is_final and r, timeout, what=f"render {i}")
+            for i in ids]
+
+
+def backlog_phase(farm, tenant_id: str, model: str, kind: str, count: int, interval_s: float) -> dict:
+    """Submits `count` renders at a steady rate; returns waits and replica-seconds held."""
+    held = {"replica_seconds": 0.0, "max": 0}
+    stop = threading.Event()
+
+    def sample():
+        last = time.monotonic()
+        while not stop.is_set():
+            time.sleep(0.25)
+            now = time.monotonic()
+            replicas = farm.running_replicas(model, kind)
+            held["replica_seconds"] += replicas * (now - last)
+            held["max"] = max(held["max"], replicas)
+            last = now
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.monotonic()
+    ids = []
+    for i in range(count):
+        ids.append(farm.submit(tenant_id, model, seed=i, **SMALL).id)
+        time.sleep(interval_s)
+    records = wait_done(farm, ids)
+    elapsed = time.monotonic() - started
+    stop.set()
+    sampler.join()
+    waits = [(first_engine_stage(farm, r.id) - r.created_at).total_seconds() for r in records]
+    return {"renders": count, "succeeded": sum(r.state is RenderState.SUCCEEDED for r in records),
+            "mean_wait_s": statistics.mean(waits), "p95_wait_s": sorted(waits)[int(0.95 * (len(waits) - 1))],
+            "max_wait_s": max(waits), "elapsed_s": elapsed, "replica_seconds": held["replica_seconds"],
+            "max_replicas": held["max"]}
+
+
+def preemption_phase(farm, tenant_id: str, model: str) -> dict:
+    # Victims with steps long enough to see the bound (a GPU step is 0.1-2 s; tiny CPU steps at
+    # small sizes take milliseconds, less than the farm's own path from submit to engine).
+    victims = [farm.submit(tenant_id, model, priority=10, seed=500 + i, width=512, height=512, num_frames=65,
+                           num_inference_steps=40).id for i in range(2)]
+    wait_for(lambda: all(farm.store.get(None, v).step >= 3 for v in victims), 300, what="victims denoising")
+    urgent = farm.submit(tenant_id, model, priority=90, seed=1, **SMALL)
+    wait_done(farm, [urgent.id])
+    first_step = first_engine_stage(farm, urgent.id, stages=("DENOISING",))
+    timeline = sorted([(e.time, "urgent", e.stage.value, e.message) for e in farm.store.events_after(urgent.id, 0)
+                       if not e.step or e.step == 1]
+                      + [(e.time, "victim", e.stage.value, e.message) for v in victims
+                         for e in farm.store.events_after(v, 0) if "preempt" in e.message])
+    latency = (first_step - urgent.created_at).total_seconds()
+    records = wait_done(farm, victims)
+    preempted = [r for r in records if r.preemptions]
+    if not preempted:
+        for rid in victims + [urgent.id]:
+            print(rid, [(e.time.strftime("%H:%M:%S.%f"), e.stage.value, e.step, e.message)
+                        for e in farm.store.events_after(rid, 0) if not e.step or e.step % 50 == 0])
+        raise SystemExit("no victim was preempted")
+    victim = preempted[0]
+    events = farm.store.events_after(victim.id, 0)
+    note = next(e.message for e in events if "preempted at step" in e.message)
+    checkpoint_s = float(re.search(r"written in ([0-9.]+) s", note).group(1))
+    denoise = [c for c in victim.charges if c.phase == "DENOISING"]
+    step_s = sum(c.device_seconds for c in denoise) / victim.spec.num_inference_steps
+    return {"timeline_s": [(round((at - urgent.created_at).total_seconds(), 3), who, stage, message)
+                           for at, who, stage, message in timeline],
+            "submit_to_first_step_s": latency, "victim_step_s": step_s, "checkpoint_write_s": checkpoint_s,
+            "bound_s": step_s + checkpoint_s, "within_bound": latency <= step_s + checkpoint_s,
+            "victims_preempted": len(preempted), "victims_succeeded": sum(r.state is RenderState.SUCCEEDED
+                                                                          for r in records)}
+
+
+def chaos_phase(farm, tenant_id: str, model: str, count: int, every_s: float) -> dict:
+    ids = [farm.submit(tenant_id, model, seed=1000 + i, **SMALL).id for i in range(count)]
+    removed = 0
+    generation = 0
+    deadline = time.monotonic() + 1200
+    while time.monotonic() < deadline:
+        time.sleep(every_s)
+        states = [farm.store.get(None, i).state for i in ids]
+        if all(s.is_final for s in states):
+            break
+        victim = next((n for n in sorted(farm.nodes) if n.startswith("chaos")), None)
+        if victim is not None:
+            farm.remove_node(victim)
+            removed += 1
+        generation += 1
+        farm.add_gpu_node(f"chaos-{generation}", "L40S")
+    records = wait_done(farm, ids)
+    with farm.store._read() as session:
+        rows = session.execute(sqlalchemy.select(t.Attempt.render_id, t.Attempt.number, t.Attempt.outcome)
+                               .where(t.Attempt.render_id.in_(ids))).all()
+        charged = session.execute(sqlalchemy.select(t.LedgerEntry.render_id, t.LedgerEntry.attempt)
+                                  .where(t.LedgerEntry.render_id.in_(ids), t.LedgerEntry.charged.is_(True))
+                                  .distinct()).all()
+    outcomes: dict[str, list] = {}
+    for row in rows:
+        outcomes.setdefault(row.render_id, []).append(row.outcome)
+    lost_attempts = {(r.render_id, r.number) for r in rows if r.outcome == "LOST"}
+    succeeded_once = sum(1 for r in records if r.state is RenderState.SUCCEEDED
+                         and outcomes[r.id].count("SUCCEEDED") == 1)
+    charged_lost = sum(1 for c in charged if (c.render_id, c.attempt) in lost_attempts)
+    charged_attempts_per_render = {}
+    for c in charged:
+        charged_attempts_per_render[c.render_id] = charged_attempts_per_render.get(c.render_id, 0) + 1
+    ledger = sum(r.cost_nanodollars for r in records)
+    with farm.store._read() as session:
+        ledger_rows = session.scalar(sqlalchemy.select(sqlalchemy.func.sum(t.LedgerEntry.nanodollars)).where(
+            t.LedgerEntry.render_id.in_(ids), t.LedgerEntry.charged.is_(True)))
+    return {"renders": count, "nodes_removed": removed, "succeeded_exactly_once": succeeded_once,
+            "lost": count - succeeded_once, "lost_attempts_requeued": len(lost_attempts),
+            "lost_attempts_charged": charged_lost,
+            "renders_charged_for_two_attempts": sum(1 for n in charged_attempts_per_render.values() if n > 1),
+            "ledger_equals_render_costs": ledger == (ledger_rows or 0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backlog", type=int, default=50)
+    parser.add_argument("--submit-interval", type=float, default=0.3)
+    parser.add_argument("--preemptions", type=int, default=3)
+    parser.add_argument("--chaos", type=int, default=100)
+    parser.add_argument("--node-every", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    from farm.engines.tiny import make_tiny_models
+
+    models_dir = Path(tempfile.mkdtemp(prefix="farm-scale-models-"))
+    make_tiny_models(models_dir)
+    auto = [PoolConfig(device_kind="H100", num_gpus=1, num_cpus=1, min_replicas=0, max_replicas=2,
+                       backlog_target_s=5.0, downscale_delay_s=5.0)]
+    fixed = [PoolConfig(device_kind="A100", num_gpus=1, num_cpus=1, min_replicas=2, max_replicas=2)]
+    chaos = [PoolConfig(device_kind="L40S", num_gpus=1, num_cpus=1, min_replicas=2, max_replicas=2)]
+    models = [tiny_ltx(models_dir, "ltx-auto", auto), tiny_ltx(models_dir, "ltx-fixed", fixed),
+              tiny_ltx(models_dir, "ltx-chaos", chaos)]
+    nodes = {"h100-a": "H100", "h100-b": "H100", "a100-a": "A100", "a100-b": "A100",
+             "chaos-0a": "L40S", "chaos-0b": "L40S"}
+    result: dict = {"machine": f"{platform.node()} {platform.machine()}, {__import__('os').cpu_count()} cores",
+                    "date": dt.date.today().isoformat()}
+    with cluster_farm(models, nodes) as farm:
+        tenant, _ = farm.store.create_tenant("bench")
+        result["autoscaled"] = backlog_phase(farm, tenant.id, "ltx-auto", "H100", args.backlog, args.submit_interval)
+        result["fixed"] = backlog_phase(farm, tenant.id, "ltx-fixed", "A100", args.backlog, args.submit_interval)
+        result["wait_ratio_autoscaled_over_fixed"] = (result["autoscaled"]["mean_wait_s"]
+                                                      / result["fixed"]["mean_wait_s"])
+        result["replica_seconds_ratio_autoscaled_over_fixed"] = (result["autoscaled"]["replica_seconds"]
+                                                                 / result["fixed"]["replica_seconds"])
+        runs = [preemption_phase(farm, tenant.id, "ltx-fixed") for _ in range(args.preemptions)]
+        result["preemption_runs"] = runs
+        result["preemption"] = {
+            "median_submit_to_first_step_s": statistics.median(r["submit_to_first_step_s"] for r in runs),
+            "median_bound_s": statistics.median(r["bound_s"] for r in runs),
+            "within_bound": sum(r["within_bound"] for r in runs), "runs": len(runs),
+        }
+        result["chaos"] = chaos_phase(farm, tenant.id, "ltx-chaos", args.chaos, args.node_every)
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
