@@ -91,6 +91,12 @@ BAD_POSTPROCESS = {
 }
 
 
+def test_list_models_shows_post_processing_limits(client):
+    limits = {m.name: m.postprocess_limits for m in client.models().models}["ltx-video-tiny"]
+    assert (limits.max_interpolation_factor, limits.max_upscale_factor, limits.max_candidates) == (8, 4, 8)
+    assert limits.max_output_pixels == 3840 * 2160 and limits.max_output_fps == 120
+
+
 @pytest.mark.parametrize("case", sorted(BAD_POSTPROCESS))
 def test_bad_postprocess_fields_are_refused_naming_the_field(client, case):
     post, field, expected = BAD_POSTPROCESS[case]
