@@ -127,3 +127,27 @@ def test_nodes_removed_mid_render_lose_nothing_and_charge_nothing_twice(cluster_
     ledger = farm.store.ledger_total_nanodollars(tenant.id)
     every_render = farm.store.list(tenant.id, page_size=1000)[0]
     assert ledger == sum(r.cost_nanodollars for r in every_render)
+
+
+def test_a_killed_scheduler_loses_no_render(cluster_farm, tenant):
+    """The scheduler replica dies mid-render (SIGKILL): Serve starts a new one, whose
+    claims resume once the old leases expire; every render finishes once."""
+    import os
+    import signal
+
+    from ray._private.state import actors
+
+    farm = cluster_farm
+    renders = [submit(farm, tenant, require_device_kind="A100", num_inference_steps=20, seed=300 + i)
+               for i in range(3)]
+    wait_for(lambda: any(farm.store.get(None, r.id).step >= 2 for r in renders), TIMEOUT_S,
+             what="a render denoising")
+    [scheduler] = [a for a in actors().values() if a["State"] == "ALIVE" and "#scheduler#" in a["Name"]]
+    os.kill(scheduler["Pid"], signal.SIGKILL)
+    records = [final(farm, r.id) for r in renders]
+    assert all(r.state is RenderState.SUCCEEDED for r in records), [r.error for r in records]
+    for record in records:
+        outcomes = [a.outcome for a in attempts(farm, record.id)]
+        assert outcomes.count("SUCCEEDED") == 1, outcomes
+        assert {c.attempt for c in record.charges} <= {a.number for a in attempts(farm, record.id)
+                                                        if a.outcome == "SUCCEEDED"}
