@@ -34,6 +34,20 @@ def postgres_url():
         admin.dispose()
 
 
+def terminate_connections(application_name: str) -> int:
+    """What a PostgreSQL restart does to its clients: every connection tagged with this
+    application_name is cut. Returns how many were."""
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        cut = connection.exec_driver_sql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %(name)s",
+            {"name": application_name}).scalar()
+    admin.dispose()
+    return int(cut or 0)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store_url(request, tmp_path):
     if request.param == "sqlite":

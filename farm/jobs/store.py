@@ -615,12 +615,10 @@ class JobStore:
         writes nothing (False). `counted=False` for a render taken back from a replica's
         queue before it started: nothing to resume, not a preemption the client sees."""
         with self._write() as session:
-            row = self._leased(session, owner, {render_id}).get(render_id)
-            if row is None or row.attempt != attempt:
+            row = self._charge_attempt(session, owner, render_id, attempt, AttemptOutcome.PREEMPTED, None,
+                                       charges, device_kind, node, timings)
+            if row is None:
                 return False
-            self._end_attempt(session, row, AttemptOutcome.PREEMPTED, None, device_kind, node, timings)
-            self._add_ledger(session, row, attempt, charges, charged=True)
-            row.cost_nanodollars += sum(c.nanodollars for c in charges)
             row.preemptions += 1 if counted else 0
             if checkpoint_uri:
                 row.checkpoint_uri, row.checkpoint_step = checkpoint_uri, step
@@ -638,12 +636,10 @@ class JobStore:
         node, unless it has now failed on `failed_node_limit` different nodes; then it
         fails with every node's reason. Work done is charged like a failed render's."""
         with self._write() as session:
-            row = self._leased(session, owner, {render_id}).get(render_id)
-            if row is None or row.attempt != attempt:
+            row = self._charge_attempt(session, owner, render_id, attempt, AttemptOutcome.RETRIED, error,
+                                       charges, device_kind, node, timings)
+            if row is None:
                 return None
-            self._end_attempt(session, row, AttemptOutcome.RETRIED, error, device_kind, node, timings)
-            self._add_ledger(session, row, attempt, charges, charged=True)
-            row.cost_nanodollars += sum(c.nanodollars for c in charges)
             failures = session.execute(
                 select(t.Attempt.node, t.Attempt.error).where(
                     t.Attempt.render_id == row.id, t.Attempt.outcome == AttemptOutcome.RETRIED.value)
@@ -658,6 +654,19 @@ class JobStore:
             else:
                 self._back_to_queue(session, row, f"failed on {node or 'an unknown node'} ({error}); retrying elsewhere")
         return self.get(None, render_id)
+
+    def _charge_attempt(self, session: Session, owner: str, render_id: str, attempt: int, outcome: AttemptOutcome,
+                        error: str | None, charges: list[Charge], device_kind: str | None, node: str | None,
+                        timings: list | None) -> t.Render | None:
+        """Ends a leased attempt that does not end its render, charging the work it did;
+        None (nothing written) when the attempt no longer holds the lease."""
+        row = self._leased(session, owner, {render_id}).get(render_id)
+        if row is None or row.attempt != attempt:
+            return None
+        self._end_attempt(session, row, outcome, error, device_kind, node, timings)
+        self._add_ledger(session, row, attempt, charges, charged=True)
+        row.cost_nanodollars += sum(c.nanodollars for c in charges)
+        return row
 
     def failed_nodes(self, render_id: str) -> list[str]:
         """Nodes on which this render's attempts failed or were lost (placement avoids them)."""

@@ -85,14 +85,9 @@ class ClusterFarm:
 
     def cut_store_connections(self) -> int:
         """What a PostgreSQL restart does to the farm: every one of its connections dies."""
-        name = self.config.store_url.split("application_name=")[1]
-        admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            cut = connection.exec_driver_sql(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %(name)s",
-                {"name": name}).scalar()
-        admin.dispose()
-        return int(cut or 0)
+        from tests.conftest import terminate_connections
+
+        return terminate_connections(self.config.store_url.split("application_name=")[1])
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ from __future__ import annotations
 import secrets
 
 import pytest
-import sqlalchemy
 
 from farm.config import Family, FarmConfig, ModelConfig, PoolConfig, SchedulerConfig, Task
 from farm.errors import InvalidArgument
@@ -141,19 +140,14 @@ def test_the_store_survives_its_database_connections_being_dropped(postgres_url)
     """What a PostgreSQL restart does to clients: every pooled connection dies.
     The next call reconnects instead of failing."""
     from farm.jobs.store import JobStore
-    from tests.conftest import POSTGRES_URL
+    from tests.conftest import terminate_connections
 
     name = f"farm-restart-{secrets.token_hex(4)}"
     # Tagged connections, so only this store's are cut (other tests share the server).
     store = JobStore(f"{postgres_url}&application_name={name}")
     tenant, _ = store.create_tenant("acme")
     submit(store, tenant.id)
-    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        killed = connection.exec_driver_sql(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %(name)s",
-            {"name": name}).scalar()
-    admin.dispose()
+    killed = terminate_connections(name)
     assert killed >= 1
     assert len(store.claim({"ltx": 1}, OWNER, 30)) == 1
     store.close()
