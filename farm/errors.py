@@ -74,3 +74,8 @@ class EngineLost(FarmError):
     fault, so the attempt is requeued and not charged."""
 
     code = "UNAVAILABLE"
+
+
+class RenderRejected(Exception):
+    """The render cannot be made as asked, wherever it runs (e.g. its clip failed the
+    quality gate): unlike a node's fault, trying another node would fail the same way."""

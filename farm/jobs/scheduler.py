@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from farm.config import FarmConfig
 from farm.engines.base import EngineRequest, PhaseTiming
-from farm.errors import EngineLost
+from farm.errors import EngineLost, RenderRejected
 from farm.jobs.autoscale import PoolLoad, assign_backlog, wanted_replicas
 from farm.jobs.records import ClaimedRender, PoolStatus, ProgressUpdate
 from farm.jobs.schema import utcnow
@@ -456,6 +456,7 @@ class Scheduler:
         outcome: AttemptOutcome | None = None
         result: dict[str, Any] = {}
         error: str | None = None
+        node_fault = False
         await self._wait_for_turn(entry)
         if entry.withdrawn:
             await self._preempted(entry, {"step": 0}, counted=False)
@@ -492,12 +493,14 @@ class Scheduler:
                 outcome = AttemptOutcome.CANCELLED
             else:
                 outcome, error = AttemptOutcome.FAILED, f"{type(failure).__name__}: {failure}"
+                # What the render asked for fails anywhere; anything else may be the node's fault.
+                node_fault = not isinstance(failure, (RenderRejected, ValueError, TypeError))
                 log.warning("render %s failed on %s: %s", claimed.id, entry.node or pool.key, error)
         if entry.withdrawn and outcome is not AttemptOutcome.SUCCEEDED and not entry.cancel_sent:
             await self._preempted(entry, {"step": 0}, counted=False)
         elif outcome is AttemptOutcome.PREEMPTED:
             await self._preempted(entry, result)
-        elif outcome is AttemptOutcome.FAILED and entry.engine_started:
+        elif outcome is AttemptOutcome.FAILED and entry.engine_started and node_fault:
             # Failing mid-render can be the node's fault: try another before giving up.
             await self._retry_elsewhere(entry, error or "failed")
         else:

@@ -38,6 +38,7 @@ from typing import Any
 from ray import serve
 
 from farm.config import ModelConfig, PoolConfig, PostprocConfig
+from farm.errors import RenderRejected
 from farm.engines.base import (
     POSTPROCESSING,
     WRITING,
@@ -66,12 +67,14 @@ def node_name() -> str:
     try:
         import ray
 
-        return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
-    except Exception:  # outside Ray
-        return socket.gethostname()
+        if ray.is_initialized():  # asking the runtime context outside Ray would start a cluster
+            return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
+    except Exception:  # the node id is a nicety of the name
+        pass
+    return socket.gethostname()
 
 
-class QualityRejected(Exception):
+class QualityRejected(RenderRejected):
     """The delivered clip crossed the quality gate of `postproc.quality` (action fail,
     or retry with every retry used)."""
 
