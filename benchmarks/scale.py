@@ -81,8 +81,12 @@ def backlog_phase(farm, tenant_id: str, model: str, kind: str, count: int, inter
            for r in records if r.state is not RenderState.SUCCEEDED]
     if bad:
         print("renders that did not succeed:", bad, flush=True)
-    waits = [(first_engine_stage(farm, r.id) - r.created_at).total_seconds() for r in records
-             if r.state is RenderState.SUCCEEDED]
+    firsts = {r.id: first_engine_stage(farm, r.id) for r in records if r.state is RenderState.SUCCEEDED}
+    for rid, first in firsts.items():
+        if first is None:
+            print("no engine stage event:", rid, [(e.seq, e.stage.value, e.step, e.attempt, e.message)
+                                                  for e in farm.store.events_after(rid, 0)], flush=True)
+    waits = [(first - r.created_at).total_seconds() for r in records if (first := firsts.get(r.id)) is not None]
     return {"renders": count, "succeeded": sum(r.state is RenderState.SUCCEEDED for r in records),
             "mean_wait_s": statistics.mean(waits), "p95_wait_s": sorted(waits)[int(0.95 * (len(waits) - 1))],
             "max_wait_s": max(waits), "elapsed_s": elapsed, "replica_seconds": held["replica_seconds"],

@@ -10,6 +10,7 @@ It knows engines only through `EnginePool`, so it runs (and is tested) without R
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -143,6 +144,7 @@ class Scheduler:
         self._timing_models: dict[tuple[str, str], tuple[float, TimingModel | None]] = {}
         self._last_wanted: dict[str, int] = {}
         self._engine_freed = asyncio.Event()
+        self._lease_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="leases")
         self.config = config
         self.settings = config.scheduler
         self.owner = owner
@@ -169,6 +171,7 @@ class Scheduler:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._flush()
         self._changes.close()
+        self._lease_executor.shutdown(wait=False)
 
     def wake(self) -> None:
         self._maybe_more = True
@@ -352,7 +355,7 @@ class Scheduler:
         while True:
             try:
                 await self._renew_leases()
-                requeued = await asyncio.to_thread(self.store.requeue_expired, self.settings.max_attempts)
+                requeued = await self._lease_call(self.store.requeue_expired, self.settings.max_attempts)
                 if requeued:
                     log.warning("requeued renders whose lease expired: %s", requeued)
                     self.wake()
@@ -365,7 +368,7 @@ class Scheduler:
 
     async def _renew_leases(self) -> None:
         attempts = {rid: r.claimed.attempt for rid, r in self.running.items()}
-        status = await asyncio.to_thread(self.store.heartbeat, self.owner, attempts, self.settings.lease_seconds)
+        status = await self._lease_call(self.store.heartbeat, self.owner, attempts, self.settings.lease_seconds)
         for render_id in status.lost:
             log.warning("lost the lease of %s; stopping its engine", render_id)
             self._cancel(render_id)
@@ -422,6 +425,11 @@ class Scheduler:
                 continue
             stored = await asyncio.to_thread(self.store.cost_model, *key)
             self._timing_models[key] = (now, TimingModel.from_json(stored) if stored else None)
+
+    async def _lease_call(self, fn, *args):
+        # Leases get a thread of their own: were they to wait behind slow calls in the
+        # shared pool, the scheduler would let its own leases expire and requeue them.
+        return await asyncio.get_running_loop().run_in_executor(self._lease_executor, fn, *args)
 
     async def _cancel_loop(self) -> None:
         # Progress writes already bring back cancel requests; this catches renders

@@ -53,6 +53,23 @@ class _ServeStream:
         self._response.cancel()
 
 
+_status_cache: dict[str, Any] = {"at": -1.0, "value": None}
+_status_lock: asyncio.Lock | None = None
+# Every pool refreshes each autoscaling round; one status call (a controller RPC that
+# can take a while under load) serves them all.
+STATUS_TTL_S = 0.25
+
+
+async def _serve_status():
+    global _status_lock
+    _status_lock = _status_lock or asyncio.Lock()
+    async with _status_lock:
+        if time.monotonic() - _status_cache["at"] > STATUS_TTL_S:
+            _status_cache["value"] = await asyncio.to_thread(serve.status)
+            _status_cache["at"] = time.monotonic()
+        return _status_cache["value"]
+
+
 class ServePool:
     """One engine deployment (a model on one device kind) as the scheduler sees it."""
 
@@ -93,7 +110,7 @@ class ServePool:
         request_preemption(render_id, attempt)
 
     async def refresh(self) -> None:
-        statuses = await asyncio.to_thread(serve.status)
+        statuses = await _serve_status()
         app = statuses.applications.get(self.app_name)
         deployment = app.deployments.get(self.deployment) if app else None
         if deployment is None:
