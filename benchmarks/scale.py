@@ -9,10 +9,11 @@ nodes with one logical GPU each, engines running the tiny LTX-Video model on the
 2. Preemption latency: a one-replica pool busy with a long low-priority render, an
    urgent render arrives; time from its submit to its first denoising step, against
    one denoising step of the victim plus its checkpoint write.
-3. Chaos: R renders while a GPU node is removed (and a fresh one added) every few
-   seconds: renders lost (not SUCCEEDED exactly once) and charged twice must be 0.
+3. Chaos: R renders while a GPU node with a replica on it is removed (and a fresh one
+   added) every few seconds: renders lost (not SUCCEEDED exactly once) and attempts
+   charged twice must be 0; attempts lost with their node are requeued, not charged.
 
-Run: .venv/bin/python benchmarks/scale.py [--backlog 50] [--chaos 100] [--node-every 5]
+Run: .venv/bin/python benchmarks/scale.py [--backlog 50] [--preemptions 5] [--chaos 100] [--node-every 3]
 Needs the PostgreSQL server at 127.0.0.1:5432 (the store of a cluster).
 """
 
@@ -98,8 +99,8 @@ def preemption_phase(farm, tenant_id: str, model: str) -> dict:
     # The victim's steps must be long enough to see the bound (a GPU step takes 0.1-2 s;
     # tiny CPU steps at small sizes take milliseconds, less than the farm's own path
     # from a submit to an engine).
-    victim = farm.submit(tenant_id, model, priority=10, seed=500, width=512, height=512, num_frames=65,
-                         num_inference_steps=40)
+    victim = farm.submit(tenant_id, model, priority=10, seed=500, width=768, height=512, num_frames=121,
+                         num_inference_steps=20)
     wait_for(lambda: farm.store.get(None, victim.id).step >= 3, 300, what="the victim denoising")
     urgent = farm.submit(tenant_id, model, priority=90, seed=1, **SMALL)
     wait_done(farm, [urgent.id])
@@ -123,7 +124,9 @@ def preemption_phase(farm, tenant_id: str, model: str) -> dict:
 
 
 def chaos_phase(farm, tenant_id: str, model: str, count: int, every_s: float) -> dict:
-    ids = [farm.submit(tenant_id, model, seed=1000 + i, **SMALL).id for i in range(count)]
+    # Renders long enough (about a second) that nodes go while they run.
+    ids = [farm.submit(tenant_id, model, seed=1000 + i, width=128, height=128, num_frames=17,
+                       num_inference_steps=16).id for i in range(count)]
     removed = 0
     generation = 0
     deadline = time.monotonic() + 1200
@@ -172,7 +175,7 @@ def main() -> None:
     parser.add_argument("--submit-interval", type=float, default=0.3)
     parser.add_argument("--preemptions", type=int, default=3)
     parser.add_argument("--chaos", type=int, default=100)
-    parser.add_argument("--node-every", type=float, default=5.0)
+    parser.add_argument("--node-every", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 

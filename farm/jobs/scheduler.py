@@ -291,7 +291,8 @@ class Scheduler:
         settings = self.settings
         if not any(c.preempts for c in settings.priority_classes):
             return
-        queued = await asyncio.to_thread(self.store.best_queued, list(self.pools))
+        lowest_preempting = min(c.min_priority for c in settings.priority_classes if c.preempts)
+        queued = await asyncio.to_thread(self.store.best_queued, list(self.pools), lowest_preempting)
         for model, pools in self.pools.items():
             waiting = [(r.claimed.spec.priority, r.claimed.spec.require_device_kind or None)
                        for r in self.running.values()

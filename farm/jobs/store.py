@@ -498,18 +498,25 @@ class JobStore:
                 .limit(1)
             ) is not None
 
-    def best_queued(self, models: Iterable[str]) -> dict[str, tuple[int, str | None]]:
+    def best_queued(self, models: Iterable[str], at_least: int = 0) -> dict[str, tuple[int, str | None]]:
         """Per model, the highest priority among its queued renders and the kind that
-        render requires (for preemption decisions)."""
+        render requires, for models whose best is at least `at_least` (for preemption
+        decisions: one grouped query, and a second only for models that qualify)."""
         best: dict[str, tuple[int, str | None]] = {}
         with self._read() as session:
-            for model in models:
-                row = session.execute(
-                    select(t.Render.priority, t.Render.require_device_kind)
-                    .where(t.Render.state == RenderState.QUEUED.value, t.Render.model == model)
-                    .order_by(t.Render.priority.desc(), t.Render.created_at).limit(1)).first()
-                if row is not None:
-                    best[model] = (row.priority, row.require_device_kind)
+            tops = session.execute(
+                select(t.Render.model, func.max(t.Render.priority))
+                .where(t.Render.state == RenderState.QUEUED.value, t.Render.model.in_(list(models)))
+                .group_by(t.Render.model)).all()
+            for model, priority in tops:
+                if priority < at_least:
+                    continue
+                required = session.scalar(
+                    select(t.Render.require_device_kind)
+                    .where(t.Render.state == RenderState.QUEUED.value, t.Render.model == model,
+                           t.Render.priority == priority)
+                    .order_by(t.Render.created_at).limit(1))
+                best[model] = (priority, required)
         return best
 
     def record_progress(self, owner: str, updates: list[ProgressUpdate]) -> list[str]:
