@@ -483,7 +483,10 @@ def engine_deployment(model: ModelConfig, pool: PoolConfig, artifacts_url: str, 
         # Ray sets OMP_NUM_THREADS to the actor's CPU count (1), which caps torch's
         # OpenMP threads in every thread but the first; a CPU engine uses its cores.
         threads = model.cpu_threads or os.cpu_count() or 1
-        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+        # Passive waits: the engine shares the cores with post-processing replicas, and
+        # OpenMP threads spinning at a barrier while a sibling is descheduled burn the
+        # core that sibling needs.
+        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}}
     if pool.num_gpus:
         options["num_gpus"] = pool.num_gpus
     if pool.ray_accelerator_type:
