@@ -84,10 +84,18 @@ class TimingModel:
     def phase_seconds(self, spec: ResolvedSpec, model: ModelConfig) -> dict[str, float]:
         tokens, pixels = latent_tokens(spec, model), output_pixels(spec)
         k, c0, c1, c2 = self.denoise
-        seconds = {"DENOISING": k + spec.num_inference_steps * (c0 + c1 * tokens + c2 * tokens**2),
-                   "ENCODING_PROMPT": self.prompt_seconds}
+        post = spec.postprocess
+        # Every candidate is a whole render; interpolation and upscaling multiply the
+        # pixels that post-processing and encoding handle.
+        candidates = post.candidates if post else 1
+        delivered = pixels
+        if post:
+            delivered = (post.output_frames(spec.num_frames) * spec.width * spec.height * post.upscale_factor ** 2)
+        seconds = {"DENOISING": candidates * (k + spec.num_inference_steps * (c0 + c1 * tokens + c2 * tokens**2)),
+                   "ENCODING_PROMPT": candidates * self.prompt_seconds}
         for phase, (p0, p1) in self.per_pixel.items():
-            seconds[phase] = p0 + p1 * pixels
+            per_render = phase in ("DECODING",)
+            seconds[phase] = candidates * (p0 + p1 * pixels) if per_render else p0 + p1 * delivered
         return seconds
 
 

@@ -92,3 +92,28 @@ def test_uncalibrated_estimate_is_pessimistic():
 def test_no_samples_is_an_error():
     with pytest.raises(ValueError, match="no measured renders"):
         fit_timing_model([], MODEL)
+
+
+def test_estimates_count_every_candidate_and_the_delivered_pixels():
+    from farm.config import Task
+    from farm.jobs.spec import PostprocessSpec, RenderSpec, resolve_spec
+    from farm.metering.estimate import TimingModel
+    from tests.conftest import sample_models
+
+    models = sample_models()
+    model = models["ltx"]
+    timing = TimingModel.fallback()
+
+    def phases(**post):
+        request = RenderSpec(model="ltx", task=Task.TEXT_TO_VIDEO, prompt="x", width=256, height=256, num_frames=33,
+                             postprocess=PostprocessSpec(**post) if post else None)
+        return timing.phase_seconds(resolve_spec(request, models), model)
+
+    plain, three = phases(), phases(candidates=3)
+    assert three["DENOISING"] == pytest.approx(3 * plain["DENOISING"])
+    assert three["DECODING"] == pytest.approx(3 * plain["DECODING"])
+    assert three["ENCODING"] == pytest.approx(plain["ENCODING"])  # one clip is delivered
+    doubled = phases(interpolation_factor=2, upscale_factor=2)
+    # 65 frames of 512x512 delivered instead of 33 of 256x256: encoding grows with them.
+    assert doubled["ENCODING"] > 7 * (plain["ENCODING"] - 0.05)
+    assert doubled["DENOISING"] == pytest.approx(plain["DENOISING"])
