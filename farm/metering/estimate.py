@@ -39,6 +39,15 @@ def output_pixels(spec: ResolvedSpec) -> float:
     return float(spec.width * spec.height * spec.num_frames)
 
 
+def delivered_pixels(spec: ResolvedSpec) -> float:
+    """Pixels of the delivered clip, after interpolation and upscaling: what
+    post-processing and encoding handle."""
+    post = spec.postprocess
+    if not post:
+        return output_pixels(spec)
+    return float(post.output_frames(spec.num_frames) * spec.width * spec.height * post.upscale_factor ** 2)
+
+
 def _nonnegative_fit(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Least squares with every coefficient >= 0: the best of the fits over the
     subsets of features whose solution is non-negative (four features at most)."""
@@ -88,14 +97,12 @@ class TimingModel:
         # Every candidate is a whole render; interpolation and upscaling multiply the
         # pixels that post-processing and encoding handle.
         candidates = post.candidates if post else 1
-        delivered = pixels
-        if post:
-            delivered = (post.output_frames(spec.num_frames) * spec.width * spec.height * post.upscale_factor ** 2)
+        delivered = delivered_pixels(spec)
         seconds = {"DENOISING": candidates * (k + spec.num_inference_steps * (c0 + c1 * tokens + c2 * tokens**2)),
                    "ENCODING_PROMPT": candidates * self.prompt_seconds}
         for phase, (p0, p1) in self.per_pixel.items():
-            per_render = phase in ("DECODING",)
-            seconds[phase] = candidates * (p0 + p1 * pixels) if per_render else p0 + p1 * delivered
+            # Each candidate is decoded; only the chosen clip is post-processed and encoded.
+            seconds[phase] = candidates * (p0 + p1 * pixels) if phase == "DECODING" else p0 + p1 * delivered
         return seconds
 
 
@@ -119,7 +126,8 @@ def fit_timing_model(samples: Sequence[tuple[ResolvedSpec, list[tuple[str, str, 
             prompt.append(phase_totals["ENCODING_PROMPT"])
         for phase in PER_PIXEL_PHASES:
             if phase in phase_totals:
-                pixel_rows.setdefault(phase, []).append((output_pixels(spec), phase_totals[phase]))
+                pixels = output_pixels(spec) if phase == "DECODING" else delivered_pixels(spec)
+                pixel_rows.setdefault(phase, []).append((pixels, phase_totals[phase]))
     denoise = _fit_scaled(np.array(denoise_rows), np.array(denoise_seconds))
     per_pixel = {}
     for phase, rows in pixel_rows.items():
