@@ -153,7 +153,7 @@ class Scheduler:
         self._pending: list[ProgressUpdate] = []
         self._progress_arrived = asyncio.Event()
         self._wake = asyncio.Event()
-        self._changes = store.change_detector()
+        self._changes = None
         self._maybe_more = True
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
@@ -161,6 +161,8 @@ class Scheduler:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._changes = self.store.change_detector(on_change=lambda: loop.call_soon_threadsafe(self.wake))
         loops = (self._claim_loop, self._flush_loop, self._lease_loop, self._cancel_loop, self._autoscale_loop)
         self._tasks = [asyncio.create_task(loop(), name=loop.__name__) for loop in loops]
 
@@ -170,7 +172,8 @@ class Scheduler:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._flush()
-        self._changes.close()
+        if self._changes is not None:
+            self._changes.close()
         self._lease_executor.shutdown(wait=False)
 
     def wake(self) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import threading
 import time
 from collections.abc import Iterable, Iterator
 
@@ -317,6 +318,7 @@ class JobStore:
                 session.add(row)
                 session.flush()
                 self._add_event(session, row, "submitted")
+                self._notify_queued(session)
         except IntegrityError:
             # A concurrent submit with the same key won the race; answer with its render.
             existing = self._by_idempotency_key(tenant_id, key, fingerprint) if key else None
@@ -487,8 +489,8 @@ class JobStore:
             heads[tenant_id] = [Candidate(r.id, tenant_id, r.priority, r.created_at) for r in rows]
         return heads
 
-    def change_detector(self) -> "ChangeDetector":
-        return ChangeDetector(self.url if self.is_sqlite else None)
+    def change_detector(self, on_change=None) -> "ChangeDetector":
+        return ChangeDetector(self.url, on_change)
 
     def has_queued(self, models: Iterable[str]) -> bool:
         with self._read() as session:
@@ -735,6 +737,11 @@ class JobStore:
         else:
             self._back_to_queue(session, row, f"requeued: {reason}")
 
+    def _notify_queued(self, session: Session) -> None:
+        # Delivered at commit, to schedulers listening (see ChangeDetector).
+        if not self.is_sqlite:
+            session.execute(text(f"NOTIFY {QUEUE_CHANNEL}"))
+
     def _back_to_queue(self, session: Session, row: t.Render, message: str) -> None:
         check_transition(RenderState(row.state), RenderState.QUEUED)
         row.state = RenderState.QUEUED.value
@@ -742,6 +749,7 @@ class JobStore:
         row.stage, row.step, row.total_steps = "", 0, 0
         row.lease_owner = row.lease_expires_at = None
         self._add_event(session, row, message)
+        self._notify_queued(session)
 
     def _end_attempt(self, session, row, outcome, error, device_kind, node, timings) -> None:
         attempt = session.scalar(
@@ -759,6 +767,7 @@ class JobStore:
         row.reserved_nanodollars = 0  # the ledger now holds what it really cost
         row.lease_owner = row.lease_expires_at = None
         self._add_event(session, row, message)
+        self._notify_queued(session)
 
     def _add_event(self, session: Session, row: t.Render, message: str, at: float | None = None) -> None:
         # The render row is locked (or SQLite's write lock is held), so seq has no gaps.
@@ -864,32 +873,84 @@ class JobStore:
         )
 
 
-class ChangeDetector:
-    """Tells cheaply whether anyone may have written to the store since the last
-    look, so an idle scheduler need not query for work 50 times a second. On SQLite,
-    `PRAGMA data_version` changes when another connection commits (microseconds, no
-    table read); elsewhere it always says "maybe"."""
+QUEUE_CHANNEL = "farm_queue"
+# Without a word from PostgreSQL for this long, the listener says "maybe" anyway (a
+# notification lost with a dropped connection costs at most this much).
+LISTEN_FALLBACK_S = 2.0
 
-    def __init__(self, sqlite_url: str | None):
+
+class ChangeDetector:
+    """Tells cheaply whether renders may have been queued since the last look, so an
+    idle scheduler need not query for work 50 times a second. On SQLite, `PRAGMA
+    data_version` changes when another connection commits (microseconds, no table
+    read). On PostgreSQL, every submit and requeue sends NOTIFY farm_queue, and a
+    listening connection in a thread raises a flag and calls `on_change` at once, so
+    an urgent submit wakes the scheduler without waiting for a poll."""
+
+    def __init__(self, url: str, on_change=None):
         self._connection = None
         self._version: int | None = None
-        if sqlite_url:
+        self._flag = threading.Event()
+        self._stop = threading.Event()
+        self._on_change = on_change
+        self._last_heard = time.monotonic()
+        self._listener: threading.Thread | None = None
+        if url.startswith("sqlite"):
             import sqlite3
 
             from sqlalchemy.engine import make_url
 
-            self._connection = sqlite3.connect(make_url(sqlite_url).database, check_same_thread=False)
+            self._connection = sqlite3.connect(make_url(url).database, check_same_thread=False)
+        else:
+            self._conninfo = _psycopg_conninfo(url)
+            self._listener = threading.Thread(target=self._listen, name="store-listener", daemon=True)
+            self._listener.start()
+
+    def _listen(self) -> None:
+        import psycopg
+
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True) as connection:
+                    connection.execute(f"LISTEN {QUEUE_CHANNEL}")
+                    self._heard()  # anything queued while not listening
+                    while not self._stop.is_set():
+                        for _ in connection.notifies(timeout=0.5, stop_after=1):
+                            self._heard()
+            except Exception:  # the database restarting: listen again shortly
+                self._stop.wait(0.5)
+
+    def _heard(self) -> None:
+        self._last_heard = time.monotonic()
+        self._flag.set()
+        if self._on_change is not None:
+            self._on_change()
 
     def changed(self) -> bool:
         if self._connection is None:
-            return True
+            if self._listener is None:
+                return True
+            stale = time.monotonic() - self._last_heard > LISTEN_FALLBACK_S
+            if stale:
+                self._last_heard = time.monotonic()
+            heard = self._flag.is_set()
+            self._flag.clear()
+            return heard or stale
         version = self._connection.execute("PRAGMA data_version").fetchone()[0]
         changed, self._version = version != self._version, version
         return changed
 
     def close(self) -> None:
+        self._stop.set()
         if self._connection is not None:
             self._connection.close()
+
+
+def _psycopg_conninfo(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def period_start(period: str, now: dt.datetime) -> dt.datetime:

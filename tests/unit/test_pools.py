@@ -188,3 +188,28 @@ def test_priority_classes():
     assert settings.class_rank(90) > settings.class_rank(50) > settings.class_rank(10)
     with pytest.raises(ValueError, match="first must start at 0"):
         SchedulerConfig(priority_classes=[{"name": "x", "min_priority": 5}])
+
+
+@pytest.mark.postgres
+def test_a_submit_wakes_a_listening_scheduler_at_once(postgres_url):
+    """On PostgreSQL a submit is announced (NOTIFY), so a scheduler learns of an
+    urgent render without waiting for its next poll."""
+    import threading
+
+    from farm.jobs.store import JobStore
+
+    store = JobStore(postgres_url)
+    tenant, _ = store.create_tenant("acme")
+    woken = threading.Event()
+    detector = store.change_detector(on_change=woken.set)
+    try:
+        assert woken.wait(5), "the listener never started"  # it says "maybe" once when it starts listening
+        detector.changed()
+        woken.clear()
+        assert not detector.changed()
+        submit(store, tenant.id, priority=90)
+        assert woken.wait(5), "no notification for the submit"
+        assert detector.changed() and not detector.changed()
+    finally:
+        detector.close()
+        store.close()
