@@ -374,8 +374,12 @@ class Scheduler:
         attempts = {rid: r.claimed.attempt for rid, r in self.running.items()}
         status = await self._lease_call(self.store.heartbeat, self.owner, attempts, self.settings.lease_seconds)
         for render_id in status.lost:
-            log.warning("lost the lease of %s; stopping its engine", render_id)
-            self._cancel(render_id)
+            entry = self.running.get(render_id)
+            # The attempt asked about may have ended (and the render been claimed again)
+            # while the heartbeat ran: only that attempt lost its lease, not the new one.
+            if entry is not None and entry.claimed.attempt == attempts[render_id]:
+                log.warning("lost the lease of %s; stopping its engine", render_id)
+                self._cancel(render_id)
         for render_id in status.cancel_requested:
             self._cancel(render_id)
 
