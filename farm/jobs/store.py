@@ -601,12 +601,10 @@ class JobStore:
             AttemptOutcome.CANCELLED: RenderState.CANCELLED,
         }[outcome]
         with self._write() as session:
-            row = self._leased(session, owner, {render_id}).get(render_id)
-            if row is None or row.attempt != attempt:
+            row = self._charge_attempt(session, owner, render_id, attempt, outcome, error, charges, device_kind,
+                                       node, timings)
+            if row is None:
                 return None
-            self._end_attempt(session, row, outcome, error, device_kind, node, timings)
-            self._add_ledger(session, row, attempt, charges, charged=True)
-            row.cost_nanodollars += sum(c.nanodollars for c in charges)
             row.artifact_uri, row.manifest_uri, row.error = artifact_uri, manifest_uri, error
             row.device_kind = device_kind or row.device_kind
             row.quality_json = json.dumps(quality) if quality is not None else None
@@ -667,8 +665,8 @@ class JobStore:
     def _charge_attempt(self, session: Session, owner: str, render_id: str, attempt: int, outcome: AttemptOutcome,
                         error: str | None, charges: list[Charge], device_kind: str | None, node: str | None,
                         timings: list | None) -> t.Render | None:
-        """Ends a leased attempt that does not end its render, charging the work it did;
-        None (nothing written) when the attempt no longer holds the lease."""
+        """Ends a leased attempt, charging the work it did; None (nothing written) when
+        the attempt no longer holds the lease."""
         row = self._leased(session, owner, {render_id}).get(render_id)
         if row is None or row.attempt != attempt:
             return None

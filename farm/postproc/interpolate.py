@@ -64,14 +64,9 @@ SPLAT_SMOOTHING_SIGMA = 1.0
 HOLE_WEIGHT = 1e-4
 
 
-def interpolate(frames: np.ndarray, factor: int, *, flow_max_side: int = FLOW_MAX_SIDE) -> np.ndarray:
-    """Returns (F - 1) * factor + 1 frames: the originals at positions 0,
-    factor, 2 * factor, ... (bit-identical) and factor - 1 flow-interpolated
-    frames between each pair, at times 1/factor, 2/factor, ...
-
-    frames: uint8 (F, H, W, 3) RGB, F >= 1. factor: integer >= 1.
-    flow_max_side: the longer side of the image the flow is computed on.
-    """
+def interpolation_output(frames: np.ndarray, factor: int) -> tuple[np.ndarray, int]:
+    """Checks the input of an interpolation and allocates its output, with the given
+    frames already in place at every factor-th position."""
     check_frames(frames)
     if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
         raise ValueError(f"factor must be an integer >= 1, got {factor!r}")
@@ -81,6 +76,19 @@ def interpolate(frames: np.ndarray, factor: int, *, flow_max_side: int = FLOW_MA
         raise ValueError("cannot interpolate an empty clip")
     output = np.empty(((count - 1) * factor + 1, height, width, 3), dtype=np.uint8)
     output[::factor] = frames
+    return output, factor
+
+
+def interpolate(frames: np.ndarray, factor: int, *, flow_max_side: int = FLOW_MAX_SIDE) -> np.ndarray:
+    """Returns (F - 1) * factor + 1 frames: the originals at positions 0,
+    factor, 2 * factor, ... (bit-identical) and factor - 1 flow-interpolated
+    frames between each pair, at times 1/factor, 2/factor, ...
+
+    frames: uint8 (F, H, W, 3) RGB, F >= 1. factor: integer >= 1.
+    flow_max_side: the longer side of the image the flow is computed on.
+    """
+    output, factor = interpolation_output(frames, factor)
+    count, height, width, _ = frames.shape
     if factor == 1 or count == 1:
         return output
     interpolator = _PairInterpolator(height, width, flow_max_side)
@@ -327,15 +335,8 @@ class LearnedInterpolator:
         import torch
         import torch.nn.functional as functional
 
-        check_frames(frames)
-        if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
-            raise ValueError(f"factor must be an integer >= 1, got {factor!r}")
-        factor = int(factor)
+        output, factor = interpolation_output(frames, factor)
         count, height, width, _ = frames.shape
-        if count == 0:
-            raise ValueError("cannot interpolate an empty clip")
-        output = np.empty(((count - 1) * factor + 1, height, width, 3), dtype=np.uint8)
-        output[::factor] = frames
         if factor == 1 or count == 1:
             return output
         pad_bottom = -height % self.pad_multiple

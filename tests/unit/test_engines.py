@@ -20,19 +20,9 @@ from farm.engines import load_engine
 from farm.engines.base import DECODING, DENOISING, ENCODING_PROMPT, EngineRequest, RenderCancelled
 from farm.engines.pipeline_engine import DiffusersEngine, frames_to_uint8
 from farm.engines.tiny import make_tiny_models, tiny_model_configs
+from tests.unit.conftest import FAMILIES_AND_TASKS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-FAMILIES_AND_TASKS = [
-    ("ltx-video-tiny", Task.TEXT_TO_VIDEO),
-    ("ltx-video-tiny", Task.IMAGE_TO_VIDEO),
-    ("cogvideox-tiny", Task.TEXT_TO_VIDEO),
-    ("cogvideox-tiny", Task.IMAGE_TO_VIDEO),
-]
-
-
-@pytest.fixture(scope="module")
-def engines(models_dir) -> dict[str, DiffusersEngine]:
-    return {model.name: load_engine(model) for model in tiny_model_configs(models_dir)}
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from farm.config import Task
+from tests.unit.conftest import FAMILIES_AND_TASKS
 from farm.engines import load_engine
 from farm.engines.base import (
     DECODING,
@@ -36,17 +37,6 @@ from farm.engines.tiny import tiny_model_configs
 from farm.storage.artifacts import ArtifactStore
 
 STEPS = 4
-FAMILIES_AND_TASKS = [
-    ("ltx-video-tiny", Task.TEXT_TO_VIDEO),
-    ("ltx-video-tiny", Task.IMAGE_TO_VIDEO),
-    ("cogvideox-tiny", Task.TEXT_TO_VIDEO),
-    ("cogvideox-tiny", Task.IMAGE_TO_VIDEO),
-]
-
-
-@pytest.fixture(scope="module")
-def engines(models_dir) -> dict[str, DiffusersEngine]:
-    return {model.name: load_engine(model) for model in tiny_model_configs(models_dir)}
 
 
 def png(seed: int) -> bytes:
