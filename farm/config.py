@@ -91,8 +91,10 @@ class SchedulerConfig(_Section):
     """How long a claimed render stays owned without a heartbeat before it is requeued."""
     heartbeat_interval_s: float = Field(2.0, gt=0)
     """How often the scheduler renews its leases, publishes pool status and looks for cancels."""
-    poll_interval_s: float = Field(0.02, gt=0, le=5)
-    """How often the scheduler looks for queued renders while it has free engine slots."""
+    poll_interval_s: float = Field(0.005, gt=0, le=5)
+    """How often the scheduler looks for queued renders while it has free engine slots (or
+    urgent classes may preempt). A look costs microseconds (SQLite's commit counter, or the
+    flag PostgreSQL's notifications raise); the store is queried only when it changed."""
     event_flush_interval_s: float = Field(0.1, gt=0, le=5)
     """Progress events are written to the store in batches at this interval (final
     states are written at once)."""
