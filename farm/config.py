@@ -116,12 +116,6 @@ class SchedulerConfig(_Section):
     """A render preempted this many times is not preempted again (it cannot starve)."""
     failed_node_limit: int = Field(3, ge=1, le=100)
     """A render that failed (or was lost) on this many different nodes fails for good, with the reasons."""
-    node_failure_threshold: int = Field(3, ge=1, le=1000)
-    """A node on which this many renders failed within node_failure_window_s is kept out of the pools ..."""
-    node_failure_window_s: float = Field(600.0, gt=0)
-    """... counting failures within this window ..."""
-    node_exclusion_s: float = Field(300.0, gt=0)
-    """... for this long."""
     autoscale_interval_s: float = Field(1.0, gt=0, le=60)
     """How often the scheduler recomputes each pool's wanted replicas from its backlog."""
 

@@ -118,9 +118,6 @@ class _Running:
     # Phases finished so far, for charging work done before a cancel.
     timings: list[PhaseTiming] = dataclasses.field(default_factory=list)
 
-    @property
-    def rank(self) -> int:
-        return self.claimed.spec.priority
 
 
 def engine_request(claimed: ClaimedRender) -> EngineRequest:

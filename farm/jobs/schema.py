@@ -216,14 +216,3 @@ class Pool(Base):
     scheduler: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-
-class NodeHealth(Base):
-    """Render failures per node: a node that keeps failing renders is kept out of
-    the pools until `excluded_until`."""
-
-    __tablename__ = "node_health"
-    node: Mapped[str] = mapped_column(String(128), primary_key=True)
-    recent_failures: Mapped[int] = mapped_column(Integer, default=0)
-    last_failure_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
-    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    excluded_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)

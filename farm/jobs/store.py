@@ -675,15 +675,6 @@ class JobStore:
         row.cost_nanodollars += sum(c.nanodollars for c in charges)
         return row
 
-    def failed_nodes(self, render_id: str) -> list[str]:
-        """Nodes on which this render's attempts failed or were lost (placement avoids them)."""
-        with self._read() as session:
-            return sorted(n for n in session.scalars(
-                select(t.Attempt.node).where(
-                    t.Attempt.render_id == render_id, t.Attempt.node.is_not(None),
-                    t.Attempt.outcome.in_([AttemptOutcome.RETRIED.value, AttemptOutcome.LOST.value]))
-                .distinct()) if n)
-
     def release(self, owner: str, render_id: str, attempt: int, reason: str, max_attempts: int,
                 absorbed: list[Charge] = (), node: str | None = None, device_kind: str | None = None) -> bool:
         """Gives back a lease the farm could not honour (the replica died): the attempt

@@ -1,4 +1,4 @@
-"""pools per device kind, placement, post-processing results, preemption checkpoints, node health
+"""pools per device kind, placement, post-processing results, preemption checkpoints
 
 Revision ID: 0003
 Revises: 0002
@@ -39,18 +39,9 @@ def upgrade() -> None:
     sa.Column('updated_at', farm.jobs.schema.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('model', 'device_kind', name=op.f('pk_pools'))
     )
-    op.create_table('node_health',
-    sa.Column('node', sa.String(length=128), nullable=False),
-    sa.Column('recent_failures', sa.Integer(), nullable=False),
-    sa.Column('last_failure_at', farm.jobs.schema.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('last_error', sa.Text(), nullable=True),
-    sa.Column('excluded_until', farm.jobs.schema.UTCDateTime(timezone=True), nullable=True),
-    sa.PrimaryKeyConstraint('node', name=op.f('pk_node_health'))
-    )
 
 
 def downgrade() -> None:
-    op.drop_table('node_health')
     op.drop_table('pools')
     op.create_table('pools',
     sa.Column('model', sa.String(length=64), nullable=False),
