@@ -118,6 +118,13 @@ class SchedulerConfig(_Section):
     """A render that failed (or was lost) on this many different nodes fails for good, with the reasons."""
     autoscale_interval_s: float = Field(1.0, gt=0, le=60)
     """How often the scheduler recomputes each pool's wanted replicas from its backlog."""
+    quarantine_after_failures: int = Field(3, ge=0, le=100)
+    """A node on which this many renders failed (for reasons not their own) or lost their
+    replica within `quarantine_window_s` gets no renders for `quarantine_s`; 0: never."""
+    quarantine_window_s: float = Field(600.0, gt=0, le=86_400)
+    """The window in which a node's failures count towards its quarantine."""
+    quarantine_s: float = Field(300.0, gt=0, le=86_400)
+    """How long a quarantined node is kept out of its pools."""
 
     @field_validator("priority_classes")
     @classmethod

@@ -21,6 +21,7 @@ from farm.config import FarmConfig
 from farm.engines.base import EngineRequest, PhaseTiming
 from farm.errors import EngineLost, RenderRejected
 from farm.jobs.autoscale import PoolLoad, assign_backlog, wanted_replicas
+from farm.jobs.quarantine import NodeQuarantine
 from farm.jobs.records import ClaimedRender, PoolStatus, ProgressUpdate
 from farm.jobs.schema import utcnow
 from farm.jobs.spec import ResolvedSpec
@@ -97,6 +98,15 @@ class SchedulerMetrics(Protocol):
 
     def preempted(self, model: str, device_kind: str) -> None: ...
 
+    def node_quarantined(self) -> None: ...
+
+
+class NodeFence(Protocol):
+    """Keeps a node's engine replicas from getting renders (see `farm.jobs.quarantine`)."""
+
+    def exclude(self, node: str, until: float) -> None:
+        """Until `until` (wall-clock seconds)."""
+
 
 @dataclasses.dataclass
 class _Running:
@@ -133,7 +143,7 @@ def engine_request(claimed: ClaimedRender) -> EngineRequest:
 
 class Scheduler:
     def __init__(self, store: JobStore, pools: dict[str, list[EnginePool]], config: FarmConfig, owner: str,
-                 metrics: SchedulerMetrics):
+                 metrics: SchedulerMetrics, fence: NodeFence | None = None):
         self.store = store
         self.pools = pools
         self.models = {m.name: m for m in config.served_models()}
@@ -146,6 +156,9 @@ class Scheduler:
         self.settings = config.scheduler
         self.owner = owner
         self.metrics = metrics
+        self.fence = fence
+        self.quarantine = NodeQuarantine(self.settings.quarantine_after_failures, self.settings.quarantine_window_s,
+                                         self.settings.quarantine_s)
         self.running: dict[str, _Running] = {}
         self._pending: list[ProgressUpdate] = []
         self._progress_arrived = asyncio.Event()
@@ -499,6 +512,7 @@ class Scheduler:
             if entry.cancel_sent:
                 outcome = AttemptOutcome.CANCELLED
             else:
+                self._node_failed(entry.node, f"engine lost: {lost.message}")
                 await self._release(entry, f"engine lost: {lost.message}")
                 return
         except Exception as failure:
@@ -509,6 +523,8 @@ class Scheduler:
                 # What the render asked for fails anywhere; anything else may be the node's fault.
                 node_fault = not isinstance(failure, (RenderRejected, ValueError, TypeError))
                 log.warning("render %s failed on %s: %s", claimed.id, entry.node or pool.key, error)
+                if node_fault:
+                    self._node_failed(entry.node, error)
         if entry.withdrawn and outcome is not AttemptOutcome.SUCCEEDED and not entry.cancel_sent:
             await self._preempted(entry, {"step": 0}, counted=False)
         elif outcome is AttemptOutcome.PREEMPTED:
@@ -518,6 +534,21 @@ class Scheduler:
             await self._retry_elsewhere(entry, error or "failed")
         else:
             await self._finish(entry, outcome, result, error)
+
+    def _node_failed(self, node: str | None, reason: str) -> None:
+        """Counts a failure that may be the node's; enough of them keep it out of its pools."""
+        until = None if node is None else self.quarantine.record_failure(node)
+        if until is None:
+            return
+        log.warning("node %s quarantined for %.0f s after %d failures in %.0f s (the last: %s)", node,
+                    self.settings.quarantine_s, self.settings.quarantine_after_failures,
+                    self.settings.quarantine_window_s, reason)
+        self.metrics.node_quarantined()
+        if self.fence is not None:
+            try:
+                self.fence.exclude(node, until)
+            except Exception:  # the renders still retry elsewhere; the fence is best effort
+                log.exception("could not fence node %s", node)
 
     def _on_progress(self, entry: _Running, pool: EnginePool, event: dict[str, Any]) -> None:
         claimed = entry.claimed

@@ -58,6 +58,13 @@ log = logging.getLogger(__name__)
 CPU = "CPU"
 WAKE_INTERVAL_S = 0.025
 GIL_SWITCH_INTERVAL_S = 0.02
+# Chaos drills: a node started with this variable set fails every render there at that
+# denoising step, as a node with a bad GPU would (see the README's "Faults").
+FAIL_AT_STEP_ENV = "FARM_CHAOS_FAIL_AT_STEP"
+
+
+class InjectedFault(RuntimeError):
+    """A failure the node was told to inject (FARM_CHAOS_FAIL_AT_STEP)."""
 # The preemption flag is a GCS read: at most one per this many seconds, however short the steps.
 PREEMPT_CHECK_INTERVAL_S = 0.02
 
@@ -130,6 +137,10 @@ class EngineServer:
         started = time.perf_counter()
         self.model = ModelConfig.model_validate_json(model_json)
         self.node = node_name()
+        self.fail_at_step = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
+        if self.fail_at_step:
+            log.warning("chaos drill: this replica fails every render at step %d (%s)", self.fail_at_step,
+                        FAIL_AT_STEP_ENV)
         # The pipeline thread is the replica's real work; Serve's own threads need the
         # GIL only briefly. A longer switch interval stops them from preempting the
         # pipeline's Python code every 5 ms (it matters when steps are milliseconds).
@@ -360,6 +371,8 @@ class EngineServer:
         offset = {"steps": first_step}
 
         def on_progress(progress: Progress) -> None:
+            if self.fail_at_step and progress.step == self.fail_at_step:
+                raise InjectedFault(f"{FAIL_AT_STEP_ENV}={self.fail_at_step} on node {self.node}")
             event: dict[str, Any] = {"kind": "progress", "stage": progress.stage, "at": time.time()}
             if progress.step:
                 event.update(step=offset["steps"] + progress.step, total_steps=total_steps,
@@ -507,9 +520,13 @@ def engine_deployment(model: ModelConfig, pool: PoolConfig, artifacts_url: str, 
             policy=AutoscalingPolicy(policy_function=BacklogPolicy,
                                      policy_kwargs={"app": app_name, "deployment": name}),
         )}
+    from ray.serve.config import RequestRouterConfig
+
     return serve.deployment(EngineServer).options(
         name=name,
         **scaling,
+        # Least loaded of all replicas, none on a quarantined node (farm.serve.routing).
+        request_router_config=RequestRouterConfig(request_router_class="farm.serve.routing:EngineRouter"),
         # Room for the renders the scheduler prefetches, plus health and info calls.
         max_ongoing_requests=2 + prefetch,
         ray_actor_options=options,

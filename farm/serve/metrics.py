@@ -49,6 +49,9 @@ class ServeMetrics:
         self.pool_cold_start = Gauge("farm_pool_cold_start_seconds",
                                      "Start-up (model load and warm-up) of the pool's newest replica.", pool,
                                      registry=r)
+        self.quarantines = Counter("farm_node_quarantines_total",
+                                   "Nodes kept out of their pools after failing renders (see the scheduler's log).",
+                                   registry=r)
         self.preemptions = Counter("farm_preemptions_total", "Renders preempted for a higher priority class.", pool,
                                    registry=r)
 
@@ -97,3 +100,6 @@ class ServeMetrics:
 
     def preempted(self, model: str, device_kind: str) -> None:
         self.preemptions.labels(model, device_kind).inc()
+
+    def node_quarantined(self) -> None:
+        self.quarantines.inc()

@@ -20,6 +20,7 @@ from farm.errors import EngineLost
 from farm.jobs.scheduler import Scheduler
 from farm.jobs.store import JobStore
 from farm.serve.metrics import ServeMetrics
+from farm.serve.signals import ServeNodeFence
 
 log = logging.getLogger(__name__)
 # Seconds assumed for a new replica to load its model and warm up, until one is measured.
@@ -60,12 +61,26 @@ _status_lock: asyncio.Lock | None = None
 STATUS_TTL_S = 0.25
 
 
-async def _serve_status():
+def _read_replicas() -> tuple[dict[tuple[str, str], list[str | None]], dict[str, float]]:
+    """Node ids of the RUNNING replicas of every (app, deployment), and the quarantined
+    nodes. The details are what `serve.status()` reads; it drops the replicas' nodes."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    from farm.serve.signals import fenced_nodes
+
+    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    replicas = {(app_name, name): [r.node_id for r in deployment.replicas if str(r.state.value) == "RUNNING"]
+                for app_name, app in details.applications.items() for name, deployment in app.deployments.items()}
+    return replicas, fenced_nodes(time.time())
+
+
+async def _serve_replicas():
     global _status_lock
     _status_lock = _status_lock or asyncio.Lock()
     async with _status_lock:
         if time.monotonic() - _status_cache["at"] > STATUS_TTL_S:
-            _status_cache["value"] = await asyncio.to_thread(serve.status)
+            _status_cache["value"] = await asyncio.to_thread(_read_replicas)
             _status_cache["at"] = time.monotonic()
         return _status_cache["value"]
 
@@ -84,6 +99,8 @@ class ServePool:
         self.app_name, self.deployment = app_name, deployment_name(model, pool)
         self.preemptible = bool(info.get("preemptible", False)) if info else False
         self._replicas = pool.min_replicas if self.autoscaled else pool.max_replicas
+        # Running replicas on quarantined nodes: no renders go to them (farm.serve.routing).
+        self._fenced_replicas = 0
         # Until a scale-up is measured: the start-up the engine reported, or a guess.
         self._cold_start_s = float(info.get("startup_seconds", DEFAULT_COLD_START_S)) if info else DEFAULT_COLD_START_S
         self._scale_asked_at: float | None = None
@@ -110,12 +127,14 @@ class ServePool:
         request_preemption(render_id, attempt)
 
     async def refresh(self) -> None:
-        statuses = await _serve_status()
-        app = statuses.applications.get(self.app_name)
-        deployment = app.deployments.get(self.deployment) if app else None
-        if deployment is None:
+        from farm.serve.signals import on_fenced_node
+
+        replicas, fenced = await _serve_replicas()
+        nodes = replicas.get((self.app_name, self.deployment))
+        if nodes is None:
             return
-        running = int(deployment.replica_states.get("RUNNING", 0))
+        running = sum(1 for node in nodes if not on_fenced_node(node, fenced))
+        self._fenced_replicas = len(nodes) - running
         if running > self._replicas and self._scale_asked_at is not None:
             # A scale-up finished: from asking to a replica that takes renders.
             self._cold_start_s = time.monotonic() - self._scale_asked_at
@@ -135,6 +154,9 @@ class ServePool:
             self._scale_asked_at = time.monotonic()
         elif replicas <= self._replicas:
             self._scale_asked_at = None
+        # Replicas on quarantined nodes take no renders: the work needs as many besides them.
+        if replicas:
+            replicas += self._fenced_replicas
         publish_wanted(self.app_name, self.deployment, replicas)
         self._wanted = replicas
 
@@ -159,15 +181,17 @@ class SchedulerServer:
                 pools.setdefault(model.name, []).append(
                     ServePool(model, pool, handle, device_kind, self.config.ray.app_name, info))
         owner = f"scheduler-{socket.gethostname()}-{os.getpid()}"
-        self.scheduler = Scheduler(self.store, pools, self.config, owner, self.metrics)
+        self.scheduler = Scheduler(self.store, pools, self.config, owner, self.metrics, fence=ServeNodeFence())
         self.scheduler.start()
         log.info("scheduler %s started with pools %s", owner, [p.key for ps in pools.values() for p in ps])
 
     async def status(self) -> dict[str, Any]:
         return {
             "owner": self.scheduler.owner,
+            "quarantined_nodes": self.scheduler.quarantine.active(),
             "running": {rid: r.claimed.attempt for rid, r in self.scheduler.running.items()},
-            "pools": {p.key: {"replicas": p.slots, "wanted": p._wanted, "cold_start_s": p.cold_start_s,
+            "pools": {p.key: {"replicas": p.slots, "fenced_replicas": p._fenced_replicas, "wanted": p._wanted,
+                              "cold_start_s": p.cold_start_s,
                               "running": len(self.scheduler._on_pool(p))} for p in self.scheduler.all_pools()},
         }
 

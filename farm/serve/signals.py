@@ -33,3 +33,45 @@ def clear_preemption(render_id: str, attempt: int) -> None:
     from ray.experimental import internal_kv
 
     internal_kv._internal_kv_del(_preempt_key(render_id, attempt), namespace=NAMESPACE)
+
+
+# -- node quarantine (see farm.jobs.quarantine) -------------------------------------------
+# One key per quarantined node, holding when its quarantine ends, so that it outlives a
+# restarted scheduler and expires by itself. Nodes are named "<host>/<Ray node id
+# prefix>" (`farm.serve.engine.node_name`); routers match replicas by the id prefix.
+_FENCE_PREFIX = "fenced/"
+
+
+def node_id_prefix(node: str) -> str:
+    return node.rsplit("/", 1)[-1]
+
+
+def fence_node(node: str, until: float) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(f"{_FENCE_PREFIX}{node_id_prefix(node)}".encode(), repr(until).encode(),
+                                 overwrite=True, namespace=NAMESPACE)
+
+
+def fenced_nodes(now: float) -> dict[str, float]:
+    """Ray node id prefixes in quarantine at `now`, with when each one's ends."""
+    from ray.experimental import internal_kv
+
+    fenced = {}
+    for key in internal_kv._internal_kv_list(_FENCE_PREFIX, namespace=NAMESPACE):
+        raw = internal_kv._internal_kv_get(key, namespace=NAMESPACE)
+        until = float(raw) if raw else 0.0
+        if until > now:
+            fenced[key.decode()[len(_FENCE_PREFIX):]] = until
+    return fenced
+
+
+def on_fenced_node(node_id: str | None, fenced: dict[str, float]) -> bool:
+    return bool(node_id) and any(node_id.startswith(prefix) for prefix in fenced)
+
+
+class ServeNodeFence:
+    """The scheduler's `NodeFence` in a Ray cluster."""
+
+    def exclude(self, node: str, until: float) -> None:
+        fence_node(node, until)

@@ -24,8 +24,14 @@ def cluster_farm(models_dir):
                    backlog_target_s=2.0, downscale_delay_s=3.0, relative_speed=2.0),
         PoolConfig(device_kind="A100", num_gpus=1, num_cpus=1, min_replicas=1, max_replicas=1),
     ]
-    nodes = {"h100-a": "H100", "h100-b": "H100", "a100-a": "A100"}
-    with start_cluster_farm([tiny_ltx(models_dir, "ltx", pools)], nodes) as farm:
+    # A model of its own for the chaos drill, so no other test's renders meet the node
+    # that fails every render: one replica on each of its two L40S nodes.
+    chaos_pools = [PoolConfig(device_kind="L40S", num_gpus=1, num_cpus=1, min_replicas=2, max_replicas=2)]
+    nodes = {"h100-a": "H100", "h100-b": "H100", "a100-a": "A100", "l40s-good": "L40S", "l40s-flaky": "L40S"}
+    flaky = {"l40s-flaky": {"FARM_CHAOS_FAIL_AT_STEP": "2"}}
+    models = [tiny_ltx(models_dir, "ltx", pools), tiny_ltx(models_dir, "ltx-chaos", chaos_pools)]
+    with start_cluster_farm(models, nodes, node_env=flaky,
+                            scheduler={"quarantine_after_failures": 2, "quarantine_s": 600}) as farm:
         yield farm
 
 

@@ -51,8 +51,10 @@ class ClusterFarm:
         self.nodes: dict[str, object] = {}
         self.models = {m.name: m for m in config.served_models()}
 
-    def add_gpu_node(self, name: str, kind: str, num_cpus: int = 2):
-        node = self.cluster.add_node(num_cpus=num_cpus, num_gpus=1, resources={f"accelerator_type:{kind}": 1})
+    def add_gpu_node(self, name: str, kind: str, num_cpus: int = 2, env: dict[str, str] | None = None):
+        """env: variables of the node's processes (e.g. a chaos drill's fault)."""
+        node = self.cluster.add_node(num_cpus=num_cpus, num_gpus=1, resources={f"accelerator_type:{kind}": 1},
+                                     env_vars=env)
         self.nodes[name] = node
         return node
 
@@ -92,9 +94,10 @@ class ClusterFarm:
 
 @contextlib.contextmanager
 def cluster_farm(models: list[ModelConfig], gpu_nodes: dict[str, str], scheduler: dict | None = None,
-                 head_cpus: int = 4) -> Iterator[ClusterFarm]:
-    """Starts the cluster (head + `gpu_nodes` name -> kind), deploys the farm, and
-    tears everything down (the database schema too) on exit."""
+                 head_cpus: int = 4, node_env: dict[str, dict[str, str]] | None = None) -> Iterator[ClusterFarm]:
+    """Starts the cluster (head + `gpu_nodes` name -> kind, `node_env` name -> variables
+    of that node), deploys the farm, and tears everything down (the database schema
+    too) on exit."""
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
@@ -122,7 +125,7 @@ def cluster_farm(models: list[ModelConfig], gpu_nodes: dict[str, str], scheduler
     farm = ClusterFarm(cluster, config, store)
     try:
         for name, kind in gpu_nodes.items():
-            farm.add_gpu_node(name, kind)
+            farm.add_gpu_node(name, kind, env=(node_env or {}).get(name))
         ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": {"FARM_HOME": str(home)}})
         serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False, "log_level": "WARNING"})
         serve.run(build_app(config), name=APP, route_prefix=None, blocking=False)

@@ -151,3 +151,34 @@ def test_a_killed_scheduler_loses_no_render(cluster_farm, tenant):
         assert outcomes.count("SUCCEEDED") == 1, outcomes
         assert {c.attempt for c in record.charges} <= {a.number for a in attempts(farm, record.id)
                                                         if a.outcome == "SUCCEEDED"}
+
+
+def test_a_node_that_keeps_failing_renders_is_kept_out_of_its_pool(cluster_farm, tenant):
+    """`l40s-flaky` fails every render at step 2 (a chaos drill's bad GPU). Its failed
+    renders finish elsewhere; after two failures the node is quarantined, and renders
+    submitted from then on never go to it."""
+    farm = cluster_farm
+    flaky, good = node_id(farm, "l40s-flaky"), node_id(farm, "l40s-good")
+    first = [farm.submit(tenant.id, "ltx-chaos", seed=400 + i) for i in range(4)]
+    try:
+        quarantined = wait_for(lambda: farm.scheduler_status().get("quarantined_nodes"), TIMEOUT_S,
+                               what="the failing node to be quarantined")
+    except TimeoutError:
+        raise AssertionError(f"scheduler: {farm.scheduler_status()}; "
+                             f"attempts: {[attempts(farm, r.id) for r in first]}")
+    assert [node.rsplit("/", 1)[-1] for node in quarantined] == [flaky]
+    later = [farm.submit(tenant.id, "ltx-chaos", seed=500 + i) for i in range(4)]
+    records = [final(farm, r.id) for r in first + later]
+    assert all(r.state is RenderState.SUCCEEDED for r in records), [r.error for r in records]
+    failed_on_flaky = 0
+    for record in records:
+        tried = attempts(farm, record.id)
+        assert [a.outcome for a in tried].count("SUCCEEDED") == 1
+        assert tried[-1].node.endswith(good), tried
+        failed_on_flaky += sum(1 for a in tried if a.outcome == "RETRIED" and a.node.endswith(flaky))
+    assert failed_on_flaky >= 2
+    for record in records[len(first):]:
+        assert all(a.node.endswith(good) for a in attempts(farm, record.id)), attempts(farm, record.id)
+    # The pool counts the quarantined replica out.
+    pool = farm.scheduler_status()["pools"]["ltx-chaos/L40S"]
+    assert pool["fenced_replicas"] == 1 and pool["replicas"] == 1, pool
