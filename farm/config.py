@@ -392,6 +392,40 @@ class PriceConfig(_Section):
             ) from None
 
 
+GIB = 1024**3
+
+
+def _default_memory_gib() -> dict[str, float]:
+    return {"H100": 80.0, "H200": 141.0, "A100": 80.0, "L40S": 48.0, "L4": 24.0, "A10G": 24.0}
+
+
+class DeviceConfig(_Section):
+    """What farm knows of each device kind besides its price: how much a render may hold in it."""
+
+    memory_gib: dict[str, float] = Field(default_factory=_default_memory_gib)
+    """GPU memory of one device, in GiB, per device kind (an A100 40GB farm sets A100: 40). A render
+    whose estimated peak (`farm.engines.memory`) exceeds what a pool's devices hold is never sent to
+    that pool, and one that fits none of the pools it may run on is refused at submit. A replica with
+    a fraction of a GPU (num_gpus 0.5) gets that fraction. CPU pools are not checked; a GPU pool whose
+    kind is detected at start and missing here is not checked either."""
+    memory_margin: float = Field(0.15, ge=0, le=4)
+    """The estimated peak is multiplied by 1 + this before it is compared with a device's memory,
+    for what the estimate leaves out (allocator fragmentation, kernel workspaces)."""
+
+    @field_validator("memory_gib")
+    @classmethod
+    def _memory_is_sane(cls, memory: dict[str, float]) -> dict[str, float]:
+        for kind, gib in memory.items():
+            if not (1 <= gib <= 4096):
+                raise ValueError(f"devices.memory_gib[{kind}] must be within 1..4096 GiB, got {gib}")
+        return memory
+
+    def memory_bytes(self, device_kind: str) -> int | None:
+        """Bytes of one device of the kind; None when the table does not know it."""
+        gib = self.memory_gib.get(device_kind)
+        return None if gib is None else int(gib * GIB)
+
+
 class RayConfig(_Section):
     address: str | None = None
     """Ray cluster to join (e.g. "auto" or ray://host:10001). None starts a local cluster."""
@@ -497,6 +531,8 @@ class FarmConfig(BaseSettings):
     (written by `farm models make-tiny`, or at first start)."""
     prices: PriceConfig = Field(default_factory=PriceConfig)
     """Device prices for metering."""
+    devices: DeviceConfig = Field(default_factory=DeviceConfig)
+    """GPU memory per device kind, against which renders are checked at submit and routed."""
     ray: RayConfig = Field(default_factory=RayConfig)
     """The Ray cluster."""
     postproc: PostprocConfig = Field(default_factory=PostprocConfig)
@@ -532,6 +568,13 @@ class FarmConfig(BaseSettings):
                 if kind not in self.prices.dollars_per_device_hour:
                     raise ValueError(
                         f"models[{model.name}].pools device_kind {kind!r} has no price in prices.dollars_per_device_hour"
+                    )
+            for pool in model.resolved_pools():
+                if pool.num_gpus and pool.device_kind != "auto" and pool.device_kind not in self.devices.memory_gib:
+                    raise ValueError(
+                        f"models[{model.name}] pool {pool.device_kind!r} runs on GPUs (num_gpus {pool.num_gpus:g}) but "
+                        f"devices.memory_gib has no {pool.device_kind!r}: give its GiB, so that renders it cannot "
+                        f"hold are refused at submit"
                     )
         return self
 

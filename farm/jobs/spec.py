@@ -169,6 +169,9 @@ class ResolvedSpec:
     require_device_kind: str = ""
     """Empty: any pool of the model."""
     prefer_device_kind: str = ""
+    memory_bytes: int | None = None
+    """GPU memory the render needs, estimated by the gateway at submit (`farm.engines.memory`);
+    only pools whose devices hold it run it. None: not estimated, any pool may."""
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)

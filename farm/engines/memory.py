@@ -1,0 +1,354 @@
+"""Peak GPU memory of a render, estimated before it runs, and which pools can hold it.
+
+The gateway refuses at submit a spec that fits none of the GPUs it may run on (naming
+the field and the limit) and stores with every other render the memory it needs; the
+scheduler sends a render only to pools whose devices hold it. Nothing here imports
+torch: the sizes come from the pipelines' files (``config.json`` and the headers of the
+``.safetensors`` weights, a few kilobytes each), read once per model.
+
+The estimate is of what ``torch.cuda.max_memory_allocated`` reports over a render (what
+every render's manifest records as ``peak_memory_bytes``), in bytes::
+
+    peak = weights + max(denoising, decoding)
+
+weights
+    Every parameter of every pipeline the engine keeps on the device (transformer, text
+    encoder and VAE; one pipeline per distinct source of the model) at the model's dtype
+    (auto: bfloat16, as on every GPU).
+denoising
+    ``tokens x hidden x (ACTIVATION_WIDTHS x dtype bytes + FLOAT32_WIDTHS x 4)``: the
+    activations of one transformer pass. ``tokens`` are the latent tokens (latent frames x
+    latent height x latent width, after the transformer's patches), twice with classifier-free
+    guidance (both halves run as one batch), plus the text tokens that CogVideoX attends
+    to jointly. Inference keeps no activations for a backward pass, so only one block's
+    are alive at a time, and attention is memory-efficient (PyTorch's SDPA kernels), so
+    nothing grows with tokens squared: the working set is linear in tokens.
+decoding
+    ``VAE_WIDTHS x channels x tile frames x tile pixels / patch² x dtype bytes`` for the
+    VAE decoder's last stage (full resolution, the widest in memory) over one tile, plus
+    ``VIDEO_COPIES x 3 x frames x height x width x dtype bytes`` for the decoded video
+    (tiles are blended into a whole video, which is then rescaled). A tile: with
+    ``backend.vae_tiling``, LTX-Video decodes 17 frames of 512 x 512 at a time and
+    CogVideoX 9 frames of half its sample size (240 x 360); without it, LTX-Video decodes
+    the whole video at once and CogVideoX 9 frames of the whole frame (its VAE always
+    decodes a few latent frames at a time).
+
+A device holds the render when ``peak x (1 + devices.memory_margin) + CUDA_CONTEXT_BYTES``
+is at most its memory (`farm.config.DeviceConfig`); that figure is the render's
+``memory_bytes``. The widths and copies below were counted, not measured on a GPU: the
+bytes of live tensors through a full-size pass of each published transformer and VAE
+on torch's meta device (`tests/unit/test_memory.py` counts them again and holds the
+formula to them). A GPU adds what that leaves out: the caching allocator's rounding
+and fragmentation, and kernel workspaces (hence the margin).
+
+When the model's files cannot be read where this runs (a hub id not in the local cache),
+the family's published model stands in: LTX-Video 2B and CogVideoX-5B, each with T5-XXL.
+Engine backends are not modelled: FP8 layers (smaller weights) and a TensorRT engine
+(which holds weights of its own) are estimated as eager.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import threading
+from pathlib import Path
+
+from farm.config import GIB, DeviceConfig, Family, FarmConfig, ModelConfig, Task
+from farm.errors import FieldViolation, InvalidArgument
+from farm.jobs.spec import ResolvedSpec
+from farm.metering.estimate import TEMPORAL_COMPRESSION
+
+log = logging.getLogger(__name__)
+
+# Hidden-state widths alive at the peak of a transformer block, in the model's dtype:
+# the residual stream, the normed input, q, k, v, the attention output and the MLP's
+# 4x-wide hidden layer, less what is freed on the way (counted: 12.1 for LTX-Video,
+# 11.2 for CogVideoX; rounded up).
+ACTIVATION_WIDTHS = 13
+# ... and in float32: LTX-Video's rotary tables, cos and sin for every token (counted:
+# 2.0 for LTX-Video, 0.9 for CogVideoX, whose tables are per position, not per width).
+FLOAT32_WIDTHS = 2
+# Copies of the VAE decoder's last stage alive at its peak (counted: about 6 for
+# LTX-Video's decoder, about 20 for CogVideoX's).
+VAE_WIDTHS = {Family.LTX_VIDEO: 6, Family.COGVIDEOX: 20}
+# Copies of the decoded video alive while it is blended and rescaled (counted: 3).
+VIDEO_COPIES = 3
+# What the CUDA context, cuBLAS and cuDNN take outside the caching allocator.
+CUDA_CONTEXT_BYTES = 1 * GIB
+# Pixels per side of one transformer token (VAE compression x transformer patch).
+TOKEN_PIXELS = {Family.LTX_VIDEO: 32, Family.COGVIDEOX: 16}
+# LTX-Video's tiled decode (diffusers' defaults): 512 x 512 pixels, 16 + 1 frames.
+LTX_TILE = (17, 512, 512)
+# CogVideoX decodes 2 latent frames at a time, 3 the first time: 9 frames at most.
+COGVIDEOX_DECODE_FRAMES = 9
+DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
+_WEIGHTS = re.compile(r"^(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.safetensors$")
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSizes:
+    """What the estimate needs to know of one pipeline."""
+
+    parameters: dict[str, int]
+    """Parameters per component (transformer, text_encoder, vae)."""
+    hidden_size: int
+    """The transformer's width (attention heads x head dimension)."""
+    joint_text_tokens: int
+    """Text tokens the transformer attends to together with the video's (CogVideoX); 0
+    when text comes in through cross-attention (LTX-Video)."""
+    vae_channels: int
+    """Channels of the VAE decoder's last, full-resolution stage."""
+    vae_patch_size: int
+    """Pixels per side that one position of that stage unpacks into (LTX-Video: 4)."""
+    vae_tile: tuple[int, int]
+    """(height, width) of a spatial tile of the tiled decode."""
+    described_by: str
+    """Where these sizes come from: the directory read, or the published model assumed."""
+
+
+# Parameters counted from the published configs (benchmarks/engine_step.py) built on
+# torch's meta device with diffusers 0.42 and transformers.
+PUBLISHED = {
+    Family.LTX_VIDEO: PipelineSizes(
+        parameters={"transformer": 1_923_385_472, "text_encoder": 4_762_310_656, "vae": 419_193_649},
+        hidden_size=2048, joint_text_tokens=0, vae_channels=128, vae_patch_size=4, vae_tile=LTX_TILE[1:],
+        described_by="the published LTX-Video 2B with T5-XXL (assumed)"),
+    Family.COGVIDEOX: PipelineSizes(
+        parameters={"transformer": 5_570_283_072, "text_encoder": 4_762_310_656, "vae": 215_583_907},
+        hidden_size=3072, joint_text_tokens=226, vae_channels=128, vae_patch_size=1, vae_tile=(240, 360),
+        described_by="the published CogVideoX-5B with T5-XXL (assumed)"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFootprint:
+    """The pipelines a model's engine loads: one per distinct source, all on the device at once."""
+
+    pipelines: dict[str, PipelineSizes]
+    """By source."""
+    sources: dict[Task, str]
+
+    def parameters(self) -> int:
+        return sum(sum(sizes.parameters.values()) for sizes in self.pipelines.values())
+
+    def for_task(self, task: Task) -> PipelineSizes:
+        return self.pipelines[self.sources[task]]
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    weights_bytes: int
+    denoising_bytes: int
+    decoding_bytes: int
+    peak_bytes: int
+    """weights + max(denoising, decoding): comparable with a manifest's peak_memory_bytes."""
+    need_bytes: int
+    """What a device must hold: the peak with the margin, plus the CUDA context."""
+
+    def describe(self) -> str:
+        return (f"weights {_gib(self.weights_bytes)}, denoising {_gib(self.denoising_bytes)}, "
+                f"decoding {_gib(self.decoding_bytes)} GiB")
+
+
+def read_footprint(model: ModelConfig) -> ModelFootprint:
+    """Reads each distinct source of the model (a directory, or a hub id's snapshot in the
+    local cache); a source that cannot be read is taken to be its family's published model."""
+    pipelines = {}
+    for source in dict.fromkeys(model.sources.values()):
+        directory = _local_dir(source, model.revision)
+        sizes = None
+        if directory is not None:
+            try:
+                sizes = read_pipeline_sizes(directory, model.family)
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                log.warning("cannot read the sizes of %s (%s); assuming the published %s", directory, error,
+                            model.family.value)
+        pipelines[source] = sizes or PUBLISHED[model.family]
+    return ModelFootprint(pipelines, dict(model.sources))
+
+
+def read_pipeline_sizes(directory: Path, family: Family) -> PipelineSizes:
+    """Sizes of a diffusers pipeline directory (model_index.json and its component folders)."""
+    directory = Path(directory)
+    index = json.loads((directory / "model_index.json").read_text())
+    parameters = {}
+    for component in index:
+        folder = directory / component
+        if component.startswith("_") or not folder.is_dir():
+            continue
+        count = _parameters_in(folder)
+        if count:
+            parameters[component] = count
+    published = PUBLISHED[family]
+    transformer = _config(directory / "transformer")
+    vae = _config(directory / "vae")
+    hidden = transformer.get("num_attention_heads", 0) * transformer.get("attention_head_dim", 0)
+    channels = vae.get("decoder_block_out_channels") or vae.get("block_out_channels") or [published.vae_channels]
+    joint = transformer.get("max_text_seq_length", published.joint_text_tokens) if family is Family.COGVIDEOX else 0
+    tile = published.vae_tile
+    if family is Family.COGVIDEOX:
+        # diffusers' CogVideoX VAE tiles at half its sample size.
+        tile = (vae.get("sample_height", 480) // 2, vae.get("sample_width", 720) // 2)
+    return PipelineSizes(
+        parameters=parameters, hidden_size=hidden or published.hidden_size, joint_text_tokens=int(joint),
+        vae_channels=int(channels[0]), vae_patch_size=int(vae.get("patch_size", 1) or 1), vae_tile=tile,
+        described_by=str(directory))
+
+
+def _config(folder: Path) -> dict:
+    path = folder / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _parameters_in(folder: Path) -> int:
+    """Parameters of one component: from the safetensors headers from_pretrained would
+    load, else (older formats) from the size of the weight files at 2 bytes a parameter,
+    which over-counts weights stored in float32."""
+    files = sorted(p for p in folder.iterdir() if _WEIGHTS.match(p.name))
+    if not files:
+        files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return sum(_safetensors_parameters(path) for path in files)
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in _OTHER_WEIGHTS) // 2
+
+
+def _safetensors_parameters(path: Path) -> int:
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if not 0 < length <= _MAX_HEADER_BYTES:
+            raise ValueError(f"{path} does not start with a safetensors header")
+        header = json.loads(f.read(length))
+    return sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
+
+
+def _local_dir(source: str, revision: str | None) -> Path | None:
+    if Path(source).is_dir():
+        return Path(source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        # Only the local cache: the gateway never downloads weights.
+        return Path(snapshot_download(source, revision=revision, local_files_only=True))
+    except Exception:  # not cached here, not a hub id, or no huggingface_hub
+        return None
+
+
+def estimate_memory(spec: ResolvedSpec, model: ModelConfig, footprint: ModelFootprint,
+                    margin: float) -> MemoryEstimate:
+    """The render's peak device memory by the formula of the module docstring."""
+    sizes = footprint.for_task(spec.task)
+    dtype_bytes = DTYPE_BYTES.get(model.dtype, 4)
+    weights = footprint.parameters() * dtype_bytes
+    batch = 2 if spec.guidance_scale > 1 else 1
+    pixels = TOKEN_PIXELS[model.family]
+    latent_frames = (spec.num_frames - 1) // TEMPORAL_COMPRESSION[model.family] + 1
+    tokens = batch * (latent_frames * math.ceil(spec.height / pixels) * math.ceil(spec.width / pixels)
+                      + sizes.joint_text_tokens)
+    denoising = tokens * sizes.hidden_size * (ACTIVATION_WIDTHS * dtype_bytes + FLOAT32_WIDTHS * 4)
+    frames, height, width = _decode_tile(spec, model, sizes)
+    patch = sizes.vae_patch_size
+    decoding = (VAE_WIDTHS[model.family] * sizes.vae_channels * frames * math.ceil(height / patch) * math.ceil(width / patch)
+                + VIDEO_COPIES * 3 * spec.num_frames * spec.height * spec.width) * dtype_bytes
+    peak = weights + max(denoising, decoding)
+    return MemoryEstimate(weights, denoising, decoding, peak, int(peak * (1 + margin)) + CUDA_CONTEXT_BYTES)
+
+
+def _decode_tile(spec: ResolvedSpec, model: ModelConfig, sizes: PipelineSizes) -> tuple[int, int, int]:
+    """(frames, height, width) the VAE decoder's last stage works on at once."""
+    tiled = model.backend.vae_tiling
+    if model.family is Family.LTX_VIDEO:
+        frames = min(spec.num_frames, LTX_TILE[0]) if tiled else spec.num_frames
+    else:
+        frames = min(spec.num_frames, COGVIDEOX_DECODE_FRAMES)
+    if not tiled:
+        return frames, spec.height, spec.width
+    return frames, min(spec.height, sizes.vae_tile[0]), min(spec.width, sizes.vae_tile[1])
+
+
+def pool_capacity(model: ModelConfig, device_kind: str, devices: DeviceConfig) -> int | None:
+    """Bytes one replica of the model's pool of this kind may use; None when not checked
+    (a CPU pool, or a GPU kind `devices.memory_gib` does not list). A replica with a
+    fraction of a GPU gets that fraction; farm's engines use one device however many
+    GPUs a replica reserves."""
+    pools = model.resolved_pools()
+    pool = next((p for p in pools if p.device_kind == device_kind), None)
+    pool = pool or next((p for p in pools if p.device_kind == "auto"), None)
+    if pool is None or not pool.num_gpus:
+        return None
+    memory = devices.memory_bytes(device_kind)
+    return None if memory is None else int(memory * min(pool.num_gpus, 1.0))
+
+
+def fits(need_bytes: int | None, capacity: int | None) -> bool:
+    return need_bytes is None or capacity is None or need_bytes <= capacity
+
+
+class MemoryPlanner:
+    """The gateway's side: each model's footprint, read once, and the submit check."""
+
+    def __init__(self, config: FarmConfig):
+        self.devices = config.devices
+        self._footprints: dict[str, ModelFootprint] = {}
+        self._lock = threading.Lock()
+
+    def footprint(self, model: ModelConfig) -> ModelFootprint:
+        with self._lock:
+            if model.name not in self._footprints:
+                self._footprints[model.name] = read_footprint(model)
+            return self._footprints[model.name]
+
+    def estimate(self, spec: ResolvedSpec, model: ModelConfig) -> MemoryEstimate:
+        return estimate_memory(spec, model, self.footprint(model), self.devices.memory_margin)
+
+    def place(self, spec: ResolvedSpec, model: ModelConfig, kinds: list[str]) -> tuple[int, list[str]]:
+        """(bytes the render needs, the kinds among `kinds` whose devices hold it). Raises
+        InvalidArgument naming the field to change when no kind holds it."""
+        estimate = self.estimate(spec, model)
+        capacities = {kind: pool_capacity(model, kind, self.devices) for kind in kinds}
+        fitting = [kind for kind, capacity in capacities.items() if fits(estimate.need_bytes, capacity)]
+        if fitting or not kinds:
+            return estimate.need_bytes, fitting
+        raise InvalidArgument([self._violation(spec, model, estimate, capacities)])
+
+    def _violation(self, spec: ResolvedSpec, model: ModelConfig, estimate: MemoryEstimate,
+                   capacities: dict[str, int]) -> FieldViolation:
+        kind = max(capacities, key=lambda k: capacities[k])
+        limit = capacities[kind]
+        gpu = (f"the GPU it requires ({kind}) has" if spec.require_device_kind
+               else f"the largest GPU it may run on ({kind}) has")
+        gpu = f"{gpu} {_gib(limit)} GiB"
+        needs = (f"needs about {_gib(estimate.need_bytes)} GiB of GPU memory ({estimate.describe()}, plus a "
+                 f"{self.devices.memory_margin:.0%} margin and the CUDA context); {gpu}")
+        limits = model.limits
+        assert limits is not None
+        smallest = dataclasses.replace(spec, num_frames=limits.min_frames, width=limits.min_size,
+                                       height=limits.min_size)
+        if self.estimate(smallest, model).need_bytes > limit:
+            return FieldViolation("spec.model", f"no render of {model.name} fits: its weights alone take about "
+                                                f"{_gib(estimate.weights_bytes)} GiB; {gpu}")
+        size = f"{spec.width}x{spec.height}"
+        frames = self._most_frames(spec, model, limit)
+        if frames:
+            return FieldViolation("spec.num_frames", f"{spec.num_frames} frames at {size} {needs}; at {size} "
+                                                     f"at most {frames} frames fit")
+        field = "spec.width" if spec.width >= spec.height else "spec.height"
+        return FieldViolation(field, f"{size} {needs} even at {limits.min_frames} frames; ask for a smaller size")
+
+    def _most_frames(self, spec: ResolvedSpec, model: ModelConfig, limit: int) -> int | None:
+        """The most frames (a count the model accepts) that fit at the spec's size, or None."""
+        limits = model.limits
+        assert limits is not None
+        for frames in range(spec.num_frames - limits.frame_step, limits.min_frames - 1, -limits.frame_step):
+            if self.estimate(dataclasses.replace(spec, num_frames=frames), model).need_bytes <= limit:
+                return frames
+        return None
+
+
+def _gib(value: int) -> str:
+    return f"{value / GIB:.1f}"
