@@ -18,9 +18,10 @@ from farm.api.interceptors import current_tenant
 from farm.api.metrics import GatewayMetrics
 from farm.api.watch import EventHub
 from farm.config import FarmConfig
+from farm.engines.memory import MemoryPlanner
 from farm.errors import FailedPrecondition, NotFound, invalid
 from farm.jobs.schema import utcnow
-from farm.jobs.spec import MAX_REFERENCE_ID_CHARS, RenderSpec, resolve_spec
+from farm.jobs.spec import MAX_REFERENCE_ID_CHARS, RenderSpec, ResolvedSpec, resolve_spec
 from farm.jobs.states import RenderState
 from farm.jobs.store import JobStore
 from farm.metering.calibrate import measured_samples
@@ -52,6 +53,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         self.metrics = metrics
         self.models = {m.name: m for m in config.served_models()}
         self.artifacts = ArtifactStore(config.artifacts_url)
+        self.memory = MemoryPlanner(config)
         # (model, device kind) -> (when looked up, its timing model)
         self._timings: dict[tuple[str, str], tuple[float, TimingModel | None]] = {}
         self._pools: tuple[float, list] = (-TIMING_CACHE_S, [])
@@ -85,15 +87,26 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             self._timings[(model.name, device_kind)] = cached = (now, timing)
         return cached[1]
 
-    async def _estimate(self, context, spec) -> Estimate:
-        """The spec's predicted cost: on the kind it requires or prefers, else on its
-        model's dearest pool, so that a budget reservation never falls short."""
+    async def _place(self, context, spec: ResolvedSpec) -> tuple[ResolvedSpec, list[str]]:
+        """The spec with the GPU memory it needs, and the kinds of its model's pools that
+        may run it: the one it requires, else every kind whose devices hold it. A spec
+        that fits none is refused (INVALID_ARGUMENT, naming the field and the limit)."""
         model = self.models[spec.model]
         kinds = await self._pool_kinds(context, model)
-        if spec.require_device_kind and spec.require_device_kind not in kinds:
-            raise invalid("spec.placement.require_device_kind",
-                          f"{model.name} has no {spec.require_device_kind!r} pool; its pools: {', '.join(kinds)}")
-        wanted = spec.require_device_kind or (spec.prefer_device_kind if spec.prefer_device_kind in kinds else "")
+        if spec.require_device_kind:
+            if spec.require_device_kind not in kinds:
+                raise invalid("spec.placement.require_device_kind",
+                              f"{model.name} has no {spec.require_device_kind!r} pool; its pools: {', '.join(kinds)}")
+            kinds = [spec.require_device_kind]
+        # The first call for a model reads its weights' headers: off the event loop.
+        need, kinds = await self._call(context, self.memory.place, spec, model, kinds)
+        return dataclasses.replace(spec, memory_bytes=need), kinds
+
+    async def _estimate(self, context, spec: ResolvedSpec, kinds: list[str]) -> Estimate:
+        """The spec's predicted cost: on the kind it prefers, else on the dearest of the
+        kinds it may run on, so that a budget reservation never falls short."""
+        model = self.models[spec.model]
+        wanted = spec.prefer_device_kind if spec.prefer_device_kind in kinds else ""
         estimates = [estimate_cost(spec, model, await self._timing(context, model, kind), kind, self.config.prices)
                      for kind in ([wanted] if wanted else kinds)]
         return max(estimates, key=lambda e: e.nanodollars)
@@ -141,7 +154,8 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         # The stored spec stands alone: a color reference by render id becomes statistics
         # here, while the idempotency fingerprint stays that of the request as sent.
         spec = resolve_spec(await self._resolve_color_reference(context, tenant.id, spec_request), self.models)
-        estimate = await self._estimate(context, spec)
+        spec, kinds = await self._place(context, spec)
+        estimate = await self._estimate(context, spec, kinds)
         record, created = await self._call(context, self.store.submit, tenant.id, spec_request, spec,
                                            estimate.nanodollars)
         if created:
@@ -207,7 +221,8 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         spec_request = convert.spec_from_pb(request.spec)
         spec = resolve_spec(await self._resolve_color_reference(context, current_tenant().id, spec_request),
                             self.models)
-        result = await self._estimate(context, spec)
+        spec, kinds = await self._place(context, spec)
+        result = await self._estimate(context, spec, kinds)
         phases = [pb.PhaseCost(phase=phase, device_kind=result.device_kind, device_seconds=seconds)
                   for phase, seconds in sorted(result.phases.items())]
         return pb.CostEstimate(dollars=result.nanodollars / 1e9, device_seconds=result.device_seconds,

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from farm.config import FarmConfig
 from farm.engines.base import EngineRequest, PhaseTiming
+from farm.engines.memory import fits, pool_capacity
 from farm.errors import EngineLost, RenderRejected
 from farm.jobs.autoscale import PoolLoad, assign_backlog, wanted_replicas
 from farm.jobs.quarantine import NodeQuarantine
@@ -150,6 +151,7 @@ class Scheduler:
         # (model, device kind) -> (when loaded, timing model or None): for routing and backlog.
         self._timing_models: dict[tuple[str, str], tuple[float, TimingModel | None]] = {}
         self._last_wanted: dict[str, int] = {}
+        self._capacities: dict[str, int | None] = {}
         self._engine_freed = asyncio.Event()
         self._lease_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="leases")
         self.config = config
@@ -242,7 +244,7 @@ class Scheduler:
         if not await asyncio.to_thread(self.store.has_queued, list(free)):
             return 0
         claimed = await asyncio.to_thread(self.store.claim, free, self.owner, self.settings.lease_seconds,
-                                          self._free_kinds())
+                                          self._free_kinds(), self._free_memory())
         # Slots filled up: more may be queued than was claimed; look again when one frees.
         self._maybe_more = len(claimed) >= sum(free.values())
         for render in claimed:
@@ -282,16 +284,44 @@ class Scheduler:
         the pool spread over its replicas, plus the render itself); the preferred kind
         wins a tie. A render that requires a kind goes only there."""
         spec = claimed.spec
-        pools = [p for p in self.pools[spec.model] if self._pool_room(p) > 0]
+        holding = self._pools_it_fits(spec)
+        pools = [p for p in holding if self._pool_room(p) > 0]
         if spec.require_device_kind:
             pools = [p for p in pools if p.device_kind == spec.require_device_kind]
-        pools = pools or self.pools[spec.model]
+        pools = pools or holding
 
         def finish(pool: EnginePool) -> tuple[float, bool]:
             ahead = sum(self._remaining_seconds(r) for r in self._on_pool(pool)) / max(pool.slots, 1)
             return ahead + self.estimate_seconds(spec, pool), pool.device_kind != spec.prefer_device_kind
 
         return min(pools, key=finish)
+
+    # -- device memory -----------------------------------------------------------------
+
+    def _capacity(self, pool: EnginePool) -> int | None:
+        """GPU memory a replica of the pool may use (None: not checked, e.g. a CPU pool)."""
+        if pool.key not in self._capacities:
+            self._capacities[pool.key] = pool_capacity(self.models[pool.model], pool.device_kind,
+                                                       self.config.devices)
+        return self._capacities[pool.key]
+
+    def _pools_it_fits(self, spec: ResolvedSpec) -> list[EnginePool]:
+        """The model's pools whose devices hold the render (the memory the gateway
+        estimated at submit); all of them if none does (it was queued before the
+        config changed: it runs rather than waiting for ever)."""
+        pools = self.pools[spec.model]
+        return [p for p in pools if fits(spec.memory_bytes, self._capacity(p))] or pools
+
+    def _free_memory(self) -> dict[str, int | None]:
+        """Per model, the most memory a claimed render may need: that of its largest
+        pool with room (None when one of them is not checked), so that a render no pool
+        with room can hold stays queued instead of piling onto a full pool."""
+        free: dict[str, int | None] = {}
+        for model, pools in self.pools.items():
+            capacities = [self._capacity(p) for p in pools if self._pool_room(p) > 0]
+            if capacities:
+                free[model] = None if None in capacities else max(capacities)
+        return free
 
     # -- preemption --------------------------------------------------------------------
 
@@ -414,7 +444,7 @@ class Scheduler:
         for spec, required, done_steps in queued:
             pools = self.pools.get(spec.model, [])
             left = 1 - done_steps / max(spec.num_inference_steps, 1)
-            seconds_on = {p.key: self.estimate_seconds(spec, p) * left for p in pools}
+            seconds_on = {p.key: self.estimate_seconds(spec, p) * left for p in self._pools_it_fits(spec)}
             by_model.setdefault(spec.model, []).append(
                 (seconds_on, next((p.key for p in pools if p.device_kind == required), None) if required else None))
         depth = 1 + self.settings.prefetch_per_replica

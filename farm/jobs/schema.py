@@ -117,6 +117,8 @@ class Render(Base):
     # Placement: the only device kind that may run it, and the kind it prefers.
     require_device_kind: Mapped[str | None] = mapped_column(String(32), nullable=True)
     prefer_device_kind: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # GPU memory it needs (estimated at submit): only a pool whose devices hold it claims it.
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     # Device kind of the pool that ran (or runs) the latest attempt.
     device_kind: Mapped[str | None] = mapped_column(String(32), nullable=True)
     # Post-processing results: quality scores of the delivered clip, and every

@@ -314,6 +314,7 @@ class JobStore:
                     created_at=t.utcnow(), reserved_nanodollars=estimate_nanodollars,
                     require_device_kind=spec.require_device_kind or None,
                     prefer_device_kind=spec.prefer_device_kind or None,
+                    memory_bytes=spec.memory_bytes,
                 )
                 session.add(row)
                 session.flush()
@@ -422,11 +423,13 @@ class JobStore:
     # -- renders: the scheduler's side ----------------------------------------------------
 
     def claim(self, free_slots: dict[str, int], owner: str, lease_seconds: float,
-              kinds: dict[str, Iterable[str]] | None = None) -> list[ClaimedRender]:
+              kinds: dict[str, Iterable[str]] | None = None,
+              memory: dict[str, int | None] | None = None) -> list[ClaimedRender]:
         """Leases up to free_slots[model] queued renders of each model: higher
         priority first, then by weighted fair share between tenants, then oldest.
         With `kinds[model]` (the device kinds that have room), a render that requires
-        another kind stays queued."""
+        another kind stays queued; with `memory[model]` (the most GPU memory of a pool
+        with room, None for no limit), so does a render that needs more."""
         claimed: list[ClaimedRender] = []
         now = t.utcnow()
         with self._write() as session:
@@ -442,8 +445,9 @@ class JobStore:
                 if slots <= 0:
                     continue
                 allowed = None if kinds is None or model not in kinds else list(kinds[model])
+                most_memory = (memory or {}).get(model)
                 picked = pick_fair(
-                    slots, self._queued_heads(session, model, slots, allowed), running,
+                    slots, self._queued_heads(session, model, slots, allowed, most_memory), running,
                     {tid: row.weight for tid, row in tenants.items()},
                     {tid: row.max_running for tid, row in tenants.items()},
                 )
@@ -472,13 +476,15 @@ class JobStore:
                     )
         return claimed
 
-    def _queued_heads(self, session: Session, model: str, depth: int,
-                      kinds: list[str] | None = None) -> dict[str, list[Candidate]]:
+    def _queued_heads(self, session: Session, model: str, depth: int, kinds: list[str] | None = None,
+                      most_memory: int | None = None) -> dict[str, list[Candidate]]:
         """The first `depth` queued renders of each tenant with work for the model
-        (that may run on one of `kinds`, when given)."""
+        (that may run on one of `kinds` and need at most `most_memory`, when given)."""
         where = [t.Render.state == RenderState.QUEUED.value, t.Render.model == model]
         if kinds is not None:
             where.append(or_(t.Render.require_device_kind.is_(None), t.Render.require_device_kind.in_(kinds)))
+        if most_memory is not None:
+            where.append(or_(t.Render.memory_bytes.is_(None), t.Render.memory_bytes <= most_memory))
         tenants = session.scalars(select(t.Render.tenant_id).where(*where).distinct())
         heads = {}
         for tenant_id in tenants:
