@@ -55,6 +55,7 @@ import logging
 import math
 import re
 import threading
+import time
 from pathlib import Path
 
 from farm.config import GIB, DeviceConfig, Family, FarmConfig, ModelConfig, Task
@@ -89,6 +90,8 @@ DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
 _WEIGHTS = re.compile(r"^(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.safetensors$")
 _OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+# A model whose files could not be read is looked for again after this long.
+REREAD_ASSUMED_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,18 +293,23 @@ def fits(need_bytes: int | None, capacity: int | None) -> bool:
 
 
 class MemoryPlanner:
-    """The gateway's side: each model's footprint, read once, and the submit check."""
+    """The gateway's side: each model's footprint, read once (again after a while when
+    a source could not be read: its files may not be written yet), and the submit check."""
 
-    def __init__(self, config: FarmConfig):
+    def __init__(self, config: FarmConfig, clock=time.monotonic):
         self.devices = config.devices
-        self._footprints: dict[str, ModelFootprint] = {}
+        self._footprints: dict[str, tuple[float, ModelFootprint]] = {}
         self._lock = threading.Lock()
+        self._clock = clock
 
     def footprint(self, model: ModelConfig) -> ModelFootprint:
         with self._lock:
-            if model.name not in self._footprints:
-                self._footprints[model.name] = read_footprint(model)
-            return self._footprints[model.name]
+            now = self._clock()
+            cached = self._footprints.get(model.name)
+            assumed = cached is not None and any(s in PUBLISHED.values() for s in cached[1].pipelines.values())
+            if cached is None or (assumed and now - cached[0] > REREAD_ASSUMED_S):
+                cached = self._footprints[model.name] = (now, read_footprint(model))
+            return cached[1]
 
     def estimate(self, spec: ResolvedSpec, model: ModelConfig) -> MemoryEstimate:
         return estimate_memory(spec, model, self.footprint(model), self.devices.memory_margin)

@@ -131,6 +131,24 @@ def test_unreadable_sources_stand_in_as_the_published_model():
     assert 12.5 < footprint.parameters() * 2 / GIB < 14
 
 
+def test_a_model_whose_files_appear_later_is_read_again(models_dir, tmp_path):
+    import shutil
+
+    now = [0.0]
+    later = tmp_path / "ltx"
+    model = ModelConfig(name="ltx", family=Family.LTX_VIDEO, sources={T2V: str(later)})
+    planner = MemoryPlanner(FarmConfig(models=[model]), clock=lambda: now[0])
+    assert planner.footprint(model).for_task(T2V) is memory.PUBLISHED[Family.LTX_VIDEO]
+    shutil.copytree(models_dir / "ltx-video-tiny", later)
+    now[0] = memory.REREAD_ASSUMED_S / 2
+    assert planner.footprint(model).for_task(T2V) is memory.PUBLISHED[Family.LTX_VIDEO]
+    now[0] = memory.REREAD_ASSUMED_S + 1
+    read = planner.footprint(model)
+    assert read.for_task(T2V).described_by == str(later)
+    now[0] = 10 * memory.REREAD_ASSUMED_S
+    assert planner.footprint(model) is read  # files read are kept
+
+
 # The widths against a full-size pass on the meta device --------------------------------
 
 
