@@ -38,9 +38,7 @@ import functools
 import hashlib
 import inspect
 import json
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -265,27 +263,3 @@ class ResumableDenoising:
 
 def _cpu_copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.detach().to("cpu", copy=True)
-
-
-def throttled(check: Callable[[], bool], min_interval_s: float, clock: Callable[[], float] = time.monotonic
-              ) -> Callable[[], bool]:
-    """`check`, called at most once per `min_interval_s` (in between, its last answer); once it
-    has said True it says True without being called again. For checks that cost a network
-    round trip, asked at every denoising step however short the steps are."""
-    lock = threading.Lock()
-    last_call: float | None = None
-    answer = False
-
-    def throttled_check() -> bool:
-        nonlocal last_call, answer
-        with lock:
-            if answer:
-                return True
-            now = clock()
-            if last_call is not None and now - last_call < min_interval_s:
-                return False
-            last_call = now
-            answer = bool(check())
-            return answer
-
-    return throttled_check

@@ -24,7 +24,12 @@ Preemption works the same way, with a checkpoint: when the optional `should_pree
 check says so after step k of N (k < N; after the last step the render just finishes),
 the loop ends, the latents, the scheduler's carried state and the generator's state
 after step k go into a `DenoiseCheckpoint`, and `RenderPreempted` is raised, again
-before any decode. A render given that checkpoint (`resume=`) encodes the prompt again,
+before any decode. With an eager transformer the check also runs before each of its
+blocks' layers once a step of the call has finished: when it says so in the middle of
+step k+1, the unfinished step is dropped (and not charged) and the checkpoint is the
+state after step k - the scheduler and the generator do not move before the step's
+transformer pass ends - so a preemption waits for one layer rather than a whole step.
+A render given that checkpoint (`resume=`) encodes the prompt again,
 starts from the checkpoint's latents and runs steps k+1..N on the same sigmas
 (`farm.engines.checkpoint.ResumableDenoising`); its progress counts on from k+1 and its
 frames equal the uninterrupted render's bitwise on the same device and backend (a resume
@@ -47,6 +52,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import diffusers
@@ -387,7 +393,10 @@ class DiffusersEngine:
             stopped_after_step: int | None = None
             checkpoint: DenoiseCheckpoint | None = None
             # The first step's time also holds the pipeline's set-up (noise, image latents).
-            last_step_end = self._clock()
+            denoising_started = last_step_end = self._clock()
+            # Where a preemption in the middle of a step goes back to: the last step boundary
+            # of this call (its latents; the scheduler and generator have not moved since).
+            boundary: dict[str, Any] = {}
 
             def on_step_end(pipeline: DiffusionPipeline, index: int, timestep, callback_kwargs: dict) -> dict:
                 nonlocal stopped_after_step, checkpoint, last_step_end
@@ -406,22 +415,41 @@ class DiffusersEngine:
                         device_kind=self.device_kind, backend=backend_used,
                     )
                     pipeline._interrupt = True
+                elif should_preempt is not None and step < total_steps:
+                    boundary.update(step=step, latents=callback_kwargs["latents"], at=now)
                 return {}
 
-            with (
-                self._timed(DENOISING, timings),
-                router.routed_to(runner),
-                denoising if denoising is not None else contextlib.nullcontext(),
-            ):
-                latents = pipe(
-                    **call_kwargs,
-                    **prompt_kwargs,
-                    generator=generator,
-                    output_type="latent",
-                    return_dict=False,
-                    callback_on_step_end=on_step_end,
-                    callback_on_step_end_tensor_inputs=["latents"],
-                )[0]
+            def preempt_mid_step() -> bool:
+                return bool(boundary) and should_preempt()
+
+            # Eager transformers are also checked between their blocks' layers, so a
+            # preemption waits for a layer, not a whole step (a compiled or exported
+            # transformer runs as one piece, so it waits for the step's end).
+            mid_step_checks = (preemptible_layers(pipe.transformer, preempt_mid_step)
+                               if should_preempt is not None and runner is None else contextlib.nullcontext())
+            try:
+                with (
+                    self._timed(DENOISING, timings),
+                    router.routed_to(runner),
+                    denoising if denoising is not None else contextlib.nullcontext(),
+                    mid_step_checks,
+                ):
+                    latents = pipe(
+                        **call_kwargs,
+                        **prompt_kwargs,
+                        generator=generator,
+                        output_type="latent",
+                        return_dict=False,
+                        callback_on_step_end=on_step_end,
+                        callback_on_step_end_tensor_inputs=["latents"],
+                    )[0]
+            except PreemptedMidStep:
+                # The unfinished step is dropped, not charged: denoising counts to the boundary.
+                timings.append(PhaseTiming(DENOISING, self.device_kind, boundary["at"] - denoising_started))
+                checkpoint = denoising.checkpoint(
+                    boundary["step"], boundary["latents"], spec=spec, model=self.model_name,
+                    device_kind=self.device_kind, backend=backend_used,
+                )
             if stopped_after_step is not None:
                 raise RenderCancelled(timings, stopped_after_step)
             if checkpoint is not None:
@@ -506,6 +534,32 @@ class DiffusersEngine:
         start = self._clock()
         yield
         timings.append(PhaseTiming(phase=phase, device_kind=self.device_kind, seconds=self._clock() - start))
+
+
+class PreemptedMidStep(Exception):
+    """Raised between a transformer's layers to leave the pipeline call for a preemption."""
+
+
+@contextlib.contextmanager
+def preemptible_layers(transformer: torch.nn.Module, should_stop: Callable[[], bool]) -> Iterator[None]:
+    """While inside, each transformer block and each of its direct layers (attention,
+    feed-forward) first asks `should_stop` and raises PreemptedMidStep when it says so.
+    Nothing runs between the check and the raise, so the scheduler and the generator are
+    as they were at the last step boundary."""
+
+    def check(module, args):
+        if should_stop():
+            raise PreemptedMidStep()
+
+    handles = []
+    for block in getattr(transformer, "transformer_blocks", ()):
+        for module in (block, *block.children()):
+            handles.append(module.register_forward_pre_hook(check))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _conditioning_image(request: EngineRequest) -> Image.Image | None:

@@ -10,8 +10,9 @@ caller cancels the request, Serve raises CancelledError here; the stop flag make
 pipeline return at its next step boundary, before decoding.
 
 Preemption: the scheduler raises a flag for the attempt (`farm.serve.signals`); while
-the render's first candidate (its own seed) denoises, the engine reads the flag at step
-boundaries (at most once per PREEMPT_CHECK_INTERVAL_S) and, when it is up, stops with a
+the render's first candidate (its own seed) denoises, a thread of the replica looks for
+the flag every PREEMPT_CHECK_INTERVAL_S and the engine asks that thread at step
+boundaries and between an eager transformer's layers; when it is up, it stops with a
 denoising checkpoint, which is written to the artifact store; the stream then ends
 normally with a "preempted" event instead of "done". A request with `resume_from`
 resumes that candidate from the checkpoint; a checkpoint that cannot be read or does not
@@ -65,7 +66,9 @@ FAIL_AT_STEP_ENV = "FARM_CHAOS_FAIL_AT_STEP"
 
 class InjectedFault(RuntimeError):
     """A failure the node was told to inject (FARM_CHAOS_FAIL_AT_STEP)."""
-# The preemption flag is a GCS read: at most one per this many seconds, however short the steps.
+
+
+# The preemption flag is a GCS read, made this often while a preemptible render denoises.
 PREEMPT_CHECK_INTERVAL_S = 0.02
 
 
@@ -417,7 +420,16 @@ class EngineServer:
 
     def _render_preemptible(self, request: EngineRequest, on_progress, stop: threading.Event) -> RenderOutput:
         """The engine's render, preemptible, and resumed from `resume_from` when the request has one."""
-        should_preempt = self._preemption_check(request) if self.engine.supports_checkpoint else None
+        from farm.serve.signals import PreemptionWatch
+
+        if not self.engine.supports_checkpoint:
+            return self._render_resumed(request, on_progress, stop, None)
+        with PreemptionWatch(request.render_id, request.attempt, PREEMPT_CHECK_INTERVAL_S) as watch:
+            return self._render_resumed(request, on_progress, stop, watch.requested)
+
+    def _render_resumed(self, request: EngineRequest, on_progress, stop: threading.Event,
+                        should_preempt) -> RenderOutput:
+        """The engine's render, from the request's checkpoint when it has a usable one."""
         if not request.resume_from:
             return self.engine.render(request, on_progress, stop.is_set, should_preempt=should_preempt)
         try:
@@ -431,19 +443,6 @@ class EngineServer:
         output = self.engine.render(request, on_progress, stop.is_set, should_preempt=should_preempt)
         output.notes.append(note)
         return output
-
-    def _preemption_check(self, request: EngineRequest):
-        from farm.engines.checkpoint import throttled
-        from farm.serve.signals import preemption_requested
-
-        def flag_is_up() -> bool:
-            try:
-                return preemption_requested(request.render_id, request.attempt)
-            except Exception as error:  # noqa: BLE001 - an unreadable flag must not fail the render
-                log.warning("render %s: cannot read the preemption flag: %s", request.render_id, error)
-                return False
-
-        return throttled(flag_is_up, PREEMPT_CHECK_INTERVAL_S)
 
     def _preempted(self, request: EngineRequest, preempted: RenderPreempted, emit) -> None:
         """Writes the checkpoint, lowers the flag, and ends the stream with a "preempted" event."""

@@ -9,6 +9,11 @@ the render's own stream. Only `farm.serve` touches Ray's KV, through here.
 
 from __future__ import annotations
 
+import logging
+import threading
+
+log = logging.getLogger(__name__)
+
 NAMESPACE = "farm"
 
 
@@ -27,6 +32,38 @@ def preemption_requested(render_id: str, attempt: int) -> bool:
     from ray.experimental import internal_kv
 
     return bool(internal_kv._internal_kv_exists(_preempt_key(render_id, attempt), namespace=NAMESPACE))
+
+
+class PreemptionWatch:
+    """Looks for the preemption flag of one attempt every `interval_s`, in a thread of its
+    own while the render runs, so the engine's check between layers costs a memory read
+    and the render thread never waits on the GCS."""
+
+    def __init__(self, render_id: str, attempt: int, interval_s: float):
+        self.render_id, self.attempt, self.interval_s = render_id, attempt, interval_s
+        self._raised = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"preempt-watch-{render_id}", daemon=True)
+
+    def requested(self) -> bool:
+        return self._raised.is_set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if preemption_requested(self.render_id, self.attempt):
+                    self._raised.set()
+                    return
+            except Exception as error:  # noqa: BLE001 - an unreadable flag must not fail the render
+                log.warning("render %s: cannot read the preemption flag: %s", self.render_id, error)
+
+    def __enter__(self) -> PreemptionWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def clear_preemption(render_id: str, attempt: int) -> None:

@@ -73,7 +73,9 @@ def test_the_backlog_scales_a_pool_up_and_idleness_back_to_zero(cluster_farm, te
 
 def test_an_urgent_render_preempts_and_the_preempted_render_resumes_identically(cluster_farm, tenant):
     farm = cluster_farm
-    spec = dict(require_device_kind="A100", num_inference_steps=100, num_frames=25, seed=11, priority=10)
+    # Long enough (about 1 s of denoising) that the urgent render meets it denoising.
+    spec = dict(require_device_kind="A100", num_inference_steps=100, num_frames=49, width=256, height=256, seed=11,
+                priority=10)
     reference = final(farm, submit(farm, tenant, **spec).id)
     assert reference.state is RenderState.SUCCEEDED, reference.error
 
@@ -82,10 +84,13 @@ def test_an_urgent_render_preempts_and_the_preempted_render_resumes_identically(
     urgent = submit(farm, tenant, require_device_kind="A100", priority=90, num_inference_steps=4, seed=1)
     urgent_done, victim_done = final(farm, urgent.id), final(farm, victim.id)
     assert urgent_done.state is RenderState.SUCCEEDED and victim_done.state is RenderState.SUCCEEDED
-    assert urgent_done.finished_at < victim_done.finished_at
-    assert victim_done.preemptions == 1
-
     events = farm.store.events_after(victim.id, 0)
+    told = [(who, e.time.isoformat()[11:], e.attempt, e.stage.value, e.step, e.message)
+            for who, rid in (("victim", victim.id), ("urgent", urgent.id))
+            for e in farm.store.events_after(rid, 0) if e.message or e.step < 4]
+    assert urgent_done.finished_at < victim_done.finished_at, (urgent_done.finished_at, told)
+    assert victim_done.preemptions == 1, told
+
     [preempted] = [e for e in events if "preempted at step" in e.message]
     step = int(preempted.message.split("preempted at step ")[1].split(";")[0])
     assert 3 <= step < 100
