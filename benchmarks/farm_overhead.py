@@ -77,18 +77,47 @@ def bare_loop(config: FarmConfig, count: int) -> list[float]:
     return [bare.render(index) for index in range(count + 1)][1:]
 
 
-def phase_medians(artifacts: Path) -> dict[str, float]:
+def phase_medians(artifacts: Path, render_ids: list[str] | None = None) -> dict[str, float]:
     import json
     from collections import defaultdict
 
     seconds = defaultdict(list)
     for manifest in artifacts.glob("renders/*/attempt-1/manifest.json"):
+        if render_ids is not None and manifest.parent.parent.name not in render_ids:
+            continue
         for timing in json.loads(manifest.read_text())["timings"]:
             seconds[timing["phase"]].append(timing["seconds"])
     return {phase: round(statistics.median(values), 3) for phase, values in seconds.items()}
 
 
 IDLE_PAUSE_S = 0.5
+# Where an idle render's time goes: the first event of each stage, as the store saw it.
+MILESTONES = ("QUEUED", "LOADING", "ENCODING_PROMPT", "DENOISING", "DECODING", "POSTPROCESSING", "WRITING",
+              "SUCCEEDED")
+
+
+def followed(client: FarmClient, render_id: str) -> dict[str, float]:
+    """Follows a render to its end; wall-clock time of each milestone's first event,
+    and "seen": when the client received the final one."""
+    times: dict[str, float] = {}
+    for event in client.watch(render_id, timeout=600):
+        at = event.time.ToDatetime().timestamp() if event.HasField("time") else time.time()
+        state, stage = pb.RenderState.Name(event.state)[len("RENDER_STATE_"):], pb.Stage.Name(event.stage)[6:]
+        name = state if state in ("QUEUED", "SUCCEEDED") else stage
+        times.setdefault(name, at)
+        if state in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            times["seen"] = time.time()
+    return times
+
+
+def timeline(submitted: list[float], milestones: list[dict[str, float]]) -> str:
+    """Median seconds from each milestone to the next one present."""
+    spans: dict[str, list[float]] = {}
+    for start, times in zip(submitted, milestones):
+        points = [("submit", start)] + [(m, times[m]) for m in MILESTONES if m in times] + [("seen", times["seen"])]
+        for (a, t0), (b, t1) in zip(points, points[1:]):
+            spans.setdefault(f"{a}->{b}", []).append(t1 - t0)
+    return ", ".join(f"{name} {statistics.median(v) * 1000:.0f} ms" for name, v in spans.items())
 
 
 def spec(seed: int) -> pb.RenderSpec:
@@ -161,17 +190,19 @@ def main() -> None:
             # Idle overhead: a render after a pause, against the bare render after the same
             # pause, alternating, so both start equally cold (threads asleep, caches cold).
             print("idle overhead ...", flush=True)
-            idle, bare_idle = [], []
+            idle, bare_idle, idle_submitted, idle_milestones, idle_ids = [], [], [], [], []
             paused = BareEngine(config, "bare-idle-artifacts")
             paused.render(0)  # warm-up
             for i in range(args.idle_runs):
                 time.sleep(IDLE_PAUSE_S)
                 bare_idle.append(paused.render(2000 + i))
                 time.sleep(IDLE_PAUSE_S)
-                begun = time.perf_counter()
+                begun, submitted = time.perf_counter(), time.time()
                 render = client.submit(spec(1000 + i))
-                client.wait(render.id)
+                idle_milestones.append(followed(client, render.id))
                 idle.append(time.perf_counter() - begun)
+                idle_submitted.append(submitted)
+                idle_ids.append(render.id)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=120)
@@ -186,6 +217,9 @@ def main() -> None:
     efficiency = farm_throughput / bare_throughput
     print("median seconds per phase, bare:", phase_medians(config.home / "bare-artifacts"))
     print("median seconds per phase, farm:", phase_medians(config.home / "artifacts"))
+    print("median seconds per phase, bare after a pause:", phase_medians(config.home / "bare-idle-artifacts"))
+    print("median seconds per phase, farm idle renders:", phase_medians(config.home / "artifacts", idle_ids))
+    print("idle render timeline (medians):", timeline(idle_submitted, idle_milestones))
     overhead_ms = (statistics.median(idle) - statistics.median(bare_idle)) * 1000
     hot_overhead_ms = (statistics.median(idle) - bare_median) * 1000
     print(f"machine: {platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}")

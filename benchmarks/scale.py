@@ -177,7 +177,12 @@ def main() -> None:
     parser.add_argument("--chaos", type=int, default=100)
     parser.add_argument("--node-every", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--phases", default="backlog,preemption,chaos",
+                        help="which of backlog, preemption, chaos to run (comma-separated)")
     args = parser.parse_args()
+    phases = set(args.phases.split(","))
+    if not phases or phases - {"backlog", "preemption", "chaos"}:
+        parser.error(f"--phases: choose from backlog, preemption, chaos; got {args.phases!r}")
 
     from farm.engines.tiny import make_tiny_models
 
@@ -196,28 +201,36 @@ def main() -> None:
                     "date": dt.date.today().isoformat()}
     with cluster_farm(models, nodes) as farm:
         tenant, _ = farm.store.create_tenant("bench")
-        result["autoscaled"] = backlog_phase(farm, tenant.id, "ltx-auto", "H100", args.backlog, args.submit_interval)
-        result["fixed"] = backlog_phase(farm, tenant.id, "ltx-fixed", "A100", args.backlog, args.submit_interval)
-        result["wait_ratio_autoscaled_over_fixed"] = (result["autoscaled"]["mean_wait_s"]
-                                                      / result["fixed"]["mean_wait_s"])
-        result["replica_seconds_ratio_autoscaled_over_fixed"] = (result["autoscaled"]["replica_seconds"]
-                                                                 / result["fixed"]["replica_seconds"])
-        print(json.dumps(result, indent=2, default=str), flush=True)
-        runs = [preemption_phase(farm, tenant.id, "ltx-urgent") for _ in range(args.preemptions)]
-        result["preemption_runs"] = runs
-        done = [r for r in runs if r["preempted"]]
-        result["preemption"] = {
-            "runs": len(runs), "preempted": len(done),
-            "median_submit_to_first_step_s": statistics.median(r["submit_to_first_step_s"] for r in runs),
-            "median_bound_s": statistics.median(r["bound_s"] for r in done) if done else None,
-            "within_bound": sum(r["within_bound"] for r in done),
-        }
-        print(json.dumps(result["preemption"], indent=2, default=str), flush=True)
-        result["chaos"] = chaos_phase(farm, tenant.id, "ltx-chaos", args.chaos, args.node_every)
+        if "backlog" in phases:
+            result["autoscaled"] = backlog_phase(farm, tenant.id, "ltx-auto", "H100", args.backlog,
+                                                 args.submit_interval)
+            result["fixed"] = backlog_phase(farm, tenant.id, "ltx-fixed", "A100", args.backlog, args.submit_interval)
+            result["wait_ratio_autoscaled_over_fixed"] = (result["autoscaled"]["mean_wait_s"]
+                                                          / result["fixed"]["mean_wait_s"])
+            result["replica_seconds_ratio_autoscaled_over_fixed"] = (result["autoscaled"]["replica_seconds"]
+                                                                     / result["fixed"]["replica_seconds"])
+            print(json.dumps(result, indent=2, default=str), flush=True)
+        if "preemption" in phases:
+            preemption_results(farm, tenant.id, args.preemptions, result)
+        if "chaos" in phases:
+            result["chaos"] = chaos_phase(farm, tenant.id, "ltx-chaos", args.chaos, args.node_every)
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if args.out:
         args.out.write_text(text)
+
+
+def preemption_results(farm, tenant_id: str, count: int, result: dict) -> None:
+    runs = [preemption_phase(farm, tenant_id, "ltx-urgent") for _ in range(count)]
+    result["preemption_runs"] = runs
+    done = [r for r in runs if r["preempted"]]
+    result["preemption"] = {
+        "runs": len(runs), "preempted": len(done),
+        "median_submit_to_first_step_s": statistics.median(r["submit_to_first_step_s"] for r in runs),
+        "median_bound_s": statistics.median(r["bound_s"] for r in done) if done else None,
+        "within_bound": sum(r["within_bound"] for r in done),
+    }
+    print(json.dumps(result["preemption"], indent=2, default=str), flush=True)
 
 
 if __name__ == "__main__":
