@@ -57,6 +57,9 @@ class EngineRequest:
     """What happens to the frames after the engine (None: encoding with the defaults)."""
     resume_from: str | None = None
     """URI of a denoising checkpoint left by a preempted attempt: resume after its step."""
+    estimated_memory_bytes: int | None = None
+    """The GPU memory the gateway estimated for it (`farm.engines.memory`); the manifest
+    puts it beside the measured peak, so each GPU render checks the estimate."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -138,7 +138,7 @@ def engine_request(claimed: ClaimedRender) -> EngineRequest:
         negative_prompt=spec.negative_prompt, image=spec.image or None, width=spec.width, height=spec.height,
         num_frames=spec.num_frames, fps=spec.fps, num_inference_steps=spec.num_inference_steps,
         guidance_scale=spec.guidance_scale, seed=spec.seed, resume_from=claimed.checkpoint_uri,
-        postprocess=spec.postprocess,
+        postprocess=spec.postprocess, estimated_memory_bytes=spec.memory_bytes,
     )
 
 

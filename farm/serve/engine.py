@@ -113,6 +113,7 @@ def build_manifest(engine_info: dict, request: EngineRequest, timings: list, out
         "timings": [{"phase": p, "device_kind": k, "seconds": s} for p, k, s in timings],
         "output": {"frames": output_shape[0], "height": output_shape[1], "width": output_shape[2]},
         "peak_memory_bytes": peak_memory_bytes,
+        "estimated_memory_bytes": request.estimated_memory_bytes,
         "node": socket.gethostname(),
         "written_at": time.time(),
         "postprocess": postprocess,

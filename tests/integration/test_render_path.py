@@ -49,6 +49,8 @@ def test_renders_an_mp4_of_the_requested_shape(client, farm_config, model, task,
     assert len(manifest["model"]["weights_sha256"]) == 64
     assert {"ENCODING_PROMPT", "DENOISING", "DECODING", "ENCODING"} <= {t["phase"] for t in manifest["timings"]}
     assert "torch" in json.dumps(manifest["model"])
+    # The gateway's GPU-memory estimate rides along, beside the peak measured on CUDA only.
+    assert manifest["estimated_memory_bytes"] > 0 and manifest["peak_memory_bytes"] is None
 
     phases = {p.phase: p for p in final.cost.phases}
     assert phases["DENOISING"].device_seconds > 0 and phases["DENOISING"].device_kind == "CPU"
