@@ -337,17 +337,19 @@ class Scheduler:
         lowest_preempting = min(c.min_priority for c in settings.priority_classes if c.preempts)
         queued = await asyncio.to_thread(self.store.best_queued, list(self.pools), lowest_preempting)
         for model, pools in self.pools.items():
-            waiting = [(r.claimed.spec.priority, r.claimed.spec.require_device_kind or None)
+            waiting = [(r.claimed.spec.priority, r.claimed.spec.require_device_kind or None, r.claimed.spec.memory_bytes)
                        for r in self.running.values()
                        if r.claimed.spec.model == model and not r.engine_started and not r.withdrawn]
             if model in queued:
                 waiting.append(queued[model])
-            urgent = [(p, kind) for p, kind in waiting if settings.priority_class(p).preempts]
+            urgent = [u for u in waiting if settings.priority_class(u[0]).preempts]
             if not urgent:
                 continue
-            priority, required = max(urgent, key=lambda u: u[0])
+            priority, required, memory = max(urgent, key=lambda u: u[0])
             rank = settings.class_rank(priority)
+            # Only an engine that can run it is worth freeing: of the kind it requires, holding its memory.
             eligible = [p for p in pools if not required or p.device_kind == required]
+            eligible = [p for p in eligible if fits(memory, self._capacity(p))] or eligible
             on_eligible = [r for r in self.running.values() if r.pool in eligible and not r.cancel_sent]
             lower = [r for r in on_eligible if settings.class_rank(r.claimed.spec.priority) < rank]
             for entry in lower:
@@ -358,7 +360,7 @@ class Scheduler:
                         entry.stream.cancel()
             engines = sum(p.slots for p in eligible)
             busy = sum(1 for r in on_eligible if r.engine_started and not r.preempt_sent and not r.withdrawn)
-            waiting_urgent = sum(1 for p, kind in urgent if settings.class_rank(p) >= rank)
+            waiting_urgent = sum(1 for u in urgent if settings.class_rank(u[0]) >= rank)
             needed = waiting_urgent - (engines - busy)
             victims = sorted(
                 (r for r in lower if r.engine_started and not r.preempt_sent and not r.withdrawn

@@ -506,11 +506,11 @@ class JobStore:
                 .limit(1)
             ) is not None
 
-    def best_queued(self, models: Iterable[str], at_least: int = 0) -> dict[str, tuple[int, str | None]]:
-        """Per model, the highest priority among its queued renders and the kind that
-        render requires, for models whose best is at least `at_least` (for preemption
-        decisions: one grouped query, and a second only for models that qualify)."""
-        best: dict[str, tuple[int, str | None]] = {}
+    def best_queued(self, models: Iterable[str], at_least: int = 0) -> dict[str, tuple[int, str | None, int | None]]:
+        """Per model, the highest priority among its queued renders, and the kind and the
+        GPU memory that render needs, for models whose best is at least `at_least` (for
+        preemption decisions: one grouped query, and a second only for models that qualify)."""
+        best: dict[str, tuple[int, str | None, int | None]] = {}
         with self._read() as session:
             tops = session.execute(
                 select(t.Render.model, func.max(t.Render.priority))
@@ -519,12 +519,12 @@ class JobStore:
             for model, priority in tops:
                 if priority < at_least:
                     continue
-                required = session.scalar(
-                    select(t.Render.require_device_kind)
+                required, memory = session.execute(
+                    select(t.Render.require_device_kind, t.Render.memory_bytes)
                     .where(t.Render.state == RenderState.QUEUED.value, t.Render.model == model,
                            t.Render.priority == priority)
-                    .order_by(t.Render.created_at).limit(1))
-                best[model] = (priority, required)
+                    .order_by(t.Render.created_at).limit(1)).one()
+                best[model] = (priority, required, memory)
         return best
 
     def record_progress(self, owner: str, updates: list[ProgressUpdate]) -> list[str]:

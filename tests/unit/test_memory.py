@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import math
 import re
 import threading
@@ -478,6 +479,9 @@ class FakePool:
     def scale_to(self, replicas: int) -> None:
         self.asked = replicas
 
+    def preempt(self, render_id: str, attempt: int) -> None:
+        self.preempted = [*getattr(self, "preempted", []), render_id]
+
 
 class Metrics:
     def __getattr__(self, name):
@@ -536,3 +540,23 @@ def test_a_render_that_fits_only_a_full_pool_stays_queued_and_scales_that_pool(s
     pools["H100"].slots = 1
     [big] = store.claim({"ltx": 1}, "test-owner", 30, scheduler._free_kinds(), scheduler._free_memory())
     assert big.spec.width == 1280 and scheduler._route(big) is pools["H100"]
+
+
+def test_an_urgent_render_preempts_only_on_a_pool_it_fits(store):
+    from farm.jobs.scheduler import _Running
+
+    config = pooled_config()
+    tenant, _ = store.create_tenant("acme")
+    fields = dict(width=1280, height=1280, num_frames=257, priority=90)
+    store.submit(tenant.id, RenderSpec(model="ltx", task=T2V, prompt="x", **fields), placed(config, **fields))
+    scheduler, pools = scheduler_for(config, store)
+    # Both pools busy with batch renders; the A100 one was claimed last, so it would be
+    # the victim if memory did not count.
+    for index, kind in enumerate(("H100", "A100")):
+        batch = claimed(placed(config, width=256, height=256, num_frames=17, priority=5))
+        batch = dataclasses.replace(batch, id=f"batch-{kind}", claimed_at=utcnow() + dt.timedelta(seconds=index))
+        scheduler.running[batch.id] = _Running(batch, pools[kind], stream=object(), engine_started=True)
+    asyncio.run(scheduler._preempt_for_waiting())
+    assert getattr(pools["H100"], "preempted", []) == ["batch-H100"]
+    assert not getattr(pools["A100"], "preempted", [])
+

@@ -128,7 +128,7 @@ def test_pools_are_published_per_kind_and_a_pool_at_zero_is_still_up(store):
 def test_best_queued_and_backlog_queries(store, tenant):
     submit(store, tenant.id, priority=20)
     submit(store, tenant.id, priority=90, require="H100")
-    assert store.best_queued(["ltx", "cog"]) == {"ltx": (90, "H100")}
+    assert store.best_queued(["ltx", "cog"]) == {"ltx": (90, "H100", None)}
     backlog = store.queued_specs(["ltx"])
     assert [(spec.priority, required, steps) for spec, required, steps in backlog] == [(20, None, 0), (90, "H100", 0)]
 
