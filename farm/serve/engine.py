@@ -41,6 +41,7 @@ from ray import serve
 from farm.config import ModelConfig, PoolConfig, PostprocConfig
 from farm.errors import RenderRejected
 from farm.engines.base import (
+    DECODING,
     POSTPROCESSING,
     WRITING,
     CheckpointError,
@@ -426,7 +427,13 @@ class EngineServer:
         if not self.engine.supports_checkpoint:
             return self._render_resumed(request, on_progress, stop, None)
         with PreemptionWatch(request.render_id, request.attempt, PREEMPT_CHECK_INTERVAL_S) as watch:
-            return self._render_resumed(request, on_progress, stop, watch.requested)
+
+            def progress(event: Progress) -> None:
+                if event.stage == DECODING:
+                    watch.stop()  # past the last preemption point: no more GCS reads
+                on_progress(event)
+
+            return self._render_resumed(request, progress, stop, watch.requested)
 
     def _render_resumed(self, request: EngineRequest, on_progress, stop: threading.Event,
                         should_preempt) -> RenderOutput:

@@ -48,6 +48,10 @@ class PreemptionWatch:
     def requested(self) -> bool:
         return self._raised.is_set()
 
+    def stop(self) -> None:
+        """Stops looking (the thread ends within one interval)."""
+        self._stop.set()
+
     def _watch(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
@@ -62,7 +66,7 @@ class PreemptionWatch:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._stop.set()
+        self.stop()
         self._thread.join()
 
 
