@@ -9,7 +9,7 @@ import random
 from farm.config import ModelConfig
 from farm.jobs.spec import ResolvedSpec
 from farm.jobs.store import JobStore
-from farm.metering.estimate import TimingModel, fit_timing_model
+from farm.metering.estimate import DEFAULT_CHUNK_FRAMES, TimingModel, fit_timing_model
 
 # Up to this size the grid spans the model's allowed range; beyond it a calibration
 # render would take minutes on a CPU pool. GPU pools may raise it (--max-size).
@@ -18,25 +18,58 @@ DEFAULT_MAX_FRAMES = 121
 DEFAULT_MAX_STEPS = 40
 
 
-def calibration_specs(model: ModelConfig, count: int, seed: int = 0, max_size: int = DEFAULT_MAX_SIZE,
-                      max_frames: int = DEFAULT_MAX_FRAMES, max_steps: int = DEFAULT_MAX_STEPS) -> list[dict]:
-    """Spec fields for `count` renders spread over sizes, frame counts and steps:
-    the corners of the range first, then random points inside it."""
+def _axes(model: ModelConfig, max_size: int, max_frames: int, max_steps: int):
     limits = model.limits
     sizes = list(range(max(limits.min_size, limits.size_multiple), min(max_size, limits.max_width) + 1,
                        limits.size_multiple))
     heights = [s for s in sizes if s <= limits.max_height]
     frames = list(range(limits.min_frames, min(max_frames, limits.max_frames) + 1, limits.frame_step))
     steps = list(range(2, min(max_steps, limits.max_steps) + 1))
-    corners = [dict(width=w, height=h, num_frames=f, num_inference_steps=s)
-               for w, h, f, s in itertools.product((sizes[0], sizes[-1]), (heights[0], heights[-1]),
-                                                   (frames[0], frames[-1]), (steps[0], steps[-1]))]
+    return sizes, heights, frames, steps
+
+
+def _corners(sizes, heights, frames, steps) -> list[dict]:
+    return [dict(width=w, height=h, num_frames=f, num_inference_steps=s)
+            for w, h, f, s in itertools.product((sizes[0], sizes[-1]), (heights[0], heights[-1]),
+                                                (frames[0], frames[-1]), (steps[0], steps[-1]))]
+
+
+def uniform_specs(model: ModelConfig, count: int, seed: int = 0, max_size: int = DEFAULT_MAX_SIZE,
+                  max_frames: int = DEFAULT_MAX_FRAMES, max_steps: int = DEFAULT_MAX_STEPS) -> list[dict]:
+    """Spec fields for `count` renders drawn uniformly over sizes, frame counts and
+    steps (benchmarks draw their trial renders so; calibration before version 2 of the
+    timing model used half of such a draw, after corners shuffled with the same seed)."""
+    sizes, heights, frames, steps = _axes(model, max_size, max_frames, max_steps)
+    chooser = random.Random(seed)
+    chooser.shuffle(_corners(sizes, heights, frames, steps))  # keeps the draws of earlier versions
+    return [dict(width=chooser.choice(sizes), height=chooser.choice(heights), num_frames=chooser.choice(frames),
+                 num_inference_steps=chooser.choice(steps)) for _ in range(count)]
+
+
+def calibration_specs(model: ModelConfig, count: int, seed: int = 0, max_size: int = DEFAULT_MAX_SIZE,
+                      max_frames: int = DEFAULT_MAX_FRAMES, max_steps: int = DEFAULT_MAX_STEPS) -> list[dict]:
+    """Spec fields for `count` renders spread over sizes, frame counts and steps: the
+    corners of the range first (the linear terms are pinned at their ends), then points
+    inside it, every other one a small render (sizes and frames drawn log-uniformly), so
+    the fixed costs that dominate small renders, where relative error is largest, are
+    measured as well as the big renders' per-pixel and per-token costs."""
+    sizes, heights, frames, steps = _axes(model, max_size, max_frames, max_steps)
+    corners = _corners(sizes, heights, frames, steps)
     chooser = random.Random(seed)
     chooser.shuffle(corners)
-    picked = corners[: count // 2]
+    picked = corners[: min(count, max(len(corners), count // 2))]
+
+    def log_uniform(values: list[int]) -> int:
+        target = values[0] * (values[-1] / values[0]) ** chooser.random()
+        return min(values, key=lambda v: abs(v - target))
+
     while len(picked) < count:
-        picked.append(dict(width=chooser.choice(sizes), height=chooser.choice(heights),
-                           num_frames=chooser.choice(frames), num_inference_steps=chooser.choice(steps)))
+        if len(picked) % 2:
+            picked.append(dict(width=log_uniform(sizes), height=log_uniform(heights), num_frames=log_uniform(frames),
+                               num_inference_steps=log_uniform(steps)))
+        else:
+            picked.append(dict(width=chooser.choice(sizes), height=chooser.choice(heights),
+                               num_frames=chooser.choice(frames), num_inference_steps=chooser.choice(steps)))
     return picked
 
 
@@ -47,7 +80,13 @@ def measured_samples(store: JobStore, model: ModelConfig, device_kind: str,
             if any(phase == "DENOISING" and kind == device_kind for phase, kind, _ in timings)]
 
 
-def fit_and_store(store: JobStore, model: ModelConfig, device_kind: str) -> TimingModel:
-    timing = fit_timing_model(measured_samples(store, model, device_kind), model)
+def fit_and_store(store: JobStore, model: ModelConfig, device_kind: str,
+                  samples: list[tuple[ResolvedSpec, list[tuple[str, str, float]]]] | None = None,
+                  chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> TimingModel:
+    """Fits the (model, device kind) timing model from `samples`, by default the recent
+    measured renders, and stores it. chunk_frames: the farm's postproc.chunk_frames."""
+    if samples is None:
+        samples = measured_samples(store, model, device_kind)
+    timing = fit_timing_model(samples, model, chunk_frames)
     store.save_cost_model(model.name, device_kind, timing.to_json(), timing.samples)
     return timing

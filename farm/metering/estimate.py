@@ -1,30 +1,125 @@
 """Cost estimates: a per-(model, device kind) timing model fitted from measured renders.
 
-Denoising dominates: each step runs the transformer over the latent tokens (x2 with
-classifier-free guidance, which runs as one batch), so denoising seconds are fitted as
-k + steps * (c0 + c1*T + c2*T^2) in the token count T (the square is attention; k is
-the pipeline's set-up per render). VAE decoding and
-MP4 encoding grow with the output pixels; prompt encoding is about constant. Each
-term is fitted by least squares with non-negative coefficients, on the timings the
-farm recorded for real renders (`farm calibrate` runs a grid of them)."""
+Every phase the meter charges is modelled, each as a sum of terms that the spec
+determines, with seconds-per-unit coefficients fitted from the farm's own renders:
+
+- ENCODING_PROMPT: a constant.
+- DENOISING: k + steps * (c0 + c1*T + c2*T^2) in the latent token count T (x2 with
+  classifier-free guidance, which runs as one batch; the square is attention; k is
+  the pipeline's set-up per render, c0 the fixed cost of a step).
+- DECODING: a constant plus terms in the decoded frames and pixels (one growing a
+  little faster than the pixels, as a large clip's activations outgrow the caches),
+  and an extra cost per pixel below a size: CPU convolutions pick their kernel by the
+  size of the activations (PyTorch runs oneDNN once batch x channels x frames x height
+  passes a bound, and a native kernel 3x slower per pixel below it, whatever the
+  width), so the fit also looks for the frames x height where the cost per pixel
+  changes, and keeps it only where it fits clearly better.
+- POSTPROCESSING (quality scores and whatever the spec asks: interpolation,
+  upscaling, color) and ENCODING (H.264 segments and their join) run chunk by chunk
+  on the post-processing replicas: a cost per chunk (each is a task, a segment, an
+  encoder start) plus terms in the frames and pixels they handle. Quality analysis
+  looks at frames shrunk to `ANALYSIS_MAX_SIDE`, so it grows with analysed pairs
+  times the shrunk area, not with the full pixels.
+- WRITING: a constant plus a term in the delivered pixels.
+
+Fits minimise the relative error (a budget is a percentage game) with non-negative
+coefficients, robustly: iteratively reweighted towards least absolute relative
+deviations, so that a render slowed down by something else on its machine does not
+drag the model; then one factor over every phase puts the median render's total on
+its measured total. Estimates are priced as the meter prices: each phase on the device
+kind it was measured on (the engine's kind for the engine's phases, the
+post-processing replicas' kind for theirs), each (phase, kind) charge rounded to
+integer nanodollars."""
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-from collections.abc import Sequence
+import logging
+import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from farm.config import Family, ModelConfig, PriceConfig
+from farm.config import Family, ModelConfig, PostprocConfig, PriceConfig
 from farm.jobs.spec import ResolvedSpec
+from farm.metering.cost import price_timings
+from farm.postproc.chunks import plan_chunks
 
+log = logging.getLogger(__name__)
+
+VERSION = 2
 TEMPORAL_COMPRESSION = {Family.LTX_VIDEO: 8, Family.COGVIDEOX: 4}
+# farm.postproc.quality analyses frames shrunk to this longer side (at least 8 px a side).
+ANALYSIS_MAX_SIDE = 256
+DEFAULT_CHUNK_FRAMES = PostprocConfig.model_fields["chunk_frames"].default
+# Phases that run once per candidate (each candidate is a whole render); the others
+# run on the one delivered clip (POSTPROCESSING also scores every candidate).
+PER_CANDIDATE_PHASES = ("ENCODING_PROMPT", "DENOISING", "DECODING")
+# Phases charged on CPU cores when a model does not say where they were measured
+# (version 1 models, the fallback).
+CPU_PHASES = ("ENCODING", "WRITING", "POSTPROCESSING")
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """What a spec asks of each phase, in the units the terms count."""
+
+    steps: float
+    tokens: float
+    frames: float
+    pixels: float
+    """Decoded pixels of one candidate."""
+    chunks: float
+    """Post-processing chunk tasks: the delivered clip's, and each candidate's scoring."""
+    analysed: float
+    """Frame pairs the quality measurements analyse, times the analysis area."""
+    delivered_frames: float
+    delivered_pixels: float
+    candidates: int
+    frames_height: float
+    """Frames x height of the decoded clip: what decides the convolution kernels."""
+
+
+# Each term: units of work from the spec's Work and the phase's break (a frames x
+# height; infinite when the phase has none).
+TERMS: dict[str, Callable[[Work, float], float]] = {
+    "one": lambda w, b: 1.0,
+    "steps": lambda w, b: w.steps,
+    "step_tokens": lambda w, b: w.steps * w.tokens,
+    "step_tokens2": lambda w, b: w.steps * w.tokens**2,
+    "frames": lambda w, b: w.frames,
+    "pixels": lambda w, b: w.pixels,
+    "pixels_below_break": lambda w, b: w.pixels if w.frames_height < b else 0.0,
+    # Cost per pixel that grows slowly with the clip's size (activations outgrowing the
+    # caches, fresh memory for them): the tiny LTX-Video's VAE on 2 CPU cores took 60 ns
+    # a pixel at 3 Mpx and 95 ns at 30 Mpx.
+    "pixels_log": lambda w, b: w.pixels * math.log2(1.0 + w.pixels / 1e6),
+    "chunks": lambda w, b: w.chunks,
+    "analysed": lambda w, b: w.analysed,
+    "delivered_frames": lambda w, b: w.delivered_frames,
+    "delivered_pixels": lambda w, b: w.delivered_pixels,
+}
+PHASE_TERMS: dict[str, tuple[str, ...]] = {
+    "ENCODING_PROMPT": ("one",),
+    "DENOISING": ("one", "steps", "step_tokens", "step_tokens2"),
+    "DECODING": ("one", "frames", "pixels", "pixels_below_break", "pixels_log"),
+    "POSTPROCESSING": ("one", "chunks", "delivered_frames", "analysed", "delivered_pixels"),
+    "ENCODING": ("one", "chunks", "delivered_frames", "delivered_pixels"),
+    "WRITING": ("one", "delivered_pixels"),
+}
+# Phases whose fit looks for a frames x height where the cost per pixel changes.
+BREAK_PHASES = ("DECODING",)
+MAX_BREAK_CANDIDATES = 24
+# Relative improvement of the fit's loss a break must bring to be kept.
+BREAK_GAIN = 0.05
 # Before any measurement: deliberately pessimistic seconds per unit, so a budget is
 # never under-reserved (CPU-scale numbers; GPU pools fit their own model quickly).
-FALLBACK = {"DENOISING": (0.5, 0.0, 2e-4, 0.0), "OTHER": (0.05, 2e-7)}
-PER_PIXEL_PHASES = ("DECODING", "ENCODING", "WRITING", "POSTPROCESSING")
-CPU_PHASES = ("ENCODING", "WRITING", "POSTPROCESSING")
+FALLBACK: dict[str, dict[str, float]] = {
+    "ENCODING_PROMPT": {"one": 0.05},
+    "DENOISING": {"one": 0.5, "step_tokens": 2e-4},
+    "DECODING": {"one": 0.05, "pixels": 2e-7},
+    "ENCODING": {"one": 0.05, "delivered_pixels": 2e-7},
+}
 
 
 def latent_tokens(spec: ResolvedSpec, model: ModelConfig) -> float:
@@ -48,105 +143,230 @@ def delivered_pixels(spec: ResolvedSpec) -> float:
     return float(post.output_frames(spec.num_frames) * spec.width * spec.height * post.upscale_factor ** 2)
 
 
-def _nonnegative_fit(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Least squares with every coefficient >= 0: the best of the fits over the
-    subsets of features whose solution is non-negative (four features at most)."""
-    best, best_error = np.zeros(features.shape[1]), float(np.sum(targets**2))
-    for size in range(1, features.shape[1] + 1):
-        for subset in itertools.combinations(range(features.shape[1]), size):
-            columns = list(subset)
-            solution, *_ = np.linalg.lstsq(features[:, columns], targets, rcond=None)
-            if np.any(solution < 0):
-                continue
-            coefficients = np.zeros(features.shape[1])
-            coefficients[columns] = solution
-            error = float(np.sum((features @ coefficients - targets) ** 2))
-            if error < best_error:
-                best, best_error = coefficients, error
-    return best
+def analysis_area(width: int, height: int) -> float:
+    shrink = min(1.0, ANALYSIS_MAX_SIDE / max(width, height))
+    return float(max(8, round(width * shrink)) * max(8, round(height * shrink)))
+
+
+def spec_work(spec: ResolvedSpec, model: ModelConfig, chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> Work:
+    post = spec.postprocess
+    candidates = post.candidates if post else 1
+    factor = post.interpolation_factor if post else 1
+    frames = spec.num_frames
+    chunks = len(plan_chunks(frames, chunk_frames, overlap=1)) if frames > 1 else 1
+    area = analysis_area(spec.width, spec.height)
+    # The delivered clip is measured after interpolation; with several candidates each
+    # one's engine frames are scored first, to choose.
+    scored = candidates if candidates > 1 else 0
+    analysed = (frames - 1) * factor * area + scored * (frames - 1) * area
+    delivered_frames = float(post.output_frames(frames) if post else frames)
+    return Work(steps=float(spec.num_inference_steps), tokens=latent_tokens(spec, model), frames=float(frames),
+                pixels=output_pixels(spec), chunks=float(chunks * (1 + scored)), analysed=analysed,
+                delivered_frames=delivered_frames, delivered_pixels=delivered_pixels(spec), candidates=candidates,
+                frames_height=float(frames * spec.height))
 
 
 @dataclasses.dataclass(frozen=True)
 class TimingModel:
     """Seconds per phase as a function of the spec, for one (model, device kind)."""
 
-    denoise: tuple[float, float, float, float]
-    """k, c0, c1, c2 of k + steps * (c0 + c1*T + c2*T^2)."""
-    prompt_seconds: float
-    per_pixel: dict[str, tuple[float, float]]
+    phases: dict[str, dict[str, float]]
+    """phase -> term -> seconds per unit of the term (see TERMS, PHASE_TERMS)."""
+    kinds: dict[str, dict[str, float]]
+    """phase -> device kind it was metered on -> share of the phase's seconds. A phase
+    missing here is priced on the estimate's device kind, or on CPU for CPU_PHASES."""
     samples: int
+    chunk_frames: int = DEFAULT_CHUNK_FRAMES
+    """The post-processing chunk size the renders were measured with."""
+    breaks: dict[str, float] = dataclasses.field(default_factory=dict)
+    """phase -> the frames x height below which its "pixels_below_break" term counts."""
 
     def to_json(self) -> dict:
-        return {"denoise": list(self.denoise), "prompt_seconds": self.prompt_seconds,
-                "per_pixel": {k: list(v) for k, v in self.per_pixel.items()}, "samples": self.samples}
+        return {"version": VERSION, "phases": self.phases, "kinds": self.kinds, "samples": self.samples,
+                "chunk_frames": self.chunk_frames, "breaks": self.breaks}
 
     @classmethod
-    def from_json(cls, data: dict) -> "TimingModel":
-        return cls(tuple(data["denoise"]), data["prompt_seconds"],
-                   {k: tuple(v) for k, v in data["per_pixel"].items()}, data["samples"])
+    def from_json(cls, data: dict) -> "TimingModel | None":
+        """Reads a stored model. Version 1 models (denoise, prompt_seconds, per_pixel)
+        are read as the same coefficients in this version's terms; a model this code
+        cannot read (a newer version) is None, as if the pair were not calibrated."""
+        version = data.get("version", 1)
+        try:
+            if version == 1:
+                return cls._from_version_1(data)
+            if version == VERSION:
+                phases = {phase: {term: float(v) for term, v in terms.items()}
+                          for phase, terms in data["phases"].items()}
+                for phase, terms in phases.items():
+                    unknown = set(terms) - set(TERMS)
+                    if unknown:
+                        raise ValueError(f"unknown terms {sorted(unknown)} in phase {phase}")
+                kinds = {phase: {kind: float(v) for kind, v in shares.items()}
+                         for phase, shares in data.get("kinds", {}).items()}
+                breaks = {phase: float(v) for phase, v in data.get("breaks", {}).items()}
+                return cls(phases, kinds, int(data["samples"]), int(data.get("chunk_frames", DEFAULT_CHUNK_FRAMES)),
+                           breaks)
+            raise ValueError(f"version {version}")
+        except (KeyError, TypeError, ValueError) as error:
+            log.warning("stored timing model not readable (%s); treating it as uncalibrated", error)
+            return None
+
+    @classmethod
+    def _from_version_1(cls, data: dict) -> "TimingModel":
+        k, c0, c1, c2 = (float(v) for v in data["denoise"])
+        phases = {"DENOISING": {"one": k, "steps": c0, "step_tokens": c1, "step_tokens2": c2},
+                  "ENCODING_PROMPT": {"one": float(data["prompt_seconds"])}}
+        for phase, (p0, p1) in data["per_pixel"].items():
+            phases[phase] = {"one": float(p0), "pixels" if phase == "DECODING" else "delivered_pixels": float(p1)}
+        return cls(phases, {}, int(data["samples"]))
 
     @classmethod
     def fallback(cls) -> "TimingModel":
-        return cls(FALLBACK["DENOISING"], FALLBACK["OTHER"][0],
-                   {phase: FALLBACK["OTHER"] for phase in ("DECODING", "ENCODING")}, 0)
+        return cls({phase: dict(terms) for phase, terms in FALLBACK.items()}, {}, 0)
 
     def phase_seconds(self, spec: ResolvedSpec, model: ModelConfig) -> dict[str, float]:
-        tokens, pixels = latent_tokens(spec, model), output_pixels(spec)
-        k, c0, c1, c2 = self.denoise
-        post = spec.postprocess
-        # Every candidate is a whole render; interpolation and upscaling multiply the
-        # pixels that post-processing and encoding handle.
-        candidates = post.candidates if post else 1
-        delivered = delivered_pixels(spec)
-        seconds = {"DENOISING": candidates * (k + spec.num_inference_steps * (c0 + c1 * tokens + c2 * tokens**2)),
-                   "ENCODING_PROMPT": candidates * self.prompt_seconds}
-        for phase, (p0, p1) in self.per_pixel.items():
-            # Each candidate is decoded; only the chosen clip is post-processed and encoded.
-            seconds[phase] = candidates * (p0 + p1 * pixels) if phase == "DECODING" else p0 + p1 * delivered
+        work = spec_work(spec, model, self.chunk_frames)
+        seconds = {}
+        for phase, terms in self.phases.items():
+            at = self.breaks.get(phase, math.inf)
+            value = sum(coefficient * TERMS[term](work, at) for term, coefficient in terms.items())
+            # Every candidate is a whole render; post-processing and encoding count the
+            # candidates in their terms (scoring chunks) or handle only the chosen clip.
+            seconds[phase] = value * work.candidates if phase in PER_CANDIDATE_PHASES else value
         return seconds
+
+    def kind_shares(self, phase: str, device_kind: str) -> dict[str, float]:
+        """Where a phase is metered: {device kind: share of its seconds}."""
+        return self.kinds.get(phase) or {"CPU" if phase in CPU_PHASES else device_kind: 1.0}
+
+
+def _nonnegative_fit(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0 (Lawson and Hanson's active-set method)."""
+    rows, columns = features.shape
+    coefficients = np.zeros(columns)
+    passive = np.zeros(columns, dtype=bool)
+    tolerance = 10 * np.finfo(float).eps * max(rows, columns) * max(1.0, float(np.abs(features).sum(axis=0).max()))
+    gradient = features.T @ (targets - features @ coefficients)
+    for _ in range(3 * columns + 10):
+        if passive.all() or gradient[~passive].max() <= tolerance:
+            break
+        passive[np.argmax(np.where(passive, -np.inf, gradient))] = True
+        while True:
+            trial = np.zeros(columns)
+            trial[passive] = np.linalg.lstsq(features[:, passive], targets, rcond=None)[0]
+            if trial[passive].min() > 0:
+                break
+            # Step back to where the first coefficient reaches zero; it leaves the passive set.
+            blocking = passive & (trial <= 0)
+            step = np.min(coefficients[blocking] / (coefficients[blocking] - trial[blocking]))
+            coefficients = coefficients + step * (trial - coefficients)
+            passive &= coefficients > tolerance
+            if not passive.any():
+                trial = np.zeros(columns)
+                break
+        coefficients = trial
+        gradient = features.T @ (targets - features @ coefficients)
+    return coefficients
+
+
+def fit_relative(features: np.ndarray, targets: np.ndarray, iterations: int = 20) -> np.ndarray:
+    """Non-negative coefficients minimising the absolute relative error |f.c / y - 1|
+    (iteratively reweighted least squares from the least-squares relative fit): a
+    median-like fit, which renders slowed down by other work on the machine barely move."""
+    targets = np.maximum(targets, 1e-6)
+    # Rows scaled by 1/target: residuals are relative errors.
+    features = features / targets[:, None]
+    # Columns span many orders of magnitude (1, T, T^2, pixels): scale them for a stable solve.
+    scale = np.abs(features).max(axis=0)
+    scale[scale == 0] = 1.0
+    features = features / scale
+    ones = np.ones(len(targets))
+    coefficients = _nonnegative_fit(features, ones)
+    for _ in range(iterations):
+        residuals = np.abs(features @ coefficients - 1.0)
+        # L1 by reweighting: weight 1/|r|, floored so that exact fits do not take over.
+        weights = 1.0 / np.sqrt(np.maximum(residuals, 0.01))
+        updated = _nonnegative_fit(features * weights[:, None], weights)
+        if np.allclose(updated, coefficients, rtol=1e-6, atol=1e-12):
+            break
+        coefficients = updated
+    return coefficients / scale
 
 
 def fit_timing_model(samples: Sequence[tuple[ResolvedSpec, list[tuple[str, str, float]]]],
-                     model: ModelConfig) -> TimingModel:
+                     model: ModelConfig, chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> TimingModel:
     """Fits from (spec, [(phase, device kind, seconds)]) of succeeded renders."""
     if not samples:
         raise ValueError(f"no measured renders of {model.name} to fit a timing model from")
-    denoise_seconds, denoise_rows, prompt = [], [], []
-    pixel_rows: dict[str, list[tuple[float, float]]] = {}
+    rows: dict[str, list[tuple[Work, float]]] = {}
+    kind_seconds: dict[str, dict[str, float]] = {}
     for spec, timings in samples:
-        phase_totals: dict[str, float] = {}
-        for phase, _kind, seconds in timings:
-            phase_totals[phase] = phase_totals.get(phase, 0.0) + seconds
-        tokens = latent_tokens(spec, model)
-        if "DENOISING" in phase_totals:
-            steps = spec.num_inference_steps
-            denoise_rows.append((1.0, steps, steps * tokens, steps * tokens**2))
-            denoise_seconds.append(phase_totals["DENOISING"])
-        if "ENCODING_PROMPT" in phase_totals:
-            prompt.append(phase_totals["ENCODING_PROMPT"])
-        for phase in PER_PIXEL_PHASES:
-            if phase in phase_totals:
-                pixels = output_pixels(spec) if phase == "DECODING" else delivered_pixels(spec)
-                pixel_rows.setdefault(phase, []).append((pixels, phase_totals[phase]))
-    denoise = _fit_scaled(np.array(denoise_rows), np.array(denoise_seconds))
-    per_pixel = {}
-    for phase, rows in pixel_rows.items():
-        data = np.array(rows)
-        features = np.column_stack([np.ones(len(data)), data[:, 0]])
-        per_pixel[phase] = tuple(float(v) for v in _fit_scaled(features, data[:, 1]))
-    return TimingModel(tuple(float(v) for v in denoise), float(np.median(prompt)) if prompt else 0.0,
-                       per_pixel, len(samples))
+        work = spec_work(spec, model, chunk_frames)
+        totals: dict[str, float] = {}
+        for phase, kind, seconds in timings:
+            totals[phase] = totals.get(phase, 0.0) + seconds
+            shares = kind_seconds.setdefault(phase, {})
+            shares[kind] = shares.get(kind, 0.0) + seconds
+        for phase, seconds in totals.items():
+            if phase not in PHASE_TERMS:
+                continue  # a phase this model does not price (LOADING, say): not part of a render's cost
+            per = work.candidates if phase in PER_CANDIDATE_PHASES else 1
+            rows.setdefault(phase, []).append((work, seconds / per))
+    phases, breaks = {}, {}
+    for phase, data in rows.items():
+        terms = PHASE_TERMS[phase]
+        targets = np.array([seconds for _, seconds in data])
+        best = None
+        for at in _break_candidates([work for work, _ in data]) if phase in BREAK_PHASES else [math.inf]:
+            features = np.array([[TERMS[term](work, at) for term in terms] for work, _ in data])
+            coefficients = fit_relative(features, targets)
+            loss = float(np.sum(np.abs(features @ coefficients / np.maximum(targets, 1e-6) - 1.0)))
+            # A break must earn its place: a clearly better fit than none.
+            if best is None or loss < best[0] * (1.0 - BREAK_GAIN):
+                best = (loss, at, coefficients)
+        _, at, coefficients = best
+        phases[phase] = {term: float(c) for term, c in zip(terms, coefficients)}
+        if at != math.inf:
+            breaks[phase] = at
+        elif "pixels_below_break" in terms:  # no break: the term is just more pixels
+            phases[phase]["pixels"] += phases[phase].pop("pixels_below_break")
+    # Each phase's fit lands on its median, and a median of a sum of right-skewed parts
+    # (a render is slowed, never sped up, by whatever else the machine does) lies above
+    # the sum of their medians: one factor over every phase puts the renders' totals,
+    # what is charged, on their median too.
+    timing = TimingModel(phases, {}, len(samples), chunk_frames, breaks)
+    predicted, measured = [], []
+    for spec, timings in samples:
+        total = sum(seconds for phase, _, seconds in timings if phase in phases)
+        if total > 0:
+            predicted.append(sum(timing.phase_seconds(spec, model).values()))
+            measured.append(total)
+    factor = _median_ratio(np.array(measured), np.array(predicted))
+    phases = {phase: {term: c * factor for term, c in terms.items()} for phase, terms in phases.items()}
+    kinds = {}
+    for phase, by_kind in kind_seconds.items():
+        total = sum(by_kind.values())
+        if phase in phases and total > 0:
+            kinds[phase] = {kind: seconds / total for kind, seconds in sorted(by_kind.items())}
+    return TimingModel(phases, kinds, len(samples), chunk_frames, breaks)
 
 
-def _fit_scaled(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    # Estimates must be right in proportion (a budget is a percentage game), so rows
-    # are weighted by 1/target: the fit minimises relative, not absolute, error.
-    weights = 1.0 / np.maximum(targets, 1e-6)
-    features, targets = features * weights[:, None], targets * weights
-    # Columns span many orders of magnitude (1, T, T^2): scale them for a stable solve.
-    scale = np.abs(features).max(axis=0)
-    scale[scale == 0] = 1.0
-    return _nonnegative_fit(features / scale, targets) / scale
+def _median_ratio(measured: np.ndarray, predicted: np.ndarray) -> float:
+    """The median of measured / predicted (1.0 when nothing is predicted): the factor
+    that puts the median render's predicted total on its measured total."""
+    keep = (predicted > 0) & (measured > 0)
+    return float(np.median(measured[keep] / predicted[keep])) if keep.any() else 1.0
+
+
+def _break_candidates(works: Sequence[Work]) -> list[float]:
+    """No break, then midpoints between the measured frames x heights (at most
+    MAX_BREAK_CANDIDATES of them, spread evenly), each with measurements on both sides."""
+    values = sorted({work.frames_height for work in works})
+    midpoints = [(a + b) / 2 for a, b in zip(values, values[1:])]
+    if len(midpoints) > MAX_BREAK_CANDIDATES:
+        picks = np.linspace(0, len(midpoints) - 1, MAX_BREAK_CANDIDATES).round().astype(int)
+        midpoints = [midpoints[i] for i in sorted(set(picks))]
+    return [math.inf] + midpoints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,8 +381,11 @@ class Estimate:
 def estimate_cost(spec: ResolvedSpec, model: ModelConfig, timing: TimingModel | None, device_kind: str,
                   prices: PriceConfig) -> Estimate:
     calibrated = timing is not None
-    phases = (timing or TimingModel.fallback()).phase_seconds(spec, model)
-    # Priced as the engine meters them: MP4 encoding and writing run on CPU cores.
-    dollars = sum(seconds * prices.price_of("CPU" if phase in CPU_PHASES else device_kind)
-                  for phase, seconds in phases.items()) / 3600
-    return Estimate(sum(phases.values()), round(dollars * 1e9), device_kind, phases, calibrated)
+    timing = timing or TimingModel.fallback()
+    phases = timing.phase_seconds(spec, model)
+    # Priced as the meter prices a render: each phase on the kind it runs on, each
+    # (phase, kind) charge rounded to nanodollars.
+    timings = [(phase, kind, seconds * share) for phase, seconds in phases.items()
+               for kind, share in timing.kind_shares(phase, device_kind).items()]
+    nanodollars = sum(charge.nanodollars for charge in price_timings(prices, timings))
+    return Estimate(sum(phases.values()), nanodollars, device_kind, phases, calibrated)
