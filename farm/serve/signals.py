@@ -52,22 +52,28 @@ class PreemptionWatch:
         """Stops looking (the thread ends within one interval)."""
         self._stop.set()
 
+    def _look(self) -> bool:
+        try:
+            if preemption_requested(self.render_id, self.attempt):
+                self._raised.set()
+        except Exception as error:  # noqa: BLE001 - an unreadable flag must not fail the render
+            log.warning("render %s: cannot read the preemption flag: %s", self.render_id, error)
+        return self._raised.is_set()
+
     def _watch(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                if preemption_requested(self.render_id, self.attempt):
-                    self._raised.set()
-                    return
-            except Exception as error:  # noqa: BLE001 - an unreadable flag must not fail the render
-                log.warning("render %s: cannot read the preemption flag: %s", self.render_id, error)
+        while not self._stop.wait(self.interval_s) and not self._look():
+            pass
 
     def __enter__(self) -> PreemptionWatch:
-        self._thread.start()
+        # One look before the render starts: the flag may have gone up while it waited.
+        if not self._look():
+            self._thread.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 def clear_preemption(render_id: str, attempt: int) -> None:
