@@ -369,14 +369,14 @@ def calibrate(model: str = typer.Option(..., "--model", "-m"),
         raise typer.BadParameter(f"unknown model {model!r}")
     with _client(target, api_key, config_path) as client:
         info = {m.name: m for m in client.models().models}[model]
-        ids = []
+        # One at a time: a render queued behind another shares the cores with its
+        # post-processing, and would be timed slower than it runs alone.
         for index, fields in enumerate(calibration_specs(model_config, renders, max_size=max_size)):
             spec = pb.RenderSpec(model=model, task=pb.TASK_TEXT_TO_VIDEO, prompt="calibration", seed=index, **fields)
-            ids.append(client.submit(spec).id)
-        for render_id in ids:
+            render_id = client.submit(spec).id
             if client.wait(render_id).state != pb.RENDER_STATE_SUCCEEDED:
                 console.print(f"calibration render {render_id} did not succeed", style="red")
-    timing = fit_and_store(store, model_config, info.device_kind)
+    timing = fit_and_store(store, model_config, info.device_kind, chunk_frames=config.postproc.chunk_frames)
     console.print(f"{model} on {info.device_kind}: fitted from {timing.samples} renders")
     console.print_json(json.dumps(timing.to_json()))
 
