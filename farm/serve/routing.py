@@ -16,7 +16,7 @@ from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from farm.serve.signals import fenced_nodes, on_fenced_node
+from farm.serve.signals import fenced_here, fenced_nodes, on_fenced_node
 
 log = logging.getLogger(__name__)
 # The quarantine list is a GCS read; routing looks at it at most this often.
@@ -36,7 +36,7 @@ class EngineRouter(FIFOMixin, RequestRouter):
                 self._fenced = fenced_nodes(time.time())
             except Exception:  # the GCS briefly unreachable: route on what was known
                 log.warning("could not read the node quarantine list", exc_info=True)
-        return self._fenced
+        return {**self._fenced, **fenced_here(time.time())}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:

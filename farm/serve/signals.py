@@ -87,6 +87,8 @@ def clear_preemption(render_id: str, attempt: int) -> None:
 # restarted scheduler and expires by itself. Nodes are named "<host>/<Ray node id
 # prefix>" (`farm.serve.engine.node_name`); routers match replicas by the id prefix.
 _FENCE_PREFIX = "fenced/"
+# Fenced by this process (the scheduler's): its routers see them at once, not at their next read.
+_fenced_here: dict[str, float] = {}
 
 
 def node_id_prefix(node: str) -> str:
@@ -98,6 +100,12 @@ def fence_node(node: str, until: float) -> None:
 
     internal_kv._internal_kv_put(f"{_FENCE_PREFIX}{node_id_prefix(node)}".encode(), repr(until).encode(),
                                  overwrite=True, namespace=NAMESPACE)
+    _fenced_here[node_id_prefix(node)] = until
+
+
+def fenced_here(now: float) -> dict[str, float]:
+    """The nodes this process fenced that are still in quarantine at `now`."""
+    return {node: until for node, until in _fenced_here.items() if until > now}
 
 
 def fenced_nodes(now: float) -> dict[str, float]:
