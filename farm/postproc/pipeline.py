@@ -192,6 +192,20 @@ def process_chunk(frames: np.ndarray, chunk: Chunk, work: ChunkWork, index: int 
     )
 
 
+def warm_up(threads: int = 1) -> float:
+    """Runs every stage a render's chunk always runs (quality, statistics, encoding) on
+    a tiny clip, once, and returns the seconds it took. OpenCV builds its Lab tables on
+    first use (about 0.14 s on a 2-core machine), which a worker should pay when it
+    starts, not the first render it serves."""
+    started = time.perf_counter()
+    frames = np.zeros((3, 32, 32, 3), dtype=np.uint8)
+    frames[1:] = 64  # some change between frames, for the flow
+    process_chunk(frames, Chunk(0, len(frames)), ChunkWork(threads=threads))
+    match_color(frames, ColorStats(mean=(50.0, 0.0, 0.0), std=(10.0, 1.0, 1.0), pixels=1), 1.0,
+                source=reference_statistics(frames))
+    return time.perf_counter() - started
+
+
 def device_seconds_by_phase(seconds: dict[str, float], scale: float) -> dict[str, float]:
     """Stage seconds -> device-seconds of the POSTPROCESSING and ENCODING phases."""
     phases: dict[str, float] = {}

@@ -30,6 +30,7 @@ from farm.postproc.pipeline import (
     chunk_statistics,
     device_seconds_by_phase,
     process_chunk,
+    warm_up,
 )
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ class PostprocServer:
             import torch
 
             torch.set_num_threads(threads)
-        log.info("post-processing replica %s ready (%s, %d threads)", self.name, self.device_kind, threads)
+        warmed = warm_up(threads)
+        log.info("post-processing replica %s ready (%s, %d threads, warmed up in %.2f s)", self.name,
+                 self.device_kind, threads, warmed)
 
     async def statistics(self, frames_ref: list, chunk: Chunk, index: int) -> StatisticsResult:
         frames = await frames_ref[0]
