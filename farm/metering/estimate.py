@@ -18,8 +18,12 @@ determines, with seconds-per-unit coefficients fitted from the farm's own render
   upscaling, color) and ENCODING (H.264 segments and their join) run chunk by chunk
   on the post-processing replicas: a cost per chunk (each is a task, a segment, an
   encoder start) plus terms in the frames and pixels they handle. Quality analysis
-  looks at frames shrunk to `ANALYSIS_MAX_SIDE`, so it grows with analysed pairs
-  times the shrunk area, not with the full pixels.
+  looks at frames shrunk to `ANALYSIS_MAX_SIDE`, and its optical flow (most of its
+  cost) sees them padded to at least `MIN_FLOW_SIDE` a side, so it grows with pairs
+  times that padded area, not with the full pixels: a 32x704 clip is analysed at
+  12x256 but flowed at 32x256. Encoding also costs per row of every frame (colour
+  conversion and the encoder work row by row): a tall narrow frame costs a third
+  more per pixel than a square one.
 - WRITING: a constant plus a term in the delivered pixels.
 
 Fits minimise the relative error (a budget is a percentage game) with non-negative
@@ -47,10 +51,15 @@ from farm.postproc.chunks import plan_chunks
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
+# Versions whose stored models this code reads: 1 (converted), 2 (terms of this module
+# without "flowed" and "delivered_rows"), 3.
+READABLE_VERSIONS = (1, 2, 3)
 TEMPORAL_COMPRESSION = {Family.LTX_VIDEO: 8, Family.COGVIDEOX: 4}
 # farm.postproc.quality analyses frames shrunk to this longer side (at least 8 px a side).
 ANALYSIS_MAX_SIDE = 256
+# farm.postproc.interpolate pads images to at least this side for the optical flow.
+MIN_FLOW_SIDE = 32
 DEFAULT_CHUNK_FRAMES = PostprocConfig.model_fields["chunk_frames"].default
 # Phases that run once per candidate (each candidate is a whole render); the others
 # run on the one delivered clip (POSTPROCESSING also scores every candidate).
@@ -73,8 +82,12 @@ class Work:
     """Post-processing chunk tasks: the delivered clip's, and each candidate's scoring."""
     analysed: float
     """Frame pairs the quality measurements analyse, times the analysis area."""
+    flowed: float
+    """The same pairs times the area their optical flow runs on (padded to MIN_FLOW_SIDE)."""
     delivered_frames: float
     delivered_pixels: float
+    delivered_rows: float
+    """Rows of every delivered frame (frames x height after upscaling)."""
     candidates: int
     frames_height: float
     """Frames x height of the decoded clip: what decides the convolution kernels."""
@@ -96,15 +109,17 @@ TERMS: dict[str, Callable[[Work, float], float]] = {
     "pixels_log": lambda w, b: w.pixels * math.log2(1.0 + w.pixels / 1e6),
     "chunks": lambda w, b: w.chunks,
     "analysed": lambda w, b: w.analysed,
+    "flowed": lambda w, b: w.flowed,
     "delivered_frames": lambda w, b: w.delivered_frames,
     "delivered_pixels": lambda w, b: w.delivered_pixels,
+    "delivered_rows": lambda w, b: w.delivered_rows,
 }
 PHASE_TERMS: dict[str, tuple[str, ...]] = {
     "ENCODING_PROMPT": ("one",),
     "DENOISING": ("one", "steps", "step_tokens", "step_tokens2"),
     "DECODING": ("one", "frames", "pixels", "pixels_below_break", "pixels_log"),
-    "POSTPROCESSING": ("one", "chunks", "delivered_frames", "analysed", "delivered_pixels"),
-    "ENCODING": ("one", "chunks", "delivered_frames", "delivered_pixels"),
+    "POSTPROCESSING": ("one", "chunks", "delivered_frames", "flowed", "delivered_pixels"),
+    "ENCODING": ("one", "chunks", "delivered_frames", "delivered_pixels", "delivered_rows"),
     "WRITING": ("one", "delivered_pixels"),
 }
 # Phases whose fit looks for a frames x height where the cost per pixel changes.
@@ -143,9 +158,20 @@ def delivered_pixels(spec: ResolvedSpec) -> float:
     return float(post.output_frames(spec.num_frames) * spec.width * spec.height * post.upscale_factor ** 2)
 
 
-def analysis_area(width: int, height: int) -> float:
+def analysis_size(width: int, height: int) -> tuple[int, int]:
+    """The (width, height) farm.postproc.quality analyses a frame at."""
     shrink = min(1.0, ANALYSIS_MAX_SIDE / max(width, height))
-    return float(max(8, round(width * shrink)) * max(8, round(height * shrink)))
+    return max(8, round(width * shrink)), max(8, round(height * shrink))
+
+
+def analysis_area(width: int, height: int) -> float:
+    analysed_width, analysed_height = analysis_size(width, height)
+    return float(analysed_width * analysed_height)
+
+
+def flow_area(width: int, height: int) -> float:
+    analysed_width, analysed_height = analysis_size(width, height)
+    return float(max(MIN_FLOW_SIDE, analysed_width) * max(MIN_FLOW_SIDE, analysed_height))
 
 
 def spec_work(spec: ResolvedSpec, model: ModelConfig, chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> Work:
@@ -154,16 +180,18 @@ def spec_work(spec: ResolvedSpec, model: ModelConfig, chunk_frames: int = DEFAUL
     factor = post.interpolation_factor if post else 1
     frames = spec.num_frames
     chunks = len(plan_chunks(frames, chunk_frames, overlap=1)) if frames > 1 else 1
-    area = analysis_area(spec.width, spec.height)
     # The delivered clip is measured after interpolation; with several candidates each
     # one's engine frames are scored first, to choose.
     scored = candidates if candidates > 1 else 0
-    analysed = (frames - 1) * factor * area + scored * (frames - 1) * area
+    pairs = (frames - 1) * factor + scored * (frames - 1)
     delivered_frames = float(post.output_frames(frames) if post else frames)
+    delivered_height = spec.height * (post.upscale_factor if post else 1)
     return Work(steps=float(spec.num_inference_steps), tokens=latent_tokens(spec, model), frames=float(frames),
-                pixels=output_pixels(spec), chunks=float(chunks * (1 + scored)), analysed=analysed,
-                delivered_frames=delivered_frames, delivered_pixels=delivered_pixels(spec), candidates=candidates,
-                frames_height=float(frames * spec.height))
+                pixels=output_pixels(spec), chunks=float(chunks * (1 + scored)),
+                analysed=pairs * analysis_area(spec.width, spec.height),
+                flowed=pairs * flow_area(spec.width, spec.height), delivered_frames=delivered_frames,
+                delivered_pixels=delivered_pixels(spec), delivered_rows=delivered_frames * delivered_height,
+                candidates=candidates, frames_height=float(frames * spec.height))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,13 +216,14 @@ class TimingModel:
     @classmethod
     def from_json(cls, data: dict) -> "TimingModel | None":
         """Reads a stored model. Version 1 models (denoise, prompt_seconds, per_pixel)
-        are read as the same coefficients in this version's terms; a model this code
-        cannot read (a newer version) is None, as if the pair were not calibrated."""
+        are read as the same coefficients in this version's terms, version 2 models as
+        they are (their terms are still priced); a model this code cannot read (a newer
+        version) is None, as if the pair were not calibrated."""
         version = data.get("version", 1)
         try:
             if version == 1:
                 return cls._from_version_1(data)
-            if version == VERSION:
+            if version in READABLE_VERSIONS:
                 phases = {phase: {term: float(v) for term, v in terms.items()}
                           for phase, terms in data["phases"].items()}
                 for phase, terms in phases.items():

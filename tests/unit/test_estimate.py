@@ -11,7 +11,8 @@ import pytest
 from farm.config import PriceConfig, Task
 from farm.jobs.spec import RenderSpec, ResolvedSpec, resolve_spec
 from farm.metering.cost import price_timings
-from farm.metering.estimate import TimingModel, estimate_cost, fit_timing_model, latent_tokens
+from farm.metering.estimate import (ANALYSIS_MAX_SIDE, MIN_FLOW_SIDE, TimingModel, estimate_cost,
+                                    fit_timing_model, latent_tokens, spec_work)
 from tests.conftest import sample_models
 
 MODEL = sample_models()["ltx"]
@@ -41,8 +42,9 @@ KNOWN = TimingModel(
     phases={"DENOISING": {"one": 0.05, "steps": 0.004, "step_tokens": 2e-6, "step_tokens2": 1e-9},
             "ENCODING_PROMPT": {"one": 0.01},
             "DECODING": {"one": 0.01, "frames": 1e-4, "pixels": 1e-7},
-            "POSTPROCESSING": {"one": 0.002, "chunks": 0.01, "analysed": 3e-8, "delivered_pixels": 0.0},
-            "ENCODING": {"one": 0.005, "chunks": 0.02, "delivered_frames": 0.0, "delivered_pixels": 2e-7}},
+            "POSTPROCESSING": {"one": 0.002, "chunks": 0.01, "flowed": 3e-8, "delivered_pixels": 0.0},
+            "ENCODING": {"one": 0.005, "chunks": 0.02, "delivered_frames": 0.0, "delivered_pixels": 2e-7,
+                         "delivered_rows": 5e-7}},
     kinds={}, samples=0)
 GRID = [(w, h, f, s) for w in (128, 384, 768) for h in (96, 512) for f in (9, 17, 57, 121) for s in (2, 20, 40)]
 
@@ -176,6 +178,28 @@ def test_each_phase_is_priced_on_the_kind_it_was_metered_on():
     # With no measurement, the engine's phases are priced on the pool's kind.
     assert (estimate_cost(wanted, MODEL, None, "H100", PRICES).nanodollars
             > estimate_cost(wanted, MODEL, None, "CPU", PRICES).nanodollars)
+
+
+def test_work_counts_what_quality_analysis_and_encoding_really_handle():
+    from farm.postproc import interpolate, quality
+
+    # The constants the estimate mirrors (the gateway does not import OpenCV to price).
+    assert ANALYSIS_MAX_SIDE == quality.ANALYSIS_MAX_SIDE and MIN_FLOW_SIDE == interpolate.MIN_FLOW_SIDE
+    square, narrow = spec_work(spec(64, 96, 17, 2), MODEL), spec_work(spec(32, 704, 17, 2), MODEL)
+    # 16 pairs; a 32x704 frame is analysed at 12x256 but its flow runs padded to 32x256.
+    assert square.analysed == square.flowed == 16 * 64 * 96
+    assert narrow.analysed == 16 * 12 * 256 and narrow.flowed == 16 * 32 * 256
+    assert narrow.delivered_rows == 17 * 704 and square.delivered_rows == 17 * 96
+
+
+def test_version_2_models_are_read_as_they_are():
+    stored = {"version": 2, "samples": 40, "chunk_frames": 16, "breaks": {},
+              "phases": {"POSTPROCESSING": {"one": 0.0, "analysed": 2e-7},
+                         "ENCODING": {"delivered_frames": 3e-4, "delivered_pixels": 6e-8}}}
+    timing = TimingModel.from_json(stored)
+    wanted = spec(32, 704, 113, 12)
+    assert timing.phase_seconds(wanted, MODEL) == pytest.approx({
+        "POSTPROCESSING": 2e-7 * 112 * 12 * 256, "ENCODING": 3e-4 * 113 + 6e-8 * 32 * 704 * 113})
 
 
 def test_version_1_models_are_read_as_the_same_coefficients():
