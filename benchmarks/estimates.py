@@ -13,7 +13,7 @@ runs beside that one's post-processing, and what it is charged depends on its
 neighbour more than on its spec. --batched submits each set at once instead.
 
 Run: .venv/bin/python benchmarks/estimates.py [--model ltx-video-tiny] [--calibration 40] [--trials 16]
-     [--batched] [--save-samples tests/data/ltx_tiny_timings.json]
+     [--batched] [--save-samples tests/data/ltx_tiny_timings_b.json]
 """
 
 from __future__ import annotations

@@ -26,16 +26,18 @@ def spec(width, height, frames, steps, guidance=3.0):
 
 
 # Timings of real tiny LTX-Video renders on this 2-core machine, recorded by
-# `benchmarks/estimates.py --save-samples` (2026-11-21, load average below 2): its 40
-# calibration renders and its 16 trial renders, one at a time, post-processing included.
-RECORDED = Path(__file__).parents[1] / "data" / "ltx_tiny_timings.json"
+# `benchmarks/estimates.py --save-samples` (2026-11-21, load average below 2), each its
+# 40 calibration renders and its 16 trial renders, one at a time, post-processing
+# included: set a in session 3 (the 32x704x113 trial ran slow), set b in session 4
+# (post-processing replicas warmed up at start).
+RECORDED = {name: Path(__file__).parents[1] / "data" / f"ltx_tiny_timings_{name}.json" for name in ("a", "b")}
 
 
-def recorded_samples():
+def recorded_samples(name: str = "a"):
     """(spec, timings, role): role "calibration" for the calibration grid's renders,
     "trial" for the benchmark's fresh renders."""
     return [(ResolvedSpec.from_json(json.dumps(item["spec"])), [tuple(t) for t in item["timings"]], item["role"])
-            for item in json.loads(RECORDED.read_text())]
+            for item in json.loads(RECORDED[name].read_text())]
 
 
 KNOWN = TimingModel(
@@ -77,8 +79,9 @@ def relative_errors(train, test):
             for s, timings in test]
 
 
-def test_fit_on_recorded_calibration_predicts_held_out_renders():
-    recorded = recorded_samples()
+@pytest.mark.parametrize("name, misses", [("a", 1), ("b", 0)])
+def test_fit_on_recorded_calibration_predicts_held_out_renders(name, misses):
+    recorded = recorded_samples(name)
     calibration = [(s, timings) for s, timings, role in recorded if role == "calibration"]
     trials = [(s, timings) for s, timings, role in recorded if role == "trial"]
     assert len(calibration) >= 24 and len(trials) >= 16
@@ -87,10 +90,11 @@ def test_fit_on_recorded_calibration_predicts_held_out_renders():
                for _, timings, _ in recorded)
     # Renders the fit never saw, drawn uniformly over the range (the benchmark's trials).
     # The model before version 2 (pixels-linear decoding and post-processing, least
-    # squares) missed 7 of these 16, median error 20%.
+    # squares) missed 7 of set a's 16, median error 20%; version 2 missed 1 (-42%), which
+    # version 3 brings to -27%.
     errors = sorted(relative_errors(calibration, trials))
     assert errors[len(errors) // 2] < 0.10, f"median held-out error {errors[len(errors) // 2]:.1%}"
-    assert sum(e <= 0.25 for e in errors) >= len(errors) - 2, [f"{e:.0%}" for e in errors]
+    assert sum(e > 0.25 for e in errors) <= misses, [f"{e:.0%}" for e in errors]
     # Leave-one-out over the calibration renders (version 1: median 23%).
     held_out = sorted(relative_errors(calibration[:i] + calibration[i + 1:], [calibration[i]])[0]
                       for i in range(len(calibration)))
