@@ -2,9 +2,11 @@
 
 Starts farm on its embedded defaults, warms its engine up with one render (not
 used), runs `farm calibrate`'s grid for a model, fits and stores its timing model
-from those calibration renders only, then renders 16 fresh specs drawn uniformly over
-the calibrated range and compares each estimate (asked through the gateway before
-the render is submitted) with the cost the render was charged. Goal: within 25%.
+from those calibration renders only (the grid, then 10 renders asking for
+interpolation, upscaling and colour matching), then renders 16 fresh specs drawn
+uniformly over the calibrated range and 7 that each ask for one kind of
+post-processing, and compares each estimate (asked through the gateway before the
+render is submitted) with the cost the render was charged. Goal: within 25%.
 
 Renders run one at a time (each submitted when the one before finished), in
 calibration and in trials alike: on this 2-core machine the engine and the
@@ -13,7 +15,7 @@ runs beside that one's post-processing, and what it is charged depends on its
 neighbour more than on its spec. --batched submits each set at once instead.
 
 Run: .venv/bin/python benchmarks/estimates.py [--model ltx-video-tiny] [--calibration 40] [--trials 16]
-     [--batched] [--save-samples tests/data/ltx_tiny_timings_b.json]
+     [--postprocess-trials 7] [--batched] [--save-samples tests/data/ltx_tiny_timings_b.json]
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ from farm_overhead import start_farm, temporary_farm  # noqa: E402
 
 from farm.client import FarmClient, find_api_key  # noqa: E402
 from farm.jobs.store import JobStore  # noqa: E402
-from farm.metering.calibrate import calibration_specs, fit_and_store, measured_samples, uniform_specs  # noqa: E402
+from farm.metering.calibrate import (  # noqa: E402
+    calibration_specs,
+    fit_and_store,
+    measured_samples,
+    postprocess_calibration_specs,
+    uniform_specs,
+)
 from farm.v1 import render_pb2 as pb  # noqa: E402
 
 TRIAL_SEED = 10_000  # trial renders' seeds start here; calibration renders' are below
@@ -56,6 +64,24 @@ def render_all(client: FarmClient, model: str, specs: list[dict], seed_base: int
     return finals if not batched else [client.wait(render_id, timeout=1800) for render_id in ids]
 
 
+def postprocess_trials(model, count: int, seed: int) -> list[dict]:
+    """Spec fields for `count` renders that each ask for one kind of post-processing,
+    drawn uniformly (sizes up to 384 px and 49 frames: a 4x upscale of more would take
+    minutes to encode on this machine)."""
+    import random
+
+    chooser = random.Random(seed)
+    multiple = model.limits.size_multiple
+    sizes = list(range(max(multiple, model.limits.min_size), 384 + 1, multiple))
+    frames = [f for f in range(model.limits.min_frames, 49 + 1, model.limits.frame_step)]
+    options = [{"interpolation_factor": 2}, {"interpolation_factor": 3}, {"interpolation_factor": 4},
+               {"upscale_factor": 2}, {"upscale_factor": 3}, {"upscale_factor": 4},
+               {"color_reference": {"statistics": {"mean": [60.0, 2.0, 6.0], "std": [15.0, 4.0, 6.0]}}}]
+    return [dict(width=chooser.choice(sizes), height=chooser.choice(sizes), num_frames=chooser.choice(frames),
+                 num_inference_steps=chooser.randint(2, 20), postprocess=options[index % len(options)])
+            for index in range(count)]
+
+
 def wait_for_stored_model(client: FarmClient, name: str, model, timing, probe) -> None:
     """Waits until the gateway estimates with the model just stored: it keeps the timing
     model it read (or, with none stored, fitted itself from the renders so far) for a
@@ -78,6 +104,8 @@ def main() -> None:
     parser.add_argument("--model", default="ltx-video-tiny")
     parser.add_argument("--calibration", type=int, default=40)
     parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--postprocess-trials", type=int, default=7,
+                        help="trial renders that ask for interpolation, upscaling or colour matching")
     parser.add_argument("--max-size", type=int, default=768)
     parser.add_argument("--batched", action="store_true", help="submit each set of renders at once")
     parser.add_argument("--save-samples", type=Path,
@@ -89,6 +117,7 @@ def main() -> None:
     home, config_path, config = temporary_farm("farm-est-")
     model = config.model(args.model)
     trials = uniform_specs(model, args.trials, seed=12345, max_size=args.max_size)
+    trials += postprocess_trials(model, args.postprocess_trials, seed=54321)
     loads = [os.getloadavg()[0]]
     process, target = start_farm(config_path, home)
     try:
@@ -97,8 +126,9 @@ def main() -> None:
             client.wait(client.submit(spec_of(args.model, dict(width=256, height=256, num_frames=17,
                                                                num_inference_steps=4), WARM_UP_SEED)).id)
             started = time.perf_counter()
-            render_all(client, args.model, calibration_specs(model, args.calibration, max_size=args.max_size), 0,
-                       args.batched)
+            grid = (calibration_specs(model, args.calibration, max_size=args.max_size)
+                    + postprocess_calibration_specs(model, max_size=args.max_size))
+            render_all(client, args.model, grid, 0, args.batched)
             loads.append(os.getloadavg()[0])
             store = JobStore(config.store_url, migrate=False)
             calibration = [(spec, timings) for spec, timings in measured_samples(store, model, device_kind)
@@ -131,17 +161,22 @@ def main() -> None:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=120)
 
-    errors = []
-    print(f"{'width':>5} {'height':>6} {'frames':>6} {'steps':>5} {'estimate $':>12} {'measured $':>12} {'error':>7}")
+    errors: dict[str, list[float]] = {"plain": [], "post-processed": []}
+    print(f"{'width':>5} {'height':>6} {'frames':>6} {'steps':>5} {'post-processing':>24} {'estimate $':>12} "
+          f"{'measured $':>12} {'error':>7}")
     for fields, estimate_dollars, final in zip(trials, estimates, finals):
         measured = final.cost.total_dollars
         error = (estimate_dollars - measured) / measured
-        errors.append(abs(error))
+        post = fields.get("postprocess")
+        errors["post-processed" if post else "plain"].append(abs(error))
+        asked = ",".join(f"{key}={value}" if not isinstance(value, dict) else key for key, value in (post or {}).items())
         print(f"{fields['width']:>5} {fields['height']:>6} {fields['num_frames']:>6} {fields['num_inference_steps']:>5} "
-              f"{estimate_dollars:>12.9f} {measured:>12.9f} {error:>+7.1%}")
-    within = sum(e <= 0.25 for e in errors)
-    print(f"absolute error: median {statistics.median(errors):.1%}, max {max(errors):.1%}; "
-          f"within 25%: {within} of {len(errors)} renders (goal: all)")
+              f"{asked or '-':>24} {estimate_dollars:>12.9f} {measured:>12.9f} {error:>+7.1%}")
+    for kind, values in errors.items():
+        if values:
+            within = sum(e <= 0.25 for e in values)
+            print(f"{kind} renders: absolute error median {statistics.median(values):.1%}, max {max(values):.1%}; "
+                  f"within 25%: {within} of {len(values)} (goal: all)")
     print(f"1-minute load average at start, after calibration, after trials: {', '.join(f'{x:.1f}' for x in loads)}")
 
 

@@ -355,12 +355,13 @@ def usage(
 
 @app.command()
 def calibrate(model: str = typer.Option(..., "--model", "-m"),
-              renders: int = typer.Option(24, help="Calibration renders to run first (0: fit what is recorded)."),
+              renders: int = typer.Option(24, help="Calibration renders to run first, plus 10 that ask for "
+                                                        "post-processing (0: fit what is recorded)."),
               max_size: int = typer.Option(768, help="Largest width/height in the grid."),
               target: str = TargetOption, api_key: Optional[str] = KeyOption,
               config_path: Optional[Path] = ConfigOption):
     """Measure a grid of renders on the farm, fit the model's timing model, store it."""
-    from farm.metering.calibrate import calibration_specs, fit_and_store
+    from farm.metering.calibrate import calibration_specs, fit_and_store, postprocess_calibration_specs
     from farm.v1 import render_pb2 as pb
 
     config, store = _store(config_path)
@@ -371,7 +372,12 @@ def calibrate(model: str = typer.Option(..., "--model", "-m"),
         info = {m.name: m for m in client.models().models}[model]
         # One at a time: a render queued behind another shares the cores with its
         # post-processing, and would be timed slower than it runs alone.
-        for index, fields in enumerate(calibration_specs(model_config, renders, max_size=max_size)):
+        # Then a few renders asking for interpolation, upscaling and colour matching,
+        # so that their costs are measured too.
+        grid = calibration_specs(model_config, renders, max_size=max_size)
+        if renders:
+            grid += postprocess_calibration_specs(model_config, max_size=max_size)
+        for index, fields in enumerate(grid):
             spec = pb.RenderSpec(model=model, task=pb.TASK_TEXT_TO_VIDEO, prompt="calibration", seed=index, **fields)
             render_id = client.submit(spec).id
             if client.wait(render_id).state != pb.RENDER_STATE_SUCCEEDED:

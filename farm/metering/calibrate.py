@@ -73,6 +73,48 @@ def calibration_specs(model: ModelConfig, count: int, seed: int = 0, max_size: i
     return picked
 
 
+# Post-processing a spec may ask, each measured twice at different sizes so that its
+# per-pixel term is pinned by measurements, not extrapolated: (width, height, frames,
+# postprocess). Small clips with few steps: the engine's part is not what is measured.
+POSTPROCESS_CALIBRATION = [
+    (256, 256, 33, {"interpolation_factor": 2}),
+    (512, 384, 49, {"interpolation_factor": 2}),
+    (256, 160, 25, {"interpolation_factor": 4}),
+    (384, 256, 17, {"interpolation_factor": 4}),
+    (256, 256, 33, {"upscale_factor": 2}),
+    (384, 192, 49, {"upscale_factor": 2}),
+    (192, 128, 17, {"upscale_factor": 4}),
+    (128, 128, 33, {"upscale_factor": 4}),
+    (384, 384, 49, {"color_reference": {"statistics": {"mean": [55.0, 4.0, 12.0], "std": [18.0, 6.0, 9.0]}}}),
+    (640, 320, 33, {"color_reference": {"statistics": {"mean": [40.0, -3.0, -8.0], "std": [22.0, 5.0, 7.0]}}}),
+]
+POSTPROCESS_CALIBRATION_STEPS = 4
+
+
+def postprocess_calibration_specs(model: ModelConfig, max_size: int = DEFAULT_MAX_SIZE) -> list[dict]:
+    """Spec fields (with `postprocess`) for renders that measure interpolation, upscaling
+    and colour matching; sizes and frame counts are moved to the nearest the model takes,
+    and a factor the model's limits refuse is left out."""
+    sizes, heights, frames, steps = _axes(model, max_size, DEFAULT_MAX_FRAMES, DEFAULT_MAX_STEPS)
+    limits = model.limits.postprocess
+    picked = []
+    for width, height, count, post in POSTPROCESS_CALIBRATION:
+        width = min(sizes, key=lambda v: abs(v - width))
+        height = min(heights, key=lambda v: abs(v - height))
+        count = min(frames, key=lambda v: abs(v - count))
+        factor = post.get("interpolation_factor", 1)
+        upscale = post.get("upscale_factor", 1)
+        if (factor > limits.max_interpolation_factor or upscale > limits.max_upscale_factor
+                or width * height * upscale**2 > limits.max_output_pixels
+                or (count - 1) * factor + 1 > limits.max_output_frames
+                or model.defaults.fps * factor > limits.max_output_fps):
+            continue
+        picked.append(dict(width=width, height=height, num_frames=count,
+                           num_inference_steps=min(steps, key=lambda v: abs(v - POSTPROCESS_CALIBRATION_STEPS)),
+                           postprocess=post))
+    return picked
+
+
 def measured_samples(store: JobStore, model: ModelConfig, device_kind: str,
                      limit: int = 500) -> list[tuple[ResolvedSpec, list[tuple[str, str, float]]]]:
     """Recent succeeded renders of the model whose denoising ran on `device_kind`."""

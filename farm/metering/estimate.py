@@ -23,7 +23,11 @@ determines, with seconds-per-unit coefficients fitted from the farm's own render
   times that padded area, not with the full pixels: a 32x704 clip is analysed at
   12x256 but flowed at 32x256. Encoding also costs per row of every frame (colour
   conversion and the encoder work row by row): a tall narrow frame costs a third
-  more per pixel than a square one.
+  more per pixel than a square one. What a spec's `postprocess` asks has terms of its
+  own, zero for a render that does not ask it: interpolation per source pair (its
+  flow) and per pixel of every frame it makes (the warps), upscaling per output
+  pixel, colour matching per pixel of the engine's frames. `farm calibrate` renders
+  a few of each so that they are measured, not extrapolated.
 - WRITING: a constant plus a term in the delivered pixels.
 
 Fits minimise the relative error (a budget is a percentage game) with non-negative
@@ -88,6 +92,14 @@ class Work:
     delivered_pixels: float
     delivered_rows: float
     """Rows of every delivered frame (frames x height after upscaling)."""
+    interpolated_pairs: float
+    """Source frame pairs interpolation computes a flow for (0 without interpolation)."""
+    interpolated_pixels: float
+    """Pixels of the frames interpolation makes."""
+    upscaled_pixels: float
+    """Output pixels of every upscaled frame (0 without upscaling)."""
+    colored_pixels: float
+    """Pixels colour matching converts (the engine's frames; 0 without a reference)."""
     candidates: int
     frames_height: float
     """Frames x height of the decoded clip: what decides the convolution kernels."""
@@ -113,12 +125,17 @@ TERMS: dict[str, Callable[[Work, float], float]] = {
     "delivered_frames": lambda w, b: w.delivered_frames,
     "delivered_pixels": lambda w, b: w.delivered_pixels,
     "delivered_rows": lambda w, b: w.delivered_rows,
+    "interpolated_pairs": lambda w, b: w.interpolated_pairs,
+    "interpolated_pixels": lambda w, b: w.interpolated_pixels,
+    "upscaled_pixels": lambda w, b: w.upscaled_pixels,
+    "colored_pixels": lambda w, b: w.colored_pixels,
 }
 PHASE_TERMS: dict[str, tuple[str, ...]] = {
     "ENCODING_PROMPT": ("one",),
     "DENOISING": ("one", "steps", "step_tokens", "step_tokens2"),
     "DECODING": ("one", "frames", "pixels", "pixels_below_break", "pixels_log"),
-    "POSTPROCESSING": ("one", "chunks", "delivered_frames", "flowed", "delivered_pixels"),
+    "POSTPROCESSING": ("one", "chunks", "delivered_frames", "flowed", "delivered_pixels", "interpolated_pairs",
+                       "interpolated_pixels", "upscaled_pixels", "colored_pixels"),
     "ENCODING": ("one", "chunks", "delivered_frames", "delivered_pixels", "delivered_rows"),
     "WRITING": ("one", "delivered_pixels"),
 }
@@ -185,12 +202,18 @@ def spec_work(spec: ResolvedSpec, model: ModelConfig, chunk_frames: int = DEFAUL
     scored = candidates if candidates > 1 else 0
     pairs = (frames - 1) * factor + scored * (frames - 1)
     delivered_frames = float(post.output_frames(frames) if post else frames)
-    delivered_height = spec.height * (post.upscale_factor if post else 1)
+    upscale = post.upscale_factor if post else 1
+    delivered_height = spec.height * upscale
+    source_pixels = float(spec.width * spec.height)
     return Work(steps=float(spec.num_inference_steps), tokens=latent_tokens(spec, model), frames=float(frames),
                 pixels=output_pixels(spec), chunks=float(chunks * (1 + scored)),
                 analysed=pairs * analysis_area(spec.width, spec.height),
                 flowed=pairs * flow_area(spec.width, spec.height), delivered_frames=delivered_frames,
                 delivered_pixels=delivered_pixels(spec), delivered_rows=delivered_frames * delivered_height,
+                interpolated_pairs=float(frames - 1) if factor > 1 else 0.0,
+                interpolated_pixels=(frames - 1) * (factor - 1) * source_pixels,
+                upscaled_pixels=delivered_pixels(spec) if upscale > 1 else 0.0,
+                colored_pixels=frames * source_pixels if post and post.color_reference else 0.0,
                 candidates=candidates, frames_height=float(frames * spec.height))
 
 

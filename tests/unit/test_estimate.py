@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from farm.config import PriceConfig, Task
-from farm.jobs.spec import RenderSpec, ResolvedSpec, resolve_spec
+from farm.jobs.spec import ColorReference, PostprocessSpec, RenderSpec, ResolvedSpec, resolve_spec
 from farm.metering.cost import price_timings
 from farm.metering.estimate import (ANALYSIS_MAX_SIDE, MIN_FLOW_SIDE, TimingModel, estimate_cost,
                                     fit_timing_model, latent_tokens, spec_work)
@@ -182,6 +183,53 @@ def test_each_phase_is_priced_on_the_kind_it_was_metered_on():
     # With no measurement, the engine's phases are priced on the pool's kind.
     assert (estimate_cost(wanted, MODEL, None, "H100", PRICES).nanodollars
             > estimate_cost(wanted, MODEL, None, "CPU", PRICES).nanodollars)
+
+
+def post_spec(width, height, frames, **post):
+    color = post.pop("color", False)
+    asked = PostprocessSpec(color_reference=ColorReference(mean=(50.0, 0.0, 0.0), std=(20.0, 5.0, 5.0))
+                            if color else None, **post)
+    return resolve_spec(RenderSpec(model="ltx", task=Task.TEXT_TO_VIDEO, prompt="x", width=width, height=height,
+                                   num_frames=frames, num_inference_steps=4, guidance_scale=3.0, seed=1,
+                                   postprocess=asked), {"ltx": MODEL})
+
+
+POST_GRID = [post_spec(w, h, f, **post) for w, h, f in ((128, 96, 17), (256, 256, 33), (384, 192, 49))
+             for post in ({"interpolation_factor": 2}, {"interpolation_factor": 4}, {"upscale_factor": 2},
+                          {"upscale_factor": 4}, {"color": True})]
+
+
+def test_fit_recovers_what_each_kind_of_post_processing_costs():
+    known = dataclasses.replace(KNOWN, phases={**KNOWN.phases, "POSTPROCESSING": {
+        **KNOWN.phases["POSTPROCESSING"], "interpolated_pairs": 0.004, "interpolated_pixels": 3e-8,
+        "upscaled_pixels": 5e-9, "colored_pixels": 2e-8}})
+    measured = [(s, [(p, "CPU", v) for p, v in known.phase_seconds(s, MODEL).items()])
+                for s in [spec(*shape) for shape in GRID] + POST_GRID]
+    timing = fit_timing_model(measured, MODEL)
+    for term, value in known.phases["POSTPROCESSING"].items():
+        assert timing.phases["POSTPROCESSING"][term] == pytest.approx(value, rel=1e-4, abs=1e-12), term
+    # Each option costs what it asks on top of the plain render, and nothing without it.
+    plain = sum(timing.phase_seconds(spec(256, 256, 33, 4), MODEL).values())
+    for asked in POST_GRID[5:10]:
+        assert sum(timing.phase_seconds(asked, MODEL).values()) > plain
+    work = spec_work(post_spec(256, 256, 33, interpolation_factor=4), MODEL)
+    assert (work.interpolated_pairs, work.interpolated_pixels) == (32, 32 * 3 * 256 * 256)
+    assert work.upscaled_pixels == work.colored_pixels == 0
+    assert spec_work(post_spec(256, 256, 33, upscale_factor=2), MODEL).upscaled_pixels == 33 * 512 * 512
+    assert spec_work(post_spec(256, 256, 33, color=True), MODEL).colored_pixels == 33 * 256 * 256
+
+
+def test_calibration_measures_every_kind_of_post_processing_twice():
+    from farm.metering.calibrate import postprocess_calibration_specs
+
+    specs = postprocess_calibration_specs(MODEL)
+    asked = [next(iter(fields["postprocess"])) for fields in specs]
+    assert {name: asked.count(name) for name in set(asked)} == {
+        "interpolation_factor": 4, "upscale_factor": 4, "color_reference": 2}
+    limits = MODEL.limits
+    for fields in specs:
+        assert fields["width"] % limits.size_multiple == 0 and fields["height"] % limits.size_multiple == 0
+        assert (fields["num_frames"] - limits.min_frames) % limits.frame_step == 0
 
 
 def test_work_counts_what_quality_analysis_and_encoding_really_handle():
