@@ -136,7 +136,8 @@ def main() -> None:
             timing = fit_and_store(store, model, device_kind, calibration, config.postproc.chunk_frames)
             print(f"calibrated on {timing.samples} renders in {time.perf_counter() - started:.0f} s: "
                   f"{json.dumps(timing.to_json())}", flush=True)
-            wait_for_stored_model(client, args.model, model, timing, calibration[0][0])
+            wait_for_stored_model(client, args.model, model, timing,
+                                  next(spec for spec, _ in calibration if spec.postprocess is None))
 
             estimates = []
 
@@ -169,7 +170,7 @@ def main() -> None:
         error = (estimate_dollars - measured) / measured
         post = fields.get("postprocess")
         errors["post-processed" if post else "plain"].append(abs(error))
-        asked = ",".join(f"{key}={value}" if not isinstance(value, dict) else key for key, value in (post or {}).items())
+        asked = ",".join(key if isinstance(value, dict) else f"{key}={value}" for key, value in (post or {}).items())
         print(f"{fields['width']:>5} {fields['height']:>6} {fields['num_frames']:>6} {fields['num_inference_steps']:>5} "
               f"{asked or '-':>24} {estimate_dollars:>12.9f} {measured:>12.9f} {error:>+7.1%}")
     for kind, values in errors.items():

@@ -24,8 +24,9 @@ determines, with seconds-per-unit coefficients fitted from the farm's own render
   12x256 but flowed at 32x256. Encoding also costs per row of every frame (colour
   conversion and the encoder work row by row): a tall narrow frame costs a third
   more per pixel than a square one. What a spec's `postprocess` asks has terms of its
-  own, zero for a render that does not ask it: interpolation per source pair (its
-  flow) and per pixel of every frame it makes (the warps), upscaling per output
+  own, zero for a render that does not ask it: interpolation per source pair times
+  the area of its two optical flows (frames shrunk to `INTERPOLATION_FLOW_MAX_SIDE`,
+  padded to `MIN_FLOW_SIDE`) and per pixel of every frame it makes (the warps), upscaling per output
   pixel, colour matching per pixel of the engine's frames. `farm calibrate` renders
   a few of each so that they are measured, not extrapolated.
 - WRITING: a constant plus a term in the delivered pixels.
@@ -62,8 +63,10 @@ READABLE_VERSIONS = (1, 2, 3)
 TEMPORAL_COMPRESSION = {Family.LTX_VIDEO: 8, Family.COGVIDEOX: 4}
 # farm.postproc.quality analyses frames shrunk to this longer side (at least 8 px a side).
 ANALYSIS_MAX_SIDE = 256
-# farm.postproc.interpolate pads images to at least this side for the optical flow.
+# farm.postproc.interpolate pads images to at least this side for the optical flow,
+# and interpolates with flows of frames shrunk to this longer side.
 MIN_FLOW_SIDE = 32
+INTERPOLATION_FLOW_MAX_SIDE = 512
 DEFAULT_CHUNK_FRAMES = PostprocConfig.model_fields["chunk_frames"].default
 # Phases that run once per candidate (each candidate is a whole render); the others
 # run on the one delivered clip (POSTPROCESSING also scores every candidate).
@@ -92,8 +95,9 @@ class Work:
     delivered_pixels: float
     delivered_rows: float
     """Rows of every delivered frame (frames x height after upscaling)."""
-    interpolated_pairs: float
-    """Source frame pairs interpolation computes a flow for (0 without interpolation)."""
+    interpolation_flowed: float
+    """Source frame pairs interpolation computes flows for, times the flows' area (0
+    without interpolation)."""
     interpolated_pixels: float
     """Pixels of the frames interpolation makes."""
     upscaled_pixels: float
@@ -125,7 +129,7 @@ TERMS: dict[str, Callable[[Work, float], float]] = {
     "delivered_frames": lambda w, b: w.delivered_frames,
     "delivered_pixels": lambda w, b: w.delivered_pixels,
     "delivered_rows": lambda w, b: w.delivered_rows,
-    "interpolated_pairs": lambda w, b: w.interpolated_pairs,
+    "interpolation_flowed": lambda w, b: w.interpolation_flowed,
     "interpolated_pixels": lambda w, b: w.interpolated_pixels,
     "upscaled_pixels": lambda w, b: w.upscaled_pixels,
     "colored_pixels": lambda w, b: w.colored_pixels,
@@ -134,7 +138,7 @@ PHASE_TERMS: dict[str, tuple[str, ...]] = {
     "ENCODING_PROMPT": ("one",),
     "DENOISING": ("one", "steps", "step_tokens", "step_tokens2"),
     "DECODING": ("one", "frames", "pixels", "pixels_below_break", "pixels_log"),
-    "POSTPROCESSING": ("one", "chunks", "delivered_frames", "flowed", "delivered_pixels", "interpolated_pairs",
+    "POSTPROCESSING": ("one", "chunks", "delivered_frames", "flowed", "delivered_pixels", "interpolation_flowed",
                        "interpolated_pixels", "upscaled_pixels", "colored_pixels"),
     "ENCODING": ("one", "chunks", "delivered_frames", "delivered_pixels", "delivered_rows"),
     "WRITING": ("one", "delivered_pixels"),
@@ -175,10 +179,11 @@ def delivered_pixels(spec: ResolvedSpec) -> float:
     return float(post.output_frames(spec.num_frames) * spec.width * spec.height * post.upscale_factor ** 2)
 
 
-def analysis_size(width: int, height: int) -> tuple[int, int]:
-    """The (width, height) farm.postproc.quality analyses a frame at."""
-    shrink = min(1.0, ANALYSIS_MAX_SIDE / max(width, height))
-    return max(8, round(width * shrink)), max(8, round(height * shrink))
+def analysis_size(width: int, height: int, max_side: int = ANALYSIS_MAX_SIDE, min_side: int = 8) -> tuple[int, int]:
+    """The (width, height) farm.postproc.quality analyses a frame at (or, with
+    max_side and min_side, interpolation takes its flows at)."""
+    shrink = min(1.0, max_side / max(width, height))
+    return max(min_side, round(width * shrink)), max(min_side, round(height * shrink))
 
 
 def analysis_area(width: int, height: int) -> float:
@@ -186,9 +191,10 @@ def analysis_area(width: int, height: int) -> float:
     return float(analysed_width * analysed_height)
 
 
-def flow_area(width: int, height: int) -> float:
-    analysed_width, analysed_height = analysis_size(width, height)
-    return float(max(MIN_FLOW_SIDE, analysed_width) * max(MIN_FLOW_SIDE, analysed_height))
+def flow_area(width: int, height: int, max_side: int = ANALYSIS_MAX_SIDE) -> float:
+    """The area an optical flow of a frame shrunk to max_side runs on (padded to MIN_FLOW_SIDE)."""
+    flow_width, flow_height = analysis_size(width, height, max_side, min_side=1)
+    return float(max(MIN_FLOW_SIDE, flow_width) * max(MIN_FLOW_SIDE, flow_height))
 
 
 def spec_work(spec: ResolvedSpec, model: ModelConfig, chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> Work:
@@ -210,7 +216,8 @@ def spec_work(spec: ResolvedSpec, model: ModelConfig, chunk_frames: int = DEFAUL
                 analysed=pairs * analysis_area(spec.width, spec.height),
                 flowed=pairs * flow_area(spec.width, spec.height), delivered_frames=delivered_frames,
                 delivered_pixels=delivered_pixels(spec), delivered_rows=delivered_frames * delivered_height,
-                interpolated_pairs=float(frames - 1) if factor > 1 else 0.0,
+                interpolation_flowed=(frames - 1) * flow_area(spec.width, spec.height, INTERPOLATION_FLOW_MAX_SIDE)
+                if factor > 1 else 0.0,
                 interpolated_pixels=(frames - 1) * (factor - 1) * source_pixels,
                 upscaled_pixels=delivered_pixels(spec) if upscale > 1 else 0.0,
                 colored_pixels=frames * source_pixels if post and post.color_reference else 0.0,

@@ -12,8 +12,16 @@ import pytest
 from farm.config import PriceConfig, Task
 from farm.jobs.spec import ColorReference, PostprocessSpec, RenderSpec, ResolvedSpec, resolve_spec
 from farm.metering.cost import price_timings
-from farm.metering.estimate import (ANALYSIS_MAX_SIDE, MIN_FLOW_SIDE, TimingModel, estimate_cost,
-                                    fit_timing_model, latent_tokens, spec_work)
+from farm.metering.estimate import (
+    ANALYSIS_MAX_SIDE,
+    INTERPOLATION_FLOW_MAX_SIDE,
+    MIN_FLOW_SIDE,
+    TimingModel,
+    estimate_cost,
+    fit_timing_model,
+    latent_tokens,
+    spec_work,
+)
 from tests.conftest import sample_models
 
 MODEL = sample_models()["ltx"]
@@ -201,7 +209,7 @@ POST_GRID = [post_spec(w, h, f, **post) for w, h, f in ((128, 96, 17), (256, 256
 
 def test_fit_recovers_what_each_kind_of_post_processing_costs():
     known = dataclasses.replace(KNOWN, phases={**KNOWN.phases, "POSTPROCESSING": {
-        **KNOWN.phases["POSTPROCESSING"], "interpolated_pairs": 0.004, "interpolated_pixels": 3e-8,
+        **KNOWN.phases["POSTPROCESSING"], "interpolation_flowed": 2e-8, "interpolated_pixels": 3e-8,
         "upscaled_pixels": 5e-9, "colored_pixels": 2e-8}})
     measured = [(s, [(p, "CPU", v) for p, v in known.phase_seconds(s, MODEL).items()])
                 for s in [spec(*shape) for shape in GRID] + POST_GRID]
@@ -213,7 +221,9 @@ def test_fit_recovers_what_each_kind_of_post_processing_costs():
     for asked in POST_GRID[5:10]:
         assert sum(timing.phase_seconds(asked, MODEL).values()) > plain
     work = spec_work(post_spec(256, 256, 33, interpolation_factor=4), MODEL)
-    assert (work.interpolated_pairs, work.interpolated_pixels) == (32, 32 * 3 * 256 * 256)
+    assert (work.interpolation_flowed, work.interpolated_pixels) == (32 * 256 * 256, 32 * 3 * 256 * 256)
+    # Interpolation flows frames shrunk to 512 px, padded to 32: 1024x64 flows at 512x32.
+    assert spec_work(post_spec(1024, 64, 9, interpolation_factor=2), MODEL).interpolation_flowed == 8 * 512 * 32
     assert work.upscaled_pixels == work.colored_pixels == 0
     assert spec_work(post_spec(256, 256, 33, upscale_factor=2), MODEL).upscaled_pixels == 33 * 512 * 512
     assert spec_work(post_spec(256, 256, 33, color=True), MODEL).colored_pixels == 33 * 256 * 256
@@ -237,6 +247,7 @@ def test_work_counts_what_quality_analysis_and_encoding_really_handle():
 
     # The constants the estimate mirrors (the gateway does not import OpenCV to price).
     assert ANALYSIS_MAX_SIDE == quality.ANALYSIS_MAX_SIDE and MIN_FLOW_SIDE == interpolate.MIN_FLOW_SIDE
+    assert INTERPOLATION_FLOW_MAX_SIDE == interpolate.FLOW_MAX_SIDE
     square, narrow = spec_work(spec(64, 96, 17, 2), MODEL), spec_work(spec(32, 704, 17, 2), MODEL)
     # 16 pairs; a 32x704 frame is analysed at 12x256 but its flow runs padded to 32x256.
     assert square.analysed == square.flowed == 16 * 64 * 96
