@@ -26,9 +26,9 @@ determines, with seconds-per-unit coefficients fitted from the farm's own render
   more per pixel than a square one. What a spec's `postprocess` asks has terms of its
   own, zero for a render that does not ask it: interpolation per source pair times
   the area of its two optical flows (frames shrunk to `INTERPOLATION_FLOW_MAX_SIDE`,
-  padded to `MIN_FLOW_SIDE`) and per pixel of every frame it makes (the warps), upscaling per output
-  pixel, colour matching per pixel of the engine's frames. `farm calibrate` renders
-  a few of each so that they are measured, not extrapolated.
+  padded to `MIN_FLOW_SIDE`) and per pixel of every frame it makes (the warps);
+  upscaling per output pixel; colour matching per pixel of the engine's frames.
+  `farm calibrate` renders a few of each, so they are measured, not extrapolated.
 - WRITING: a constant plus a term in the delivered pixels.
 
 Fits minimise the relative error (a budget is a percentage game) with non-negative
@@ -211,13 +211,13 @@ def spec_work(spec: ResolvedSpec, model: ModelConfig, chunk_frames: int = DEFAUL
     upscale = post.upscale_factor if post else 1
     delivered_height = spec.height * upscale
     source_pixels = float(spec.width * spec.height)
+    interpolation_area = flow_area(spec.width, spec.height, INTERPOLATION_FLOW_MAX_SIDE) if factor > 1 else 0.0
     return Work(steps=float(spec.num_inference_steps), tokens=latent_tokens(spec, model), frames=float(frames),
                 pixels=output_pixels(spec), chunks=float(chunks * (1 + scored)),
                 analysed=pairs * analysis_area(spec.width, spec.height),
                 flowed=pairs * flow_area(spec.width, spec.height), delivered_frames=delivered_frames,
                 delivered_pixels=delivered_pixels(spec), delivered_rows=delivered_frames * delivered_height,
-                interpolation_flowed=(frames - 1) * flow_area(spec.width, spec.height, INTERPOLATION_FLOW_MAX_SIDE)
-                if factor > 1 else 0.0,
+                interpolation_flowed=(frames - 1) * interpolation_area,
                 interpolated_pixels=(frames - 1) * (factor - 1) * source_pixels,
                 upscaled_pixels=delivered_pixels(spec) if upscale > 1 else 0.0,
                 colored_pixels=frames * source_pixels if post and post.color_reference else 0.0,
