@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -68,8 +69,6 @@ def postprocess_trials(model, count: int, seed: int) -> list[dict]:
     """Spec fields for `count` renders that each ask for one kind of post-processing,
     drawn uniformly (sizes up to 384 px and 49 frames: a 4x upscale of more would take
     minutes to encode on this machine)."""
-    import random
-
     chooser = random.Random(seed)
     multiple = model.limits.size_multiple
     sizes = list(range(max(multiple, model.limits.min_size), 384 + 1, multiple))

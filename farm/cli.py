@@ -370,13 +370,13 @@ def calibrate(model: str = typer.Option(..., "--model", "-m"),
         raise typer.BadParameter(f"unknown model {model!r}")
     with _client(target, api_key, config_path) as client:
         info = {m.name: m for m in client.models().models}[model]
-        # One at a time: a render queued behind another shares the cores with its
-        # post-processing, and would be timed slower than it runs alone.
-        # Then a few renders asking for interpolation, upscaling and colour matching,
-        # so that their costs are measured too.
+        # The grid, then a few renders asking for interpolation, upscaling and colour
+        # matching, so that their costs are measured too.
         grid = calibration_specs(model_config, renders, max_size=max_size)
         if renders:
             grid += postprocess_calibration_specs(model_config, max_size=max_size)
+        # One at a time: a render queued behind another shares the cores with its
+        # post-processing, and would be timed slower than it runs alone.
         for index, fields in enumerate(grid):
             spec = pb.RenderSpec(model=model, task=pb.TASK_TEXT_TO_VIDEO, prompt="calibration", seed=index, **fields)
             render_id = client.submit(spec).id

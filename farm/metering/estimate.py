@@ -148,6 +148,8 @@ BREAK_PHASES = ("DECODING",)
 MAX_BREAK_CANDIDATES = 24
 # Relative improvement of the fit's loss a break must bring to be kept.
 BREAK_GAIN = 0.05
+# Relative error per render below which a fit counts as exact (floating-point rounding).
+EXACT_FIT_LOSS = 1e-9
 # Before any measurement: deliberately pessimistic seconds per unit, so a budget is
 # never under-reserved (CPU-scale numbers; GPU pools fit their own model quickly).
 FALLBACK: dict[str, dict[str, float]] = {
@@ -300,32 +302,10 @@ class TimingModel:
 
 
 def _nonnegative_fit(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Least squares with every coefficient >= 0 (Lawson and Hanson's active-set method)."""
-    rows, columns = features.shape
-    coefficients = np.zeros(columns)
-    passive = np.zeros(columns, dtype=bool)
-    tolerance = 10 * np.finfo(float).eps * max(rows, columns) * max(1.0, float(np.abs(features).sum(axis=0).max()))
-    gradient = features.T @ (targets - features @ coefficients)
-    for _ in range(3 * columns + 10):
-        if passive.all() or gradient[~passive].max() <= tolerance:
-            break
-        passive[np.argmax(np.where(passive, -np.inf, gradient))] = True
-        while True:
-            trial = np.zeros(columns)
-            trial[passive] = np.linalg.lstsq(features[:, passive], targets, rcond=None)[0]
-            if trial[passive].min() > 0:
-                break
-            # Step back to where the first coefficient reaches zero; it leaves the passive set.
-            blocking = passive & (trial <= 0)
-            step = np.min(coefficients[blocking] / (coefficients[blocking] - trial[blocking]))
-            coefficients = coefficients + step * (trial - coefficients)
-            passive &= coefficients > tolerance
-            if not passive.any():
-                trial = np.zeros(columns)
-                break
-        coefficients = trial
-        gradient = features.T @ (targets - features @ coefficients)
-    return coefficients
+    """Least squares with every coefficient >= 0."""
+    from scipy.optimize import nnls  # only fits need it, not every estimate
+
+    return nnls(features, targets)[0]
 
 
 def fit_relative(features: np.ndarray, targets: np.ndarray, iterations: int = 20) -> np.ndarray:
@@ -380,8 +360,9 @@ def fit_timing_model(samples: Sequence[tuple[ResolvedSpec, list[tuple[str, str, 
             features = np.array([[TERMS[term](work, at) for term in terms] for work, _ in data])
             coefficients = fit_relative(features, targets)
             loss = float(np.sum(np.abs(features @ coefficients / np.maximum(targets, 1e-6) - 1.0)))
-            # A break must earn its place: a clearly better fit than none.
-            if best is None or loss < best[0] * (1.0 - BREAK_GAIN):
+            # A break must earn its place: a clearly better fit than none, by more than
+            # the solver's rounding when the fit without it is already exact.
+            if best is None or best[0] - loss > max(BREAK_GAIN * best[0], EXACT_FIT_LOSS * len(targets)):
                 best = (loss, at, coefficients)
         _, at, coefficients = best
         phases[phase] = {term: float(c) for term, c in zip(terms, coefficients)}
