@@ -93,8 +93,10 @@ class SchedulerConfig(_Section):
     """How often the scheduler renews its leases, publishes pool status and looks for cancels."""
     poll_interval_s: float = Field(0.005, gt=0, le=5)
     """How often the scheduler looks for queued renders while it has free engine slots (or
-    urgent classes may preempt). A look costs microseconds (SQLite's commit counter, or the
-    flag PostgreSQL's notifications raise); the store is queried only when it changed."""
+    urgent classes may preempt), where submits are not announced to it: normally they are
+    (PostgreSQL's NOTIFY, or SQLite's doorbell on Linux) and it sleeps until one comes.
+    A look costs microseconds (SQLite's commit counter); the store is queried only when
+    it changed."""
     event_flush_interval_s: float = Field(0.1, gt=0, le=5)
     """Progress events are written to the store in batches at this interval (final
     states are written at once)."""

@@ -1,15 +1,19 @@
 """The event hub behind WatchRender: one store query per tick tells every watcher
-whether its render has new events, however many watchers there are. On SQLite the
-hub looks every few milliseconds whether anything was committed at all (`PRAGMA
-data_version`, microseconds) and queries only then, so a watcher hears of a final
-state within milliseconds without the gateway querying the store 200 times a second."""
+whether its render has new events, however many watchers there are. On SQLite every
+commit rings a doorbell (farm.jobs.doorbell), so the hub queries the moment events
+are written and otherwise sleeps; where it cannot hear the bell it looks every few
+milliseconds whether anything was committed at all (`PRAGMA data_version`,
+microseconds) and queries only then. Either way a watcher hears of a final state
+within milliseconds without the gateway querying the store 200 times a second."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 
+from farm.jobs import doorbell
 from farm.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -23,14 +27,23 @@ class EventHub:
     def __init__(self, store: JobStore, interval_s: float):
         self.store = store
         self.interval_s = interval_s
-        # On PostgreSQL the store's detector hears only of queued renders, not of events.
-        self._commits = store.change_detector() if store.is_sqlite else None
         self._waiters: dict[str, list[tuple[int, asyncio.Future]]] = collections.defaultdict(list)
         self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rung = asyncio.Event()
+        # On PostgreSQL the store's detector hears only of queued renders, not of events.
+        self._commits = (store.change_detector(on_change=self._on_commit, channel=doorbell.COMMITS)
+                         if store.is_sqlite else None)
+
+    def _on_commit(self) -> None:
+        # Called from the doorbell's thread.
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._rung.set)
 
     async def wait_for_events_after(self, render_id: str, seq: int) -> None:
         """Returns once the render has an event newer than `seq`."""
-        future = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        future = self._loop.create_future()
         self._waiters[render_id].append((seq, future))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._poll())
@@ -49,6 +62,11 @@ class EventHub:
         while self._waiters:
             if self._commits is None:
                 await asyncio.sleep(self.interval_s)
+            elif self._commits.pushed:
+                # Woken by a commit; the interval stays as a fallback for a lost ring.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._rung.wait(), self.interval_s)
+                self._rung.clear()  # before the query, which sees every commit rung so far
             else:
                 await asyncio.sleep(COMMIT_CHECK_INTERVAL_S)
                 # Query when something was committed, and at the usual interval regardless.

@@ -32,6 +32,9 @@ from farm.metering.cost import price_timings
 from farm.metering.estimate import TimingModel
 
 log = logging.getLogger(__name__)
+# Where the store announces submits (a doorbell, NOTIFY), the scheduler still looks
+# this often: an announcement lost costs at most this much.
+PUSHED_FALLBACK_S = 1.0
 
 
 class RenderStream(Protocol):
@@ -213,9 +216,11 @@ class Scheduler:
             if not claimed:
                 self._wake.clear()
                 # With every slot busy only a finishing render can make room (no polling),
-                # unless an urgent render may arrive and preempt one.
+                # unless an urgent render may arrive and preempt one. Where the store
+                # announces submits, the poll is only a fallback for a lost announcement.
                 preempting = any(c.preempts for c in self.settings.priority_classes)
-                timeout = self.settings.poll_interval_s if self._free_slots() or preempting else None
+                interval = PUSHED_FALLBACK_S if self._changes.pushed else self.settings.poll_interval_s
+                timeout = interval if self._free_slots() or preempting else None
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 except asyncio.TimeoutError:

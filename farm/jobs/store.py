@@ -30,6 +30,7 @@ from farm.errors import (
     Unauthenticated,
     invalid,
 )
+from farm.jobs import doorbell
 from farm.jobs.fairshare import Candidate, pick_fair
 from farm.jobs import schema as t
 from farm.jobs.records import (
@@ -90,8 +91,14 @@ class JobStore:
         # On SQLite a write transaction takes the write lock at BEGIN: upgrading a read
         # lock later can fail with "database is locked" without waiting.
         self._writer = sessionmaker(self.engine.execution_options(farm_write=True), expire_on_commit=False)
+        # SQLite has no NOTIFY: commits ring doorbells instead (see farm.jobs.doorbell).
+        database = sqlite_database(url)
+        self._bells = {channel: doorbell.Doorbell(database, channel)
+                       for channel in (doorbell.QUEUE, doorbell.COMMITS)} if database else {}
 
     def close(self) -> None:
+        for bell in self._bells.values():
+            bell.close()
         self.engine.dispose()
 
     @contextlib.contextmanager
@@ -103,6 +110,11 @@ class JobStore:
     def _write(self) -> Iterator[Session]:
         with self._writer() as session, session.begin():
             yield session
+        # Rung after the commit, so whoever wakes sees it.
+        if self._bells:
+            self._bells[doorbell.COMMITS].ring()
+            if session.info.get("queued"):
+                self._bells[doorbell.QUEUE].ring()
 
     def _lock(self, stmt):
         return stmt if self.is_sqlite else stmt.with_for_update()
@@ -495,8 +507,8 @@ class JobStore:
             heads[tenant_id] = [Candidate(r.id, tenant_id, r.priority, r.created_at) for r in rows]
         return heads
 
-    def change_detector(self, on_change=None) -> "ChangeDetector":
-        return ChangeDetector(self.url, on_change)
+    def change_detector(self, on_change=None, channel: str = doorbell.QUEUE) -> "ChangeDetector":
+        return ChangeDetector(self.url, on_change, channel)
 
     def has_queued(self, models: Iterable[str]) -> bool:
         with self._read() as session:
@@ -734,7 +746,9 @@ class JobStore:
 
     def _notify_queued(self, session: Session) -> None:
         # Delivered at commit, to schedulers listening (see ChangeDetector).
-        if not self.is_sqlite:
+        if self.is_sqlite:
+            session.info["queued"] = True
+        else:
             session.execute(text(f"NOTIFY {QUEUE_CHANNEL}"))
 
     def _back_to_queue(self, session: Session, row: t.Render, message: str) -> None:
@@ -878,11 +892,13 @@ class ChangeDetector:
     """Tells cheaply whether renders may have been queued since the last look, so an
     idle scheduler need not query for work 50 times a second. On SQLite, `PRAGMA
     data_version` changes when another connection commits (microseconds, no table
-    read). On PostgreSQL, every submit and requeue sends NOTIFY farm_queue, and a
-    listening connection in a thread raises a flag and calls `on_change` at once, so
-    an urgent submit wakes the scheduler without waiting for a poll."""
+    read), and the commit rings a doorbell (`channel`) that calls `on_change` at once.
+    On PostgreSQL, every submit and requeue sends NOTIFY farm_queue, and a listening
+    connection in a thread raises a flag and calls `on_change`. `pushed` says whether
+    changes are announced here; if not (another process holds the doorbell, or no
+    abstract sockets), the owner must poll."""
 
-    def __init__(self, url: str, on_change=None):
+    def __init__(self, url: str, on_change=None, channel: str = doorbell.QUEUE):
         self._connection = None
         self._version: int | None = None
         self._flag = threading.Event()
@@ -890,16 +906,22 @@ class ChangeDetector:
         self._on_change = on_change
         self._last_heard = time.monotonic()
         self._listener: threading.Thread | None = None
+        self._bell: doorbell.DoorbellListener | None = None
+        database = sqlite_database(url)
         if url.startswith("sqlite"):
             import sqlite3
 
-            from sqlalchemy.engine import make_url
-
-            self._connection = sqlite3.connect(make_url(url).database, check_same_thread=False)
+            self._connection = sqlite3.connect(database or ":memory:", check_same_thread=False)
+            if on_change is not None and database:
+                self._bell = doorbell.DoorbellListener(database, channel, on_change)
         else:
             self._conninfo = _psycopg_conninfo(url)
             self._listener = threading.Thread(target=self._listen, name="store-listener", daemon=True)
             self._listener.start()
+
+    @property
+    def pushed(self) -> bool:
+        return self._listener is not None or (self._bell is not None and self._bell.listening)
 
     def _listen(self) -> None:
         import psycopg
@@ -937,8 +959,20 @@ class ChangeDetector:
 
     def close(self) -> None:
         self._stop.set()
+        if self._bell is not None:
+            self._bell.close()
         if self._connection is not None:
             self._connection.close()
+
+
+def sqlite_database(url: str) -> str | None:
+    """The database file of a SQLite URL; None for other databases and in-memory ones."""
+    if not url.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    return database if database and database != ":memory:" else None
 
 
 def _psycopg_conninfo(url: str) -> str:
