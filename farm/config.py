@@ -103,6 +103,15 @@ class SchedulerConfig(_Section):
     prefetch_per_replica: int = Field(1, ge=0, le=8)
     """Renders dispatched to a busy engine replica to wait there, so it starts the
     next one the moment it finishes. They hold a lease and show stage LOADING."""
+    postprocessing_per_replica: int = Field(2, ge=0, le=8)
+    """Renders an engine replica may still hold while their frames are post-processed
+    (stages POSTPROCESSING and WRITING), beyond those above: the engine starts the next
+    render meanwhile instead of waiting for post-processing. Bounds the frames waiting."""
+
+    @property
+    def renders_per_replica(self) -> int:
+        """The most renders an engine replica holds at once, in any stage."""
+        return 1 + self.prefetch_per_replica + self.postprocessing_per_replica
     cancel_poll_interval_s: float = Field(0.5, gt=0, le=5)
     """How often the scheduler asks the store which running renders were cancelled
     (progress writes also bring cancel requests back, within event_flush_interval_s)."""
@@ -471,6 +480,10 @@ class PostprocConfig(_Section):
     the core-seconds per second that the replica's work is charged as."""
     num_gpus: float = Field(0, ge=0)
     """GPUs per replica (for the learned upscaler); 0 runs on CPU."""
+    niceness: int = Field(10, ge=0, le=19)
+    """CPU priority the replicas lower themselves to (Unix nice): where they share cores
+    with an engine, the engine, which is the product, preempts them, and post-processing
+    fills the gaps the engine leaves. 0 keeps them equal."""
     device_kind: str | None = None
     """Price-table kind the replicas are charged as. None: CPU (per core-second) for a CPU
     replica, the GPU's kind detected from its name for a GPU replica."""

@@ -48,11 +48,30 @@ def is_replica_loss(error: BaseException) -> bool:
     return isinstance(error, lost) or type(error).__name__ in {"ActorDiedError", "ActorUnavailableError"}
 
 
+def lower_priority(niceness: int) -> None:
+    """Lowers every thread of this process to `niceness` (never raises a priority: that
+    needs privileges, and a worker Ray started nicer stays so). Linux's nice is per
+    thread, and Ray's threads already run, so each one is set; threads started later
+    inherit it."""
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]  # no /proc: this thread, the one that does the work
+    for tid in threads:
+        try:
+            current = os.getpriority(os.PRIO_PROCESS, tid)
+            if niceness > current:
+                os.setpriority(os.PRIO_PROCESS, tid, niceness)
+        except OSError:
+            pass  # the thread ended meanwhile
+
+
 class PostprocServer:
     def __init__(self, config_json: str):
         import cv2
 
         self.config = PostprocConfig.model_validate_json(config_json)
+        lower_priority(self.config.niceness)
         threads = self.config.threads
         # OpenCV's thread pool is per process: one replica, its own cores, no more.
         cv2.setNumThreads(threads)

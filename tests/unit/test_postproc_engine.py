@@ -107,3 +107,27 @@ def _no_ray_cluster(monkeypatch):
 
     monkeypatch.setattr(auto_init, "enable_auto_connect", False)
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("a unit test must not start Ray"))
+
+
+def test_post_processing_lowers_every_thread_of_its_process_and_never_raises_one():
+    """The engine preempts post-processing on shared cores: the replica lowers all its
+    threads (Linux's nice is per thread, and Ray's threads already run). Run in a child
+    process, since a priority once lowered cannot be raised without privileges."""
+    import subprocess
+    import sys
+
+    child = """
+import os, threading
+from farm.serve.postproc import lower_priority
+started = threading.Event(); done = threading.Event()
+threading.Thread(target=lambda: (started.set(), done.wait()), daemon=True).start()
+started.wait()
+def levels():
+    return sorted({os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")})
+lower_priority(7)
+after = levels()
+lower_priority(3)
+print(after, levels())
+"""
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["[7]", "[7]"], out.stdout + out.stderr
