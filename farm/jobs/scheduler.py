@@ -127,6 +127,8 @@ class _Running:
     held: bool = False
     # The engine has let go of it (a preemption's checkpoint is written).
     engine_done: bool = False
+    # Its frames are being post-processed or written: the engine is free for the next.
+    postprocessing: bool = False
     engine_started: bool = False
     node: str | None = None
     # Phases finished so far, for charging work done before a cancel.
@@ -226,9 +228,18 @@ class Scheduler:
                 except asyncio.TimeoutError:
                     pass
 
+    @staticmethod
+    def _needs_engine(entry: _Running) -> bool:
+        """Rendering, or waiting to (held, prefetched): not yet past the engine."""
+        return not (entry.engine_done or entry.postprocessing)
+
     def _pool_room(self, pool: EnginePool) -> int:
-        depth = 1 + self.settings.prefetch_per_replica
-        return pool.slots * depth - len(self._on_pool(pool))
+        """Renders the pool can take now: each replica renders one and holds
+        `prefetch_per_replica` more, and may hold `postprocessing_per_replica` whose
+        frames are being post-processed (they do not keep its engine from the next)."""
+        held = self._on_pool(pool)
+        engine_room = pool.slots * (1 + self.settings.prefetch_per_replica) - sum(map(self._needs_engine, held))
+        return min(engine_room, pool.slots * self.settings.renders_per_replica - len(held))
 
     def _free_slots(self) -> dict[str, int]:
         free = {model: sum(max(self._pool_room(p), 0) for p in pools) for model, pools in self.pools.items()}
@@ -364,11 +375,13 @@ class Scheduler:
                     if entry.stream is not None:
                         entry.stream.cancel()
             engines = sum(p.slots for p in eligible)
-            busy = sum(1 for r in on_eligible if r.engine_started and not r.preempt_sent and not r.withdrawn)
+            # Renders past the engine (post-processing) hold no engine and cannot be preempted.
+            rendering = [r for r in on_eligible if self._needs_engine(r)]
+            busy = sum(1 for r in rendering if r.engine_started and not r.preempt_sent and not r.withdrawn)
             waiting_urgent = sum(1 for u in urgent if settings.class_rank(u[0]) >= rank)
             needed = waiting_urgent - (engines - busy)
             victims = sorted(
-                (r for r in lower if r.engine_started and not r.preempt_sent and not r.withdrawn
+                (r for r in rendering if r in lower and r.engine_started and not r.preempt_sent and not r.withdrawn
                  and r.pool.preemptible and r.claimed.preemptions < settings.max_preemptions),
                 key=lambda r: (r.claimed.spec.priority, -r.claimed.claimed_at.timestamp()))
             for victim in victims[:max(needed, 0)]:
@@ -458,7 +471,8 @@ class Scheduler:
         for model, pools in self.pools.items():
             backlog = assign_backlog(by_model.get(model, []), {p.key: p.max_replicas for p in pools})
             for pool in pools:
-                busy = -(-len(self._on_pool(pool)) // depth)  # ceil: replicas holding renders
+                rendering = sum(map(self._needs_engine, self._on_pool(pool)))
+                busy = -(-rendering // depth)  # ceil: replicas whose engines have renders
                 load = PoolLoad(pool.key, pool.slots, busy, pool.min_replicas, pool.max_replicas,
                                 backlog.get(pool.key, 0.0), pool.backlog_target_s, pool.cold_start_s)
                 wanted = wanted_replicas(load)
@@ -596,6 +610,13 @@ class Scheduler:
             entry.engine_started = True
             waited = (utcnow() - claimed.created_at).total_seconds() if claimed.attempt == 1 else None
             self.metrics.attempt_started(claimed, waited)
+        postprocessing = stage in (Stage.POSTPROCESSING, Stage.WRITING)
+        if postprocessing != entry.postprocessing:
+            # (A quality-gate retry takes a render back into the engine.)
+            entry.postprocessing = postprocessing
+            if postprocessing:
+                self._engine_freed.set()
+                self.wake()  # its engine can start the next render
         for phase, kind, seconds in event.get("finished_phases", ()):
             entry.timings.append(PhaseTiming(phase, kind, seconds))
         if event.get("step_seconds"):
@@ -626,7 +647,7 @@ class Scheduler:
         if not settings.priority_class(entry.claimed.spec.priority).preempts:
             return True
         # A preempted render holds its engine until it has written its checkpoint.
-        dispatched = sum(1 for r in others if r.stream is not None and not r.withdrawn and not r.engine_done)
+        dispatched = sum(1 for r in others if r.stream is not None and not r.withdrawn and self._needs_engine(r))
         return dispatched < entry.pool.slots
 
     async def _wait_for_turn(self, entry: _Running) -> None:

@@ -28,7 +28,7 @@ def build_app(args: FarmConfig | dict[str, Any] | None = None) -> Application:
     # One engine deployment per pool: a model on one kind of device.
     engines = {
         f"{m.name}/{pool.device_kind}": engine_deployment(m, pool, config.artifacts_url,
-                                                          config.scheduler.prefetch_per_replica, config.ray.app_name,
+                                                          config.scheduler.renders_per_replica, config.ray.app_name,
                                                           postproc, config.postproc)
         for m in config.served_models() for pool in m.resolved_pools()
     }

@@ -495,8 +495,8 @@ def pool_model(model: ModelConfig, pool: PoolConfig) -> ModelConfig:
     return model.model_copy(update={"device_kind": kind, "num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus})
 
 
-def engine_deployment(model: ModelConfig, pool: PoolConfig, artifacts_url: str, prefetch: int, app_name: str,
-                      postproc=None, postproc_config: PostprocConfig | None = None):
+def engine_deployment(model: ModelConfig, pool: PoolConfig, artifacts_url: str, renders_per_replica: int,
+                      app_name: str, postproc=None, postproc_config: PostprocConfig | None = None):
     """postproc: the post-processing deployment (bound), whose handle the replicas get."""
     options: dict[str, Any] = {"num_cpus": pool.num_cpus}
     if not pool.num_gpus:
@@ -534,8 +534,9 @@ def engine_deployment(model: ModelConfig, pool: PoolConfig, artifacts_url: str, 
         **scaling,
         # Least loaded of all replicas, none on a quarantined node (farm.serve.routing).
         request_router_config=RequestRouterConfig(request_router_class="farm.serve.routing:EngineRouter"),
-        # Room for the renders the scheduler prefetches, plus health and info calls.
-        max_ongoing_requests=2 + prefetch,
+        # Room for every render the scheduler may leave with a replica (rendering,
+        # prefetched, post-processing), plus health and info calls.
+        max_ongoing_requests=renders_per_replica + 1,
         ray_actor_options=options,
         health_check_period_s=10,
         # A replica that Serve scales away first finishes the renders it holds.

@@ -211,3 +211,55 @@ def test_a_submit_wakes_a_listening_scheduler_at_once(postgres_url):
     finally:
         detector.close()
         store.close()
+
+
+def test_an_engine_takes_the_next_render_while_its_last_one_is_post_processed(store):
+    """A render in POSTPROCESSING or WRITING no longer needs its replica's engine: the
+    pool has room for the next render, up to postprocessing_per_replica such renders
+    more per replica; it is neither counted busy nor preemptible; a quality-gate retry
+    takes it back into the engine."""
+    import asyncio
+    import dataclasses
+    import datetime as dt
+
+    from farm.jobs.scheduler import _Running
+    from tests.unit.test_memory import claimed, placed, pooled_config, scheduler_for
+
+    config = pooled_config()
+    assert (config.scheduler.prefetch_per_replica, config.scheduler.postprocessing_per_replica) == (1, 2)
+    scheduler, pools = scheduler_for(config, store, H100=1, A100=0)
+    pool = pools["H100"]
+
+    def dispatch(index: int) -> _Running:
+        spec = placed(config, width=256, height=256, num_frames=17, priority=5)
+        render = dataclasses.replace(claimed(spec), id=f"r{index}", claimed_at=utcnow() - dt.timedelta(seconds=index))
+        scheduler.running[render.id] = entry = _Running(render, pool, stream=object(), engine_started=True)
+        return entry
+
+    def stage(entry: _Running, name: str) -> None:
+        scheduler._on_progress(entry, pool, {"kind": "progress", "stage": name})
+
+    first, second = dispatch(1), dispatch(2)
+    assert scheduler._pool_room(pool) == 0  # rendering one, holding the next
+    stage(first, "POSTPROCESSING")
+    assert scheduler._pool_room(pool) == 1
+    third = dispatch(3)
+    stage(second, "WRITING")
+    fourth = dispatch(4)
+    stage(third, "POSTPROCESSING")
+    # Engine room for one more, but the replica holds its most: 1 + 1 prefetched + 2 post-processing.
+    assert scheduler._pool_room(pool) == 0
+    stage(first, "DENOISING")  # a quality-gate retry renders a new seed
+    assert not first.postprocessing and scheduler._pool_room(pool) == 0
+    stage(first, "POSTPROCESSING")
+    # Autoscaling sees one busy replica, not four renders' worth.
+    asyncio.run(scheduler._autoscale_once())
+    assert pool.asked == 1
+    assert [r.claimed.id for r in scheduler.running.values() if scheduler._needs_engine(r)] == [fourth.claimed.id]
+    # An urgent render preempts the one render on the engine, not those it has let go of.
+    tenant, _ = store.create_tenant("acme")
+    urgent = dict(width=256, height=256, num_frames=17, priority=90)
+    store.submit(tenant.id, RenderSpec(model="ltx", task=Task.TEXT_TO_VIDEO, prompt="x", **urgent),
+                 placed(config, **urgent))
+    asyncio.run(scheduler._preempt_for_waiting())
+    assert pool.preempted == [fourth.claimed.id]
