@@ -503,10 +503,11 @@ def engine_deployment(model: ModelConfig, pool: PoolConfig, artifacts_url: str, 
         # Ray sets OMP_NUM_THREADS to the actor's CPU count (1), which caps torch's
         # OpenMP threads in every thread but the first; a CPU engine uses its cores.
         threads = model.cpu_threads or os.cpu_count() or 1
-        # Passive waits: the engine shares the cores with post-processing replicas, and
-        # OpenMP threads spinning at a barrier while a sibling is descheduled burn the
-        # core that sibling needs.
-        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}}
+        # OpenMP's default waits (a short spin, then sleep): post-processing replicas on
+        # the same cores run at a lower priority (postproc.niceness), so a spinning
+        # engine thread's sibling is not descheduled for them. Passive waits cost the
+        # tiny engine 30-50 ms of denoising per render, idle or not.
+        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
     if pool.num_gpus:
         options["num_gpus"] = pool.num_gpus
     if pool.ray_accelerator_type:
