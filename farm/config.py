@@ -107,11 +107,6 @@ class SchedulerConfig(_Section):
     """Renders an engine replica may still hold while their frames are post-processed
     (stages POSTPROCESSING and WRITING), beyond those above: the engine starts the next
     render meanwhile instead of waiting for post-processing. Bounds the frames waiting."""
-
-    @property
-    def renders_per_replica(self) -> int:
-        """The most renders an engine replica holds at once, in any stage."""
-        return 1 + self.prefetch_per_replica + self.postprocessing_per_replica
     cancel_poll_interval_s: float = Field(0.5, gt=0, le=5)
     """How often the scheduler asks the store which running renders were cancelled
     (progress writes also bring cancel requests back, within event_flush_interval_s)."""
@@ -144,6 +139,11 @@ class SchedulerConfig(_Section):
         if not classes or starts[0] != 0 or starts != sorted(set(starts)):
             raise ValueError("scheduler.priority_classes: the first must start at 0 and minimums must increase")
         return classes
+
+    @property
+    def renders_per_replica(self) -> int:
+        """The most renders an engine replica holds at once, in any stage."""
+        return 1 + self.prefetch_per_replica + self.postprocessing_per_replica
 
     def priority_class(self, priority: int) -> PriorityClass:
         return [c for c in self.priority_classes if c.min_priority <= priority][-1]

@@ -34,6 +34,15 @@ def bell_address(database: str, channel: str) -> str | None:
     return f"\0farm-{key}-{channel}"
 
 
+def _send(sender: socket.socket, address: str) -> None:
+    try:
+        sender.sendto(b"", address)
+    except OSError:
+        # Nobody listening, or the listener's queue is full of rings it has not read
+        # yet: either way nothing is lost, since the listener looks at the store.
+        pass
+
+
 class Doorbell:
     """Rings one channel. Safe from any thread; a ring nobody hears costs one failed send."""
 
@@ -45,14 +54,8 @@ class Doorbell:
             self._socket.setblocking(False)
 
     def ring(self) -> None:
-        if self._socket is None:
-            return
-        try:
-            self._socket.sendto(b"", self._address)
-        except OSError:
-            # Nobody listening, or the listener's queue is full of rings it has not
-            # read yet: either way nothing is lost, since the listener looks at the store.
-            pass
+        if self._socket is not None:
+            _send(self._socket, self._address)
 
     def close(self) -> None:
         if self._socket is not None:
@@ -116,10 +119,7 @@ class DoorbellListener:
         self._closing.set()
         # A ring of our own wakes the thread blocked in recv, which then exits.
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as waker:
-            try:
-                waker.sendto(b"", self._address)
-            except OSError:
-                pass
+            _send(waker, self._address)
         self._thread.join(timeout=2)
         self._socket.close()
         self._socket = None
