@@ -115,3 +115,37 @@ def test_a_burst_of_rings_is_answered_and_a_closed_listener_hears_nothing(databa
 def test_no_bell_for_an_in_memory_database():
     assert doorbell.bell_address(":memory:", doorbell.QUEUE) is None
     assert not doorbell.DoorbellListener(":memory:", doorbell.QUEUE, lambda: None).listening
+
+
+def test_a_watcher_hears_of_an_event_written_through_another_store_by_the_bell(sqlite_store, database):
+    """The event hub sleeps until the commits bell rings: with its fallback interval set
+    far beyond the test's patience, only the bell can wake it."""
+    import asyncio
+
+    from farm.api.watch import EventHub
+    from farm.jobs.records import ProgressUpdate
+    from farm.jobs.states import Stage
+
+    tenant, _ = sqlite_store.create_tenant("acme")
+    render = submit(sqlite_store, tenant.id)
+    scheduler_side = JobStore(f"sqlite:///{database}", migrate=False)
+    [claimed] = scheduler_side.claim({"ltx": 1}, "owner", 30)
+    seq = sqlite_store.event_positions([render.id])[render.id]
+
+    async def watch() -> None:
+        hub = EventHub(sqlite_store, interval_s=600)
+        try:
+            assert hub._commits.pushed
+            waiting = asyncio.ensure_future(hub.wait_for_events_after(render.id, seq))
+            await asyncio.sleep(0.2)  # the hub is asleep on the bell now
+            assert not waiting.done()
+            await asyncio.to_thread(scheduler_side.record_progress, "owner",
+                                    [ProgressUpdate(render.id, claimed.attempt, Stage.DENOISING, 1, 4)])
+            await asyncio.wait_for(waiting, HEARD_WITHIN_S)
+        finally:
+            await hub.close()
+
+    try:
+        asyncio.run(watch())
+    finally:
+        scheduler_side.close()
