@@ -92,6 +92,8 @@ class RenderOutput:
     eager fallback when its shape had no engine build); goes into the manifest."""
     notes: list[str] = dataclasses.field(default_factory=list)
     """Warnings for the manifest, e.g. that the render fell back to eager and why."""
+    cpu_threads: int | None = None
+    """The CPU threads the render ran with (CPU devices); goes into the manifest."""
 
 
 class RenderCancelled(Exception):
@@ -146,6 +148,9 @@ class DenoiseCheckpoint:
     """Where the checkpoint was made; a resume elsewhere is allowed but noted (not bitwise then)."""
     backend: str
     created_at: float
+    cpu_threads: int | None = None
+    """The CPU threads the steps ran with (CPU devices): the resume uses as many, since a
+    thread count can change how a reduction splits its sums, and so the last bits."""
 
     def __post_init__(self) -> None:
         if not 0 < self.step < self.total_steps:
@@ -175,8 +180,9 @@ class DenoiseCheckpoint:
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
             raise CheckpointError(f"not a denoising checkpoint of format {CHECKPOINT_FORMAT} (found {found!r})")
-        names = [field.name for field in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in payload]
+        names = [field.name for field in dataclasses.fields(cls) if field.name in payload]
+        missing = [field.name for field in dataclasses.fields(cls)
+                   if field.name not in payload and field.default is dataclasses.MISSING]
         if missing:
             raise CheckpointError(f"denoising checkpoint lacks {missing}")
         return cls(**{name: payload[name] for name in names})
@@ -211,8 +217,10 @@ class Engine(Protocol):
         should_stop: Callable[[], bool],
         should_preempt: Callable[[], bool] | None = None,
         resume: DenoiseCheckpoint | None = None,
+        cpu_threads: int | None = None,
     ) -> RenderOutput:
-        """Renders the request; `resume` (a checkpoint of this request's spec) skips the steps it holds."""
+        """Renders the request; `resume` (a checkpoint of this request's spec) skips the steps it holds.
+        `cpu_threads`: threads for this render on a CPU device (None: the model's)."""
         ...
 
     def check_health(self) -> None: ...

@@ -232,7 +232,8 @@ class ResumableDenoising:
         return bound.args, bound.kwargs
 
     def checkpoint(
-        self, step: int, latents: torch.Tensor, *, spec: dict[str, Any], model: str, device_kind: str, backend: str
+        self, step: int, latents: torch.Tensor, *, spec: dict[str, Any], model: str, device_kind: str, backend: str,
+        cpu_threads: int | None = None,
     ) -> DenoiseCheckpoint:
         """The state after `step` (counted over the whole render), from ``callback_on_step_end``."""
         stepped = self.start_step + self._steps_called
@@ -258,6 +259,7 @@ class ResumableDenoising:
             device_kind=device_kind,
             backend=backend,
             created_at=time.time(),
+            cpu_threads=cpu_threads,
         )
 
 

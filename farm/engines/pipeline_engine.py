@@ -344,8 +344,11 @@ class DiffusersEngine:
         should_stop: Callable[[], bool],
         should_preempt: Callable[[], bool] | None = None,
         resume: DenoiseCheckpoint | None = None,
+        cpu_threads: int | None = None,
     ) -> RenderOutput:
         """Renders a request; see the module's docstring for cancellation, preemption and `resume`.
+        `cpu_threads`: the threads for this render on a CPU device (None: the model's
+        `cpu_threads`); a resume keeps the count its checkpoint was made with.
 
         Raises RenderCancelled, RenderPreempted (with the checkpoint), or CheckpointError
         for a checkpoint of another spec, seed, model or dtype (before any work).
@@ -365,11 +368,17 @@ class DiffusersEngine:
         spec = None
         if resume is not None or should_preempt is not None:
             spec = checkpoint_spec(request, self.weights_sha256, _dtype_name(self.dtype))
+        threads = None
+        if self.device.type == "cpu":
+            threads = (resume.cpu_threads if resume is not None and resume.cpu_threads else None) \
+                or cpu_threads or self.cpu_threads
         if resume is not None:
             verify_resumable(resume, spec, self.device.type)
             call_kwargs["latents"] = resume.latents.to(self.device)
             notes = notes + [self._resume_note(resume, backend_used)]
         with self._render_lock, torch.inference_mode():
+            if threads is not None:
+                torch.set_num_threads(threads)
             # A render never reuses step-cache residuals of the one before (e.g. a cancelled one).
             reset_first_block_cache(pipe.transformer)
             if self.device.type == "cuda":
@@ -412,7 +421,7 @@ class DiffusersEngine:
                 elif should_preempt is not None and step < total_steps and should_preempt():
                     checkpoint = denoising.checkpoint(
                         step, callback_kwargs["latents"], spec=spec, model=self.model_name,
-                        device_kind=self.device_kind, backend=backend_used,
+                        device_kind=self.device_kind, backend=backend_used, cpu_threads=threads,
                     )
                     pipeline._interrupt = True
                 elif should_preempt is not None and step < total_steps:
@@ -448,7 +457,7 @@ class DiffusersEngine:
                 timings.append(PhaseTiming(DENOISING, self.device_kind, boundary["at"] - denoising_started))
                 checkpoint = denoising.checkpoint(
                     boundary["step"], boundary["latents"], spec=spec, model=self.model_name,
-                    device_kind=self.device_kind, backend=backend_used,
+                    device_kind=self.device_kind, backend=backend_used, cpu_threads=threads,
                 )
             if stopped_after_step is not None:
                 raise RenderCancelled(timings, stopped_after_step)
@@ -471,6 +480,7 @@ class DiffusersEngine:
             peak_memory_bytes=peak_memory,
             backend=backend_used,
             notes=notes,
+            cpu_threads=threads,
         )
 
     def _resume_note(self, resume: DenoiseCheckpoint, backend: str) -> str:
