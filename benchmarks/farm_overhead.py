@@ -65,7 +65,8 @@ class BareEngine:
         stored = asyncio.run(store_clip(output.frames, self.runner, self.postproc.chunk_frames))
         clip = asyncio.run(postprocess_clip(stored, self.runner, fps=request.fps, threads=self.postproc.threads))
         timings = [(t.phase, t.device_kind, t.seconds) for t in output.timings] + clip.timings
-        manifest = build_manifest(self.engine.describe(), request, timings, output.frames.shape, None)
+        manifest = build_manifest(self.engine.describe(), request, timings, output.frames.shape, None,
+                                  cpu_threads=output.cpu_threads)
         manifest["quality"] = clip.quality.to_dict()
         self.artifacts.write(request.render_id, 1, clip.video, manifest)
         return time.perf_counter() - started

@@ -338,6 +338,11 @@ class ModelConfig(_Section):
     """CPUs per replica (Ray resource)."""
     cpu_threads: int | None = Field(None, ge=1)
     """torch threads in a CPU engine; None uses every core of the node."""
+    cpu_threads_beside_postprocessing: int | None = Field(None, ge=1)
+    """torch threads for a render that a CPU engine starts while its previous render is
+    still being post-processed on the same cores. None: `cpu_threads` less the
+    post-processing threads (postproc.replicas x postproc.num_cpus), at least 1. Each
+    render's count goes into its manifest, and a resume keeps its checkpoint's."""
     limits: ModelLimits | None = None
     """What a spec may ask of this model; None takes the family's limits."""
     defaults: RenderDefaults | None = None

@@ -27,6 +27,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -58,7 +59,9 @@ from farm.storage.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
 CPU = "CPU"
-WAKE_INTERVAL_S = 0.025
+# Progress reaches the store in batches (scheduler.event_flush_interval_s, 0.1 s by
+# default); waking the event loop more often than that only takes CPU from the engine.
+WAKE_INTERVAL_S = 0.1
 GIL_SWITCH_INTERVAL_S = 0.02
 # Chaos drills: a node started with this variable set fails every render there at that
 # denoising step, as a node with a bad GPU would (see the README's "Faults").
@@ -69,8 +72,9 @@ class InjectedFault(RuntimeError):
     """A failure the node was told to inject (FARM_CHAOS_FAIL_AT_STEP)."""
 
 
-# The preemption flag is a GCS read, made this often while a preemptible render denoises.
-PREEMPT_CHECK_INTERVAL_S = 0.02
+# The preemption flag is a GCS read, made this often while a preemptible render denoises:
+# an urgent render waits at most this (and a layer) longer for its engine.
+PREEMPT_CHECK_INTERVAL_S = 0.1
 
 
 def node_name() -> str:
@@ -92,7 +96,7 @@ class QualityRejected(RenderRejected):
 
 def build_manifest(engine_info: dict, request: EngineRequest, timings: list, output_shape: tuple,
                    peak_memory_bytes: int | None, backend: str | None = None, notes: list[str] = (),
-                   postprocess: dict | None = None) -> dict:
+                   postprocess: dict | None = None, cpu_threads: int | None = None) -> dict:
     """Everything needed to reproduce the render, and what it took. output_shape is the
     delivered clip's (frames, height, width); postprocess, what post-processing did."""
     spec = {
@@ -110,6 +114,8 @@ def build_manifest(engine_info: dict, request: EngineRequest, timings: list, out
         "model": engine_info,
         # The backend that actually ran this render (an unbuilt shape falls back to eager).
         "backend": backend or engine_info.get("backend"),
+        # A CPU render's thread count (it can change the last bits of the frames).
+        "cpu_threads": cpu_threads,
         "notes": list(notes),
         "timings": [{"phase": p, "device_kind": k, "seconds": s} for p, k, s in timings],
         "output": {"frames": output_shape[0], "height": output_shape[1], "width": output_shape[2]},
@@ -150,7 +156,14 @@ class EngineServer:
         # GIL only briefly. A longer switch interval stops them from preempting the
         # pipeline's Python code every 5 ms (it matters when steps are milliseconds).
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-        self.engine = load_engine(self.model)
+        # One render at a time per replica: a second request waits here, already
+        # dispatched, so the engine starts it the moment the first one ends.
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        # The render thread loads the model too, so it is the only thread here that runs
+        # OpenMP work. libgomp gives each such thread a team of its own, and once the
+        # teams hold more threads than there are cores its waiting threads stop spinning:
+        # a model loaded in this thread cost the tiny engine's decoding about 40 ms a render.
+        self.engine = self._executor.submit(load_engine, self.model).result()
         self.artifacts = ArtifactStore(artifacts_url)
         # Post-processing: the deployment's handle when the app has one; else (a replica
         # built on its own) chunks run in a thread here.
@@ -158,21 +171,25 @@ class EngineServer:
                                 else PostprocConfig())
         self.chunks = (ServeChunkRunner(postproc, self.postproc_config.chunk_retries) if postproc is not None
                        else LocalChunkRunner(workers=1))
-        # One render at a time per replica: a second request waits here, already
-        # dispatched, so the engine starts it the moment the first one ends.
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="engine", initializer=self._set_thread_count)
+        # Renders of this replica past its engine and not yet written (the render thread
+        # adds one as it hands it over; the event loop removes it at the end).
+        self._postprocessing: set[str] = set()
         # Model load and warm-up: the cold start autoscaling counts until it measures one.
         self.startup_seconds = time.perf_counter() - started
         log.info("engine %s ready on %s (%s) in %.1f s", self.model.name, self.engine.device_kind,
                  self.engine.backend, self.startup_seconds)
 
-    def _set_thread_count(self) -> None:
-        # OpenMP's thread count is per OS thread, and Ray starts workers with
-        # OMP_NUM_THREADS=1: without this, torch in the render thread ran on one core.
-        import torch
-
-        torch.set_num_threads(self.engine.cpu_threads)
+    def _render_threads(self) -> int | None:
+        """CPU threads for the render starting now (None: the model's). While a render of
+        this replica is being post-processed, its chunks run on the same cores: an engine
+        team as wide as the node would then lose a thread to them at every barrier of
+        every step, so the engine leaves them their threads."""
+        if self.engine.device.type != "cpu" or not self._postprocessing:
+            return None
+        if self.model.cpu_threads_beside_postprocessing:
+            return self.model.cpu_threads_beside_postprocessing
+        post_threads = self.postproc_config.replicas * self.postproc_config.threads
+        return max(1, self.engine.cpu_threads - post_threads)
 
     def info(self) -> dict:
         return {**self.engine.describe(), "startup_seconds": self.startup_seconds, "node": self.node}
@@ -222,6 +239,7 @@ class EngineServer:
                     log.info("render %s: seed %d crossed the quality gate (%s); rendering seed %d",
                              request.render_id, chosen.seed, "; ".join(failures), candidate_seed(request.seed, used))
                     retry = [candidate_seed(request.seed, used)]
+                    self._postprocessing.discard(request.render_id)  # back in the engine
                     async for batch in self._run_engine(request, retry, used * steps, (used + 1) * steps, stop,
                                                         jobs, candidates.append):
                         yield batch
@@ -239,6 +257,7 @@ class EngineServer:
                 await asyncio.shield(job)
             raise
         finally:
+            self._postprocessing.discard(request.render_id)
             for candidate in candidates:
                 if candidate.scoring is not None and not candidate.scoring.done():
                     candidate.scoring.cancel()
@@ -351,7 +370,7 @@ class EngineServer:
         started = time.perf_counter()
         manifest = build_manifest(self.engine.describe(), dataclasses.replace(request, seed=chosen.seed), timings,
                                   (clip.num_frames, clip.height, clip.width), output.peak_memory_bytes,
-                                  output.backend, output.notes, postprocess=report)
+                                  output.backend, output.notes, postprocess=report, cpu_threads=output.cpu_threads)
         artifact_uri, manifest_uri = await asyncio.to_thread(
             self.artifacts.write, request.render_id, request.attempt, clip.video, manifest)
         timings.append((WRITING, CPU, time.perf_counter() - started))
@@ -372,6 +391,7 @@ class EngineServer:
         steps = request.num_inference_steps
         total_steps = total_steps or len(seeds) * steps
         device = self.engine.device_kind
+        threads = self._render_threads()
         stage_started = {"stage": None, "at": time.perf_counter()}
         offset = {"steps": first_step}
 
@@ -399,14 +419,17 @@ class EngineServer:
                 offset["steps"] = first_step + index * steps
                 candidate = request if seed == request.seed else dataclasses.replace(request, seed=seed)
                 if first_step == 0 and index == 0:
-                    output = self._render_preemptible(candidate, on_progress, stop)
+                    output = self._render_preemptible(candidate, on_progress, stop, threads)
                 else:
-                    output = self.engine.render(candidate, on_progress, stop.is_set)
+                    output = self.engine.render(candidate, on_progress, stop.is_set, cpu_threads=threads)
                 emit({"kind": "candidate", "seed": seed, "output": output})
             previous = stage_started["stage"]
             event: dict[str, Any] = {"kind": "progress", "stage": POSTPROCESSING, "node": self.node}
             if previous and previous != "DENOISING":
                 event["finished_phases"] = [(previous, device, time.perf_counter() - stage_started["at"])]
+            # Counted before "rendered" reaches the event loop: the next render may start
+            # in this thread at once.
+            self._postprocessing.add(request.render_id)
             emit(event)
             emit({"kind": "rendered"})
         except RenderPreempted as preempted:
@@ -420,12 +443,13 @@ class EngineServer:
 
     # -- preemption (render thread) -------------------------------------------------------
 
-    def _render_preemptible(self, request: EngineRequest, on_progress, stop: threading.Event) -> RenderOutput:
+    def _render_preemptible(self, request: EngineRequest, on_progress, stop: threading.Event,
+                            threads: int | None) -> RenderOutput:
         """The engine's render, preemptible, and resumed from `resume_from` when the request has one."""
         from farm.serve.signals import PreemptionWatch
 
         if not self.engine.supports_checkpoint:
-            return self._render_resumed(request, on_progress, stop, None)
+            return self._render_resumed(request, on_progress, stop, None, threads)
         with PreemptionWatch(request.render_id, request.attempt, PREEMPT_CHECK_INTERVAL_S) as watch:
 
             def progress(event: Progress) -> None:
@@ -433,22 +457,22 @@ class EngineServer:
                     watch.stop()  # past the last preemption point: no more GCS reads
                 on_progress(event)
 
-            return self._render_resumed(request, progress, stop, watch.requested)
+            return self._render_resumed(request, progress, stop, watch.requested, threads)
 
     def _render_resumed(self, request: EngineRequest, on_progress, stop: threading.Event,
-                        should_preempt) -> RenderOutput:
+                        should_preempt, threads: int | None) -> RenderOutput:
         """The engine's render, from the request's checkpoint when it has a usable one."""
+        render = functools.partial(self.engine.render, request, on_progress, stop.is_set,
+                                   should_preempt=should_preempt, cpu_threads=threads)
         if not request.resume_from:
-            return self.engine.render(request, on_progress, stop.is_set, should_preempt=should_preempt)
+            return render()
         try:
-            resume = DenoiseCheckpoint.from_bytes(self.artifacts.read_checkpoint(request.resume_from))
-            return self.engine.render(request, on_progress, stop.is_set, should_preempt=should_preempt,
-                                      resume=resume)
+            return render(resume=DenoiseCheckpoint.from_bytes(self.artifacts.read_checkpoint(request.resume_from)))
         except (CheckpointError, FileNotFoundError) as unusable:
             # Same seed, same video from step 0: only the checkpointed steps' time is lost.
             note = f"checkpoint {request.resume_from} was not used ({unusable}); rendered from step 0"
             log.warning("render %s attempt %d: %s", request.render_id, request.attempt, note)
-        output = self.engine.render(request, on_progress, stop.is_set, should_preempt=should_preempt)
+        output = render()
         output.notes.append(note)
         return output
 

@@ -292,6 +292,50 @@ def test_unreadable_checkpoint_bytes_are_refused(ltx_checkpoint):
         DenoiseCheckpoint.from_bytes(buffer.getvalue())
 
 
+
+@pytest.fixture
+def torch_threads():
+    """The engine sets torch's thread count in the thread that renders (here, the test's):
+    put it back afterwards."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_resume_keeps_the_cpu_threads_its_checkpoint_was_made_with(engines, torch_threads):
+    engine = engines["ltx-video-tiny"]
+    request = make_request(engine, Task.TEXT_TO_VIDEO)
+    uninterrupted = engine.render(request, lambda p: None, never, cpu_threads=1)
+    assert uninterrupted.cpu_threads == 1 and torch.get_num_threads() == 1
+    assert engine.render(request, lambda p: None, never).cpu_threads == engine.cpu_threads  # the model's
+
+    run = Run(preempt_after=2)
+    with pytest.raises(RenderPreempted) as raised:
+        engine.render(request, run.on_progress, never, should_preempt=run.should_preempt, cpu_threads=1)
+    checkpoint = DenoiseCheckpoint.from_bytes(raised.value.checkpoint.to_bytes())
+    assert checkpoint.cpu_threads == 1
+
+    # Asked for two threads, the resume runs on the one its first steps ran on.
+    resumed = engine.render(request, lambda p: None, never, resume=checkpoint, cpu_threads=2)
+    assert resumed.cpu_threads == 1
+    np.testing.assert_array_equal(resumed.frames, uninterrupted.frames)
+
+
+def test_a_checkpoint_without_a_thread_count_still_resumes(engines, ltx_checkpoint, torch_threads):
+    """Checkpoints written before thread counts were recorded load, and resume on the
+    threads asked for."""
+    payload = torch.load(io.BytesIO(ltx_checkpoint.to_bytes()), weights_only=True)
+    del payload["cpu_threads"]
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    checkpoint = DenoiseCheckpoint.from_bytes(buffer.getvalue())
+    assert checkpoint.cpu_threads is None and checkpoint.step == ltx_checkpoint.step
+    engine = engines["ltx-video-tiny"]
+    resumed = engine.render(make_request(engine, Task.IMAGE_TO_VIDEO), lambda p: None, never, resume=checkpoint,
+                            cpu_threads=1)
+    assert resumed.cpu_threads == 1
+
+
 # Schedulers -------------------------------------------------------------------------------
 
 
@@ -477,3 +521,29 @@ def test_server_renders_from_step_zero_when_the_checkpoint_is_unusable(server, t
     progress, output = rendered_candidate(server, request)
     assert [e["step"] for e in progress if e["kind"] == "progress" and e.get("step")] == [1, 2, 3, 4]
     assert any("was not used" in note and "step 0" in note for note in output.notes)
+
+
+def test_a_render_started_beside_post_processing_leaves_it_the_cores(server, torch_threads):
+    """While a render of the replica is being post-processed (its chunks on the same cores),
+    the next one renders on the engine's threads less post-processing's; alone, on all of them."""
+    from farm.config import PostprocConfig
+
+    server.engine.cpu_threads = 3
+    server.postproc_config = PostprocConfig(replicas=1, num_cpus=1)
+    first, _ = rendered_candidate(server, make_request(server.engine, Task.TEXT_TO_VIDEO, render_id="r-a"))
+    assert next(e["output"] for e in first if e["kind"] == "candidate").cpu_threads == 3
+    assert server._postprocessing == {"r-a"}  # handed over, and counted before the next render starts
+
+    _, beside = rendered_candidate(server, make_request(server.engine, Task.TEXT_TO_VIDEO, render_id="r-b"))
+    assert beside.cpu_threads == 2  # 3 - one post-processing replica of one thread
+    server.model = server.model.model_copy(update={"cpu_threads_beside_postprocessing": 1})
+    _, configured = rendered_candidate(server, make_request(server.engine, Task.TEXT_TO_VIDEO, render_id="r-c"))
+    assert configured.cpu_threads == 1
+
+    # A whole render, from the engine to the MP4: post-processed, it no longer counts, and
+    # its manifest says how many threads it ran on.
+    server._postprocessing.clear()
+    done = stream(server, make_request(server.engine, Task.TEXT_TO_VIDEO, render_id="r-d"))[-1]
+    assert done["kind"] == "done" and server._postprocessing == set()
+    with fsspec.open(done["manifest_uri"], "rb") as f:
+        assert json.load(f)["cpu_threads"] == 3
