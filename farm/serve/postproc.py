@@ -186,8 +186,12 @@ def postproc_deployment(config: PostprocConfig, name: str = DEPLOYMENT_NAME):
             # A replica works on one chunk at a time: more than one waiting means too few replicas.
             "target_ongoing_requests": 1,
         }}
+    from ray.serve.config import RequestRouterConfig
+
     return serve.deployment(PostprocServer).options(
         name=name,
+        # A clip's chunks in turn over the replicas (farm.serve.routing).
+        request_router_config=RequestRouterConfig(request_router_class="farm.serve.routing:ChunkRouter"),
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options=options,
         health_check_period_s=10,

@@ -44,6 +44,8 @@ def test_interpolated_upscaled_render_has_the_right_frames_size_rate_and_charges
     assert report["output"]["fps"] == 16
     # 17 frames in chunks of 8 sharing a seam frame: 0-8, 7-15, 14-17.
     assert [c["frames_out"] for c in report["chunks"]] == [15, 14, 4]
+    # Sent at once, the two long chunks ran side by side on the two replicas.
+    assert report["chunks"][0]["worker"] != report["chunks"][1]["worker"]
     assert {"interpolate", "upscale", "quality", "encode"} <= set(report["stage_seconds"])
     assert len(report["color_statistics"]["mean"]) == 3
 
