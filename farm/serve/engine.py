@@ -5,7 +5,8 @@ replica's single render thread (every candidate seed of the render, one after th
 other), then post-processes the frames in the replica's event loop, fanning chunks
 out to the post-processing deployment, writes the MP4 with its manifest, and ends
 with a "done" event. The render thread is free as soon as the frames exist, so the
-next render queued on the replica starts while this one is post-processed. When the
+next render queued on the replica starts while this one is post-processed (on a CPU
+engine, on the threads post-processing leaves it: `_render_threads`). When the
 caller cancels the request, Serve raises CancelledError here; the stop flag makes the
 pipeline return at its next step boundary, before decoding.
 
