@@ -2,7 +2,7 @@
 post-processing replica for a chunk (ChunkRouter).
 
 Ray Serve's default router probes two random replicas; a render farm has few replicas
-and long requests, so this one takes the least loaded of all of them (their queue
+and long requests, so EngineRouter takes the least loaded of all of them (their queue
 lengths are cached by Serve's router and probed only when stale), which also keeps an
 urgent render from landing behind a busy replica while another is idle. Replicas on a
 quarantined node (`farm.jobs.quarantine`) get nothing; when every replica is on one,
