@@ -2,15 +2,16 @@
 post-processing replica for a chunk (ChunkRouter).
 
 Ray Serve's default router probes two random replicas; a render farm has few replicas
-and long requests, so EngineRouter takes the least loaded of all of them (their queue
-lengths are cached by Serve's router and probed only when stale), which also keeps an
-urgent render from landing behind a busy replica while another is idle. Replicas on a
-quarantined node (`farm.jobs.quarantine`) get nothing; when every replica is on one,
+and long requests, so both routers send each request to the replica with the fewest
+requests outstanding from this router (`_AssignedRequests`), which also keeps an
+urgent render from landing behind a busy replica while another is idle. EngineRouter
+gives replicas on a quarantined node (`farm.jobs.quarantine`) nothing; when every one is,
 the request waits (Serve retries with backoff) until the quarantine ends or the pool
 has grown replicas elsewhere."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
@@ -25,8 +26,48 @@ log = logging.getLogger(__name__)
 FENCE_TTL_S = 1.0
 
 
-class EngineRouter(FIFOMixin, RequestRouter):
+def least_assigned_in_turn(replicas: list, assigned: dict[str, int], turn: int) -> list[list]:
+    """Ranks for one request: the replica with the fewest requests this router has sent
+    it and not seen finish (ties taken in turn), then the others from least to most.
+    Replicas are ordered by id first, so every call sees them in the same order."""
+    ordered = sorted(replicas, key=lambda replica: replica.replica_id.unique_id)
+    if len(ordered) < 2:
+        return [ordered] if ordered else []
+    first = turn % len(ordered)
+    rotated = ordered[first:] + ordered[:first]
+    ranked = sorted(rotated, key=lambda replica: assigned.get(replica.replica_id.unique_id, 0))
+    return [ranked[:1], ranked[1:]]
+
+
+class _AssignedRequests(FIFOMixin, RequestRouter):
+    """Counts the requests this router sends to each replica until they finish.
+
+    Serve's router picks the shortest queue it knows of, but it counts a request only
+    once the request is sent, after the next one may already have been routed: requests
+    sent at once (a clip's chunks, a burst of renders) often all landed on one replica
+    while another idled. Here a request is counted when its replica is chosen: it goes
+    to the replica with the fewest (in turn on ties); Serve skips that replica only when
+    its queue is full, for the least loaded of the others."""
+
     def initialize_state(self, **kwargs: Any) -> None:
+        self._turns = itertools.count()
+        self._assigned: dict[str, str] = {}  # internal request id -> replica id
+
+    def _rank(self, replicas: list[RunningReplica], pending_request: PendingRequest | None) -> list[list]:
+        request_id = pending_request.metadata.internal_request_id if pending_request is not None else None
+        self._assigned.pop(request_id, None)  # chosen again (a retry): counted where it goes now
+        ranks = least_assigned_in_turn(replicas, collections.Counter(self._assigned.values()), next(self._turns))
+        if request_id is not None and ranks:
+            self._assigned[request_id] = ranks[0][0].replica_id.unique_id
+        return ranks
+
+    def on_request_completed(self, replica_id, internal_request_id: str) -> None:
+        self._assigned.pop(internal_request_id, None)
+
+
+class EngineRouter(_AssignedRequests):
+    def initialize_state(self, **kwargs: Any) -> None:
+        super().initialize_state(**kwargs)
         self._fenced: dict[str, float] = {}
         self._fenced_read_at = float("-inf")
 
@@ -43,34 +84,14 @@ class EngineRouter(FIFOMixin, RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         fenced = self._current_fence()
-        usable = [r for r in candidate_replicas if not on_fenced_node(r.node_id, fenced)]
-        # One rank: Serve's router takes the shortest queue among them.
-        return [usable] if usable else []
+        return self._rank([r for r in candidate_replicas if not on_fenced_node(r.node_id, fenced)], pending_request)
 
 
-def in_turn(replicas: list, turn: int) -> list[list]:
-    """Ranks for one request: the replica whose turn it is, then the others. Replicas
-    are ordered by id, so every call sees them in the same order."""
-    ordered = sorted(replicas, key=lambda replica: replica.replica_id.unique_id)
-    if len(ordered) < 2:
-        return [ordered] if ordered else []
-    first = turn % len(ordered)
-    return [[ordered[first]], ordered[first + 1:] + ordered[:first]]
-
-
-class ChunkRouter(FIFOMixin, RequestRouter):
-    """Post-processing replicas take chunks in turn.
-
-    A clip's chunks are sent at once. Serve's router picks the shortest queue it knows
-    of, but it counts a request only once the request is sent, after the next one may
-    already have been routed: both halves of a clip often landed on one replica while
-    the other idled (in 3 to 5 of 10 idle renders of farm_overhead.py, doubling their
-    post-processing). In turn, a clip's chunks go to different replicas; a replica whose
-    queue is full is skipped for the least loaded of the others."""
-
-    def initialize_state(self, **kwargs: Any) -> None:
-        self._turns = itertools.count()
+class ChunkRouter(_AssignedRequests):
+    """Post-processing chunks: a clip's chunks go to different replicas (in 3 to 5 of 10
+    idle renders of farm_overhead.py, Serve's own choice put its two long chunks on one
+    replica, doubling their post-processing)."""
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        return in_turn(candidate_replicas, next(self._turns))
+        return self._rank(candidate_replicas, pending_request)

@@ -1,10 +1,10 @@
-"""How a clip's chunks are spread over the post-processing replicas (no Ray)."""
+"""How the farm's routers rank replicas for a request (no Ray)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from farm.serve.routing import in_turn
+from farm.serve.routing import ChunkRouter, least_assigned_in_turn
 
 
 def replica(unique_id: str) -> SimpleNamespace:
@@ -15,17 +15,42 @@ def names(ranks: list[list]) -> list[list[str]]:
     return [[r.name for r in rank] for rank in ranks]
 
 
-def test_consecutive_chunks_go_to_each_replica_in_turn_whatever_order_serve_lists_them():
+def test_idle_replicas_take_requests_in_turn_whatever_order_serve_lists_them():
     replicas = [replica("b"), replica("c"), replica("a")]
-    firsts = [names(in_turn(list(reversed(replicas)) if turn % 2 else replicas, turn))[0] for turn in range(6)]
+    firsts = [names(least_assigned_in_turn(list(reversed(replicas)) if turn % 2 else replicas, {}, turn))[0]
+              for turn in range(6)]
     assert firsts == [["a"], ["b"], ["c"], ["a"], ["b"], ["c"]]
 
 
-def test_the_other_replicas_follow_as_the_fallback_rank():
-    # A replica whose queue is full is skipped: Serve then takes the least loaded of the next rank.
-    assert names(in_turn([replica("a"), replica("b"), replica("c")], 1)) == [["b"], ["c", "a"]]
+def test_the_replica_with_the_fewest_outstanding_requests_comes_first_and_the_rest_follow():
+    replicas = [replica("a"), replica("b"), replica("c")]
+    assert names(least_assigned_in_turn(replicas, {"a": 2, "b": 0, "c": 1}, 0)) == [["b"], ["c", "a"]]
+    # Whose turn it is only breaks ties.
+    assert names(least_assigned_in_turn(replicas, {"a": 1, "b": 1, "c": 0}, 1)) == [["c"], ["b", "a"]]
+
+
+def request(request_id: str) -> SimpleNamespace:
+    return SimpleNamespace(metadata=SimpleNamespace(internal_request_id=request_id))
+
+
+def test_a_burst_sent_at_once_spreads_and_finished_requests_free_their_replica():
+    """Counted when chosen, not when sent: four requests at once go two and two."""
+    router = ChunkRouter.__new__(ChunkRouter)  # its state and ranking alone, without Serve
+    router.initialize_state()
+    replicas = [replica("a"), replica("b")]
+    chosen = {rid: router._rank(replicas, request(rid))[0][0].name for rid in ("r1", "r2", "r3", "r4")}
+    assert sorted(chosen.values()) == ["a", "a", "b", "b"]
+
+    # A request chosen again (Serve retries it) is counted once, where it goes now.
+    router._rank(replicas, request("r4"))
+    assert sorted(router._assigned.values()) == ["a", "a", "b", "b"]
+
+    # Two finish on one replica: the next request goes there.
+    for rid in [rid for rid, name in chosen.items() if name == "a"]:
+        router.on_request_completed(None, rid)
+    assert router._rank(replicas, request("r5"))[0][0].name == "a"
 
 
 def test_one_replica_or_none():
-    assert names(in_turn([replica("a")], 7)) == [["a"]]
-    assert in_turn([], 3) == []
+    assert names(least_assigned_in_turn([replica("a")], {"a": 3}, 7)) == [["a"]]
+    assert least_assigned_in_turn([], {}, 3) == []
