@@ -51,14 +51,19 @@ class _AssignedRequests(FIFOMixin, RequestRouter):
 
     def initialize_state(self, **kwargs: Any) -> None:
         self._turns = itertools.count()
-        self._assigned: dict[str, str] = {}  # internal request id -> replica id
+        # internal request id -> (replica id, the pending request)
+        self._assigned: dict[str, tuple[str, PendingRequest]] = {}
 
     def _rank(self, replicas: list[RunningReplica], pending_request: PendingRequest | None) -> list[list]:
+        # A request cancelled before it was sent never completes on a replica: forget it.
+        for request_id in [rid for rid, (_, pending) in self._assigned.items() if pending.future.cancelled()]:
+            del self._assigned[request_id]
         request_id = pending_request.metadata.internal_request_id if pending_request is not None else None
         self._assigned.pop(request_id, None)  # chosen again (a retry): counted where it goes now
-        ranks = least_assigned_in_turn(replicas, collections.Counter(self._assigned.values()), next(self._turns))
+        load = collections.Counter(replica_id for replica_id, _ in self._assigned.values())
+        ranks = least_assigned_in_turn(replicas, load, next(self._turns))
         if request_id is not None and ranks:
-            self._assigned[request_id] = ranks[0][0].replica_id.unique_id
+            self._assigned[request_id] = (ranks[0][0].replica_id.unique_id, pending_request)
         return ranks
 
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:

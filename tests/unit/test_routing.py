@@ -30,7 +30,8 @@ def test_the_replica_with_the_fewest_outstanding_requests_comes_first_and_the_re
 
 
 def request(request_id: str) -> SimpleNamespace:
-    return SimpleNamespace(metadata=SimpleNamespace(internal_request_id=request_id))
+    return SimpleNamespace(metadata=SimpleNamespace(internal_request_id=request_id),
+                           future=SimpleNamespace(cancelled=lambda: False))
 
 
 def test_a_burst_sent_at_once_spreads_and_finished_requests_free_their_replica():
@@ -43,12 +44,24 @@ def test_a_burst_sent_at_once_spreads_and_finished_requests_free_their_replica()
 
     # A request chosen again (Serve retries it) is counted once, where it goes now.
     router._rank(replicas, request("r4"))
-    assert sorted(router._assigned.values()) == ["a", "a", "b", "b"]
+    assert sorted(name for name, _ in router._assigned.values()) == ["a", "a", "b", "b"]
 
     # Two finish on one replica: the next request goes there.
     for rid in [rid for rid, name in chosen.items() if name == "a"]:
         router.on_request_completed(None, rid)
     assert router._rank(replicas, request("r5"))[0][0].name == "a"
+
+
+def test_a_request_cancelled_before_it_was_sent_no_longer_counts():
+    router = ChunkRouter.__new__(ChunkRouter)
+    router.initialize_state()
+    replicas = [replica("a"), replica("b")]
+    cancelled = SimpleNamespace(metadata=SimpleNamespace(internal_request_id="gone"),
+                                future=SimpleNamespace(cancelled=lambda: True))
+    router._rank(replicas, cancelled)
+    assert list(router._assigned) == ["gone"]  # counted when chosen
+    router._rank(replicas, request("next"))
+    assert list(router._assigned) == ["next"]  # the cancelled one no longer weighs on its replica
 
 
 def test_one_replica_or_none():
