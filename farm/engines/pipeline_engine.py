@@ -6,7 +6,8 @@ A render runs in three phases, each timed on the device that ran it:
 - DENOISING: the pipeline call with those embeddings and ``output_type="latent"``
   (this includes the pipeline's set-up, e.g. encoding the conditioning image);
 - DECODING: the family's `decode_latents` (what the pipeline does after its loop)
-  and the pipeline's video processor, to uint8 frames.
+  and the conversion to uint8 frames (`video_to_uint8_frames`: the bits the pipeline's
+  video processor would give, without its clip-sized float copies).
 
 The transformer runs on the model's configured backend (`farm.engines.backends`):
 at load the engine prepares it (FP8 layers, First-Block Cache), enables VAE tiling if
@@ -136,6 +137,27 @@ def detect_device_kind(device: torch.device) -> str:
 def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
     """Float frames in [0, 1] -> uint8, rounding as diffusers does when it makes PIL images."""
     return np.round(np.clip(frames, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def video_to_uint8_frames(video: torch.Tensor, denormalize: bool = True) -> np.ndarray:
+    """A decoded video (1, C, F, H, W) in [-1, 1] -> uint8 frames (F, H, W, C), the same
+    bits as the pipeline's ``postprocess_video(output_type="np")`` then `frames_to_uint8`.
+
+    One frame at a time, on the video's device: those take the whole clip through three
+    float copies as large as the clip (tens of MiB each, fresh from the allocator every
+    render), where a frame's temporaries stay in cache; on a GPU only uint8 crosses to
+    the host (a quarter of the bytes)."""
+    clip = video[0]
+    channels, count, height, width = clip.shape
+    frames = torch.empty((count, height, width, channels), dtype=torch.uint8, device=clip.device)
+    for index in range(count):
+        frame = clip[:, index]
+        if denormalize:
+            frame = (frame * 0.5 + 0.5).clamp(0, 1)  # the processor's `denormalize`, in the video's dtype
+        # float32 before scaling, as the processor's numpy conversion; round half to even, as numpy.
+        frame = frame.float().clamp(0, 1).mul(255).round_()
+        frames[index] = frame.permute(1, 2, 0)
+    return frames.cpu().numpy()
 
 
 def weights_sha256(model_dirs: list[Path]) -> str:
@@ -467,7 +489,7 @@ class DiffusersEngine:
             on_progress(Progress(DECODING))
             with self._timed(DECODING, timings):
                 video = self.family.decode_latents(pipe, latents, request, generator)
-                frames = pipe.video_processor.postprocess_video(video, output_type="np")[0]
+                frames = video_to_uint8_frames(video, pipe.video_processor.config.do_normalize)
             peak_memory = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         expected_shape = (request.num_frames, request.height, request.width, 3)
         if frames.shape != expected_shape:
@@ -475,7 +497,7 @@ class DiffusersEngine:
                 f"{self.model_name} decoded frames of shape {frames.shape}, not the requested {expected_shape}"
             )
         return RenderOutput(
-            frames=frames_to_uint8(frames),
+            frames=frames,
             timings=timings,
             peak_memory_bytes=peak_memory,
             backend=backend_used,

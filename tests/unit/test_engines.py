@@ -18,7 +18,7 @@ from PIL import Image
 from farm.config import FAMILY_LIMITS, Family, ModelConfig, Task
 from farm.engines import load_engine
 from farm.engines.base import DECODING, DENOISING, ENCODING_PROMPT, EngineRequest, RenderCancelled
-from farm.engines.pipeline_engine import DiffusersEngine, frames_to_uint8
+from farm.engines.pipeline_engine import DiffusersEngine, frames_to_uint8, video_to_uint8_frames
 from farm.engines.tiny import make_tiny_models, tiny_model_configs
 from tests.unit.conftest import FAMILIES_AND_TASKS
 
@@ -218,6 +218,25 @@ def test_engine_decode_equals_the_pipelines_own_output(engines, image_bytes, mod
         reference = pipe(**kwargs).frames[0]
 
     np.testing.assert_allclose(output.frames, frames_to_uint8(reference), atol=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("denormalize", [True, False])
+def test_uint8_frames_have_the_bits_of_the_pipelines_video_processor(dtype, denormalize):
+    from diffusers.video_processor import VideoProcessor
+
+    processor = VideoProcessor(vae_scale_factor=8, do_normalize=denormalize)
+    generator = torch.Generator().manual_seed(0)
+    # Beyond [-1, 1] on both sides, and exact halves, where rounding could differ.
+    video = (torch.rand(1, 3, 5, 16, 24, generator=generator) * 2.4 - 1.2).to(dtype)
+    video[0, 0, 0, 0, :4] = torch.tensor([-1.0, 1.0, 0.5 / 255 * 2 - 1, 1.5 / 255 * 2 - 1]).to(dtype)
+
+    expected = frames_to_uint8(processor.postprocess_video(video, output_type="np")[0])
+    frames = video_to_uint8_frames(video, denormalize)
+
+    assert frames.dtype == np.uint8 and frames.shape == (5, 16, 24, 3) and frames.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(frames, expected)
+    assert 0 < frames.mean() < 255
 
 
 @pytest.mark.parametrize("model_name, task", FAMILIES_AND_TASKS)
