@@ -128,9 +128,11 @@ def spec(seed: int) -> pb.RenderSpec:
 def start_farm(config_path: Path, home: Path) -> tuple[subprocess.Popen, str]:
     ready = home / "gateway.ready"
     log = open(home / "serve.log", "ab")
+    # The farm's own processes as in production: its CPU replicas set their allocator themselves.
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {"FARM_HOME": str(home)}
     process = subprocess.Popen([sys.executable, "-m", "farm", "serve", "--config", str(config_path),
                                 "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True, env=dict(os.environ, FARM_HOME=str(home)))
+                               start_new_session=True, env=env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -157,7 +159,17 @@ def temporary_farm(prefix: str) -> tuple[Path, Path, FarmConfig]:
     return home, config_path, config
 
 
+def with_replica_allocator() -> None:
+    """Runs this process (the bare loop) with the allocator settings of the farm's CPU
+    replicas (farm.serve.allocator), so that the comparison is of the farm, not of malloc."""
+    from farm.serve.allocator import KEEP_FREED_MEMORY
+
+    if os.environ.get("GLIBC_TUNABLES") != KEEP_FREED_MEMORY:
+        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, GLIBC_TUNABLES=KEEP_FREED_MEMORY))
+
+
 def main() -> None:
+    with_replica_allocator()
     parser = argparse.ArgumentParser()
     parser.add_argument("--renders", type=int, default=20)
     parser.add_argument("--idle-runs", type=int, default=10)

@@ -56,6 +56,7 @@ from farm.engines.base import (
 )
 from farm.jobs.spec import MAX_SEED, ResolvedPostprocess
 from farm.postproc.quality import gate_failures
+from farm.serve.allocator import allocator_env
 from farm.storage.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -532,7 +533,7 @@ def engine_deployment(model: ModelConfig, pool: PoolConfig, artifacts_url: str, 
         # the same cores run at a lower priority (postproc.niceness), so a spinning
         # engine thread's sibling is not descheduled for them. Passive waits cost the
         # tiny engine 30-50 ms of denoising per render, idle or not.
-        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads), **allocator_env()}}
     if pool.num_gpus:
         options["num_gpus"] = pool.num_gpus
     if pool.ray_accelerator_type:

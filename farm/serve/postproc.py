@@ -32,6 +32,7 @@ from farm.postproc.pipeline import (
     process_chunk,
     warm_up,
 )
+from farm.serve.allocator import allocator_env
 
 log = logging.getLogger(__name__)
 DEPLOYMENT_NAME = "postproc"
@@ -178,7 +179,8 @@ def postproc_deployment(config: PostprocConfig, name: str = DEPLOYMENT_NAME):
     if config.num_gpus:
         options["num_gpus"] = config.num_gpus
     # Ray sets OMP_NUM_THREADS to the actor's CPUs; torch (learned models) and numpy follow it.
-    options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(config.threads)}}
+    # Every chunk's frames are large allocations: keep them for the next chunk (farm.serve.allocator).
+    options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(config.threads), **allocator_env()}}
     scaling: dict[str, Any] = {"num_replicas": config.replicas}
     if config.max_replicas is not None and config.max_replicas > config.replicas:
         scaling = {"autoscaling_config": {

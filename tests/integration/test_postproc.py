@@ -160,3 +160,23 @@ def test_killed_postproc_replica_loses_no_chunk_and_the_render_is_not_restarted(
     assert (video["frames"], video["width"], video["height"]) == (129, 1024, 1024)
     manifest = json.loads(client.fetch(render.id, kind=pb.ARTIFACT_KIND_MANIFEST))
     assert manifest["postprocess"]["retries"] >= 1, "no chunk was sent again"
+
+
+def test_cpu_engine_and_post_processing_replicas_keep_freed_memory(client):
+    """Their processes start with glibc told to keep freed memory (farm.serve.allocator);
+    tests/unit/test_allocator.py shows what that saves."""
+    from ray._private.state import actors
+
+    from farm.serve.allocator import KEEP_FREED_MEMORY
+
+    expected = os.environ.get("GLIBC_TUNABLES", KEEP_FREED_MEMORY)
+    replicas = {a["Name"]: a["Pid"] for a in actors().values()
+                if a["State"] == "ALIVE" and a["Name"].startswith("SERVE_REPLICA")
+                and ("postproc" in a["Name"] or "engine-" in a["Name"])}
+    assert any("postproc" in name for name in replicas) and any("engine-" in name for name in replicas), replicas
+    # glibc parses the variable in place: /proc shows its ':' as NULs.
+    written = (f"\0GLIBC_TUNABLES={expected}\0".encode(), f"\0GLIBC_TUNABLES={expected}\0".replace(":", "\0").encode())
+    for name, pid in replicas.items():
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            block = b"\0" + environ.read()
+        assert any(form in block for form in written), name
