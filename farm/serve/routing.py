@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from farm.serve.signals import fenced_here, fenced_nodes, on_fenced_node
 
@@ -39,7 +39,7 @@ def least_assigned_in_turn(replicas: list, assigned: dict[str, int], turn: int) 
     return [ranked[:1], ranked[1:]]
 
 
-class _AssignedRequests(RequestRouter):
+class _AssignedRequests(FIFOMixin, RequestRouter):
     """Counts the requests this router sends to each replica until they finish.
 
     Serve's router picks the shortest queue it knows of, but it counts a request only
@@ -47,12 +47,7 @@ class _AssignedRequests(RequestRouter):
     sent at once (a clip's chunks, a burst of renders) often all landed on one replica
     while another idled. Here a request is counted when its replica is chosen: it goes
     to the replica with the fewest (in turn on ties); Serve skips that replica only when
-    its queue is full, for the least loaded of the others.
-
-    Not first-in first-out (Serve's FIFOMixin): that gives the replica found for one
-    request to the oldest request waiting, so requests of a burst swapped replicas, and
-    two could end on the replica counted for one of them (a clip's two long chunks did,
-    once, in tests/integration/test_postproc.py)."""
+    its queue is full, for the least loaded of the others."""
 
     def initialize_state(self, **kwargs: Any) -> None:
         self._turns = itertools.count()

@@ -67,32 +67,3 @@ def test_a_request_cancelled_before_it_was_sent_no_longer_counts():
 def test_one_replica_or_none():
     assert names(least_assigned_in_turn([replica("a")], {"a": 3}, 7)) == [["a"]]
     assert least_assigned_in_turn([], {}, 3) == []
-
-
-def test_the_replica_found_for_a_request_goes_to_that_request():
-    """Serve looks for a replica for each waiting request in a task of its own, and the
-    tasks finish in any order: the replica chosen (and counted) for the second request
-    must not go to the first, which is counted on another replica."""
-    import asyncio
-
-    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
-    from ray.serve._private.request_router.common import PendingRequest
-
-    async def route() -> tuple[dict, dict]:
-        router = ChunkRouter(DeploymentID(name="postproc", app_name="farm"), DeploymentHandleSource.REPLICA)
-        router.initialize_state()
-        replicas = [replica("a"), replica("b")]
-        waiting = {}
-        for rid in ("first", "second"):
-            waiting[rid] = PendingRequest(args=[], kwargs={},
-                                          metadata=RequestMetadata(request_id=rid, internal_request_id=rid))
-            router._pending_requests_to_fulfill.append(waiting[rid])
-            router._add_pending_request_to_indices(waiting[rid])
-        chosen = {rid: router._rank(replicas, waiting[rid])[0][0] for rid in waiting}
-        router._fulfill_next_pending_request(chosen["second"], waiting["second"].metadata)
-        return chosen, waiting
-
-    chosen, waiting = asyncio.run(route())
-    assert chosen["first"].name != chosen["second"].name
-    assert waiting["second"].future.result() is chosen["second"]
-    assert not waiting["first"].future.done()
