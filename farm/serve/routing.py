@@ -47,27 +47,47 @@ class _AssignedRequests(FIFOMixin, RequestRouter):
     sent at once (a clip's chunks, a burst of renders) often all landed on one replica
     while another idled. Here a request is counted when its replica is chosen: it goes
     to the replica with the fewest (in turn on ties); Serve skips that replica only when
-    its queue is full, for the least loaded of the others."""
+    its queue is full, for the least loaded of the others.
+
+    A request is counted on the replica chosen for it until Serve hands it a replica
+    (the pending request's future), then on that one: first-in first-out (FIFOMixin)
+    hands the replica found for one request to the oldest waiting, and a full replica
+    sends a request to another. Requests are told apart by their pending request, not
+    by Serve's internal id: the requests a replica makes while serving one (a clip's
+    chunks) all carry that one's id."""
 
     def initialize_state(self, **kwargs: Any) -> None:
         self._turns = itertools.count()
-        # internal request id -> (replica id, the pending request)
-        self._assigned: dict[str, tuple[str, PendingRequest]] = {}
+        # id(pending request) -> (the replica chosen for it, the pending request)
+        self._assigned: dict[int, tuple[str, PendingRequest]] = {}
+
+    @staticmethod
+    def _replica_of(chosen: str, pending: PendingRequest) -> str:
+        """Where the request is: the replica Serve gave it, else the one chosen for it."""
+        if pending.future.done() and not pending.future.cancelled():
+            return pending.future.result().replica_id.unique_id
+        return chosen
 
     def _rank(self, replicas: list[RunningReplica], pending_request: PendingRequest | None) -> list[list]:
         # A request cancelled before it was sent never completes on a replica: forget it.
-        for request_id in [rid for rid, (_, pending) in self._assigned.items() if pending.future.cancelled()]:
-            del self._assigned[request_id]
-        request_id = pending_request.metadata.internal_request_id if pending_request is not None else None
-        self._assigned.pop(request_id, None)  # chosen again (a retry): counted where it goes now
-        load = collections.Counter(replica_id for replica_id, _ in self._assigned.values())
+        for key in [key for key, (_, pending) in self._assigned.items() if pending.future.cancelled()]:
+            del self._assigned[key]
+        if pending_request is not None:
+            self._assigned.pop(id(pending_request), None)  # chosen again (a retry): counted where it goes now
+        load = collections.Counter(self._replica_of(chosen, pending) for chosen, pending in self._assigned.values())
         ranks = least_assigned_in_turn(replicas, load, next(self._turns))
-        if request_id is not None and ranks:
-            self._assigned[request_id] = (ranks[0][0].replica_id.unique_id, pending_request)
+        if pending_request is not None and ranks:
+            self._assigned[id(pending_request)] = (ranks[0][0].replica_id.unique_id, pending_request)
         return ranks
 
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:
-        self._assigned.pop(internal_request_id, None)
+        """Forgets one request with that id sent to that replica (several can share an id)."""
+        sent = [key for key, (chosen, pending) in self._assigned.items()
+                if pending.metadata.internal_request_id == internal_request_id and pending.future.done()
+                and not pending.future.cancelled()]
+        there = [key for key in sent if self._replica_of(*self._assigned[key]) == replica_id.unique_id]
+        for key in (there or sent)[:1]:
+            del self._assigned[key]
 
 
 class EngineRouter(_AssignedRequests):

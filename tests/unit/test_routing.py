@@ -1,8 +1,12 @@
-"""How the farm's routers rank replicas for a request (no Ray)."""
+"""How the farm's routers rank replicas for a request (Serve's router classes, no Ray cluster)."""
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
+
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+from ray.serve._private.request_router.common import PendingRequest
 
 from farm.serve.routing import ChunkRouter, least_assigned_in_turn
 
@@ -29,39 +33,94 @@ def test_the_replica_with_the_fewest_outstanding_requests_comes_first_and_the_re
     assert names(least_assigned_in_turn(replicas, {"a": 1, "b": 1, "c": 0}, 1)) == [["c"], ["b", "a"]]
 
 
-def request(request_id: str) -> SimpleNamespace:
-    return SimpleNamespace(metadata=SimpleNamespace(internal_request_id=request_id),
-                           future=SimpleNamespace(cancelled=lambda: False))
+def pending(internal_id: str) -> PendingRequest:
+    """A request waiting for a replica (in a running event loop: it holds a future)."""
+    return PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(request_id=internal_id,
+                                                                       internal_request_id=internal_id))
+
+
+def real_router() -> ChunkRouter:
+    router = ChunkRouter(DeploymentID(name="postproc", app_name="farm"), DeploymentHandleSource.REPLICA)
+    router.initialize_state()
+    return router
+
+
+def waiting(router: ChunkRouter, request: PendingRequest) -> PendingRequest:
+    router._pending_requests_to_fulfill.append(request)
+    router._add_pending_request_to_indices(request)
+    return request
+
+
+def counted(router: ChunkRouter) -> list[str]:
+    return sorted(router._replica_of(chosen, request) for chosen, request in router._assigned.values())
 
 
 def test_a_burst_sent_at_once_spreads_and_finished_requests_free_their_replica():
     """Counted when chosen, not when sent: four requests at once go two and two."""
-    router = ChunkRouter.__new__(ChunkRouter)  # its state and ranking alone, without Serve
-    router.initialize_state()
-    replicas = [replica("a"), replica("b")]
-    chosen = {rid: router._rank(replicas, request(rid))[0][0].name for rid in ("r1", "r2", "r3", "r4")}
-    assert sorted(chosen.values()) == ["a", "a", "b", "b"]
 
-    # A request chosen again (Serve retries it) is counted once, where it goes now.
-    router._rank(replicas, request("r4"))
-    assert sorted(name for name, _ in router._assigned.values()) == ["a", "a", "b", "b"]
+    async def scenario() -> None:
+        router = real_router()
+        replicas = {name: replica(name) for name in ("a", "b")}
+        requests = {rid: pending(rid) for rid in ("r1", "r2", "r3", "r4")}
+        chosen = {rid: router._rank(list(replicas.values()), request)[0][0].name for rid, request in requests.items()}
+        assert sorted(chosen.values()) == ["a", "a", "b", "b"]
 
-    # Two finish on one replica: the next request goes there.
-    for rid in [rid for rid, name in chosen.items() if name == "a"]:
-        router.on_request_completed(None, rid)
-    assert router._rank(replicas, request("r5"))[0][0].name == "a"
+        # A request chosen again (Serve retries it) is counted once, where it goes now.
+        router._rank(list(replicas.values()), requests["r4"])
+        assert counted(router) == ["a", "a", "b", "b"]
+
+        # Two are sent and finish on one replica: the next request goes there.
+        for rid in [rid for rid, name in chosen.items() if name == "a"]:
+            requests[rid].future.set_result(replicas["a"])
+            router.on_request_completed(replicas["a"].replica_id, rid)
+        assert router._rank(list(replicas.values()), pending("r5"))[0][0].name == "a"
+
+    asyncio.run(scenario())
 
 
 def test_a_request_cancelled_before_it_was_sent_no_longer_counts():
-    router = ChunkRouter.__new__(ChunkRouter)
-    router.initialize_state()
-    replicas = [replica("a"), replica("b")]
-    cancelled = SimpleNamespace(metadata=SimpleNamespace(internal_request_id="gone"),
-                                future=SimpleNamespace(cancelled=lambda: True))
-    router._rank(replicas, cancelled)
-    assert list(router._assigned) == ["gone"]  # counted when chosen
-    router._rank(replicas, request("next"))
-    assert list(router._assigned) == ["next"]  # the cancelled one no longer weighs on its replica
+    async def scenario() -> None:
+        router = real_router()
+        replicas = [replica("a"), replica("b")]
+        gone = pending("gone")
+        router._rank(replicas, gone)
+        assert counted(router) == ["a"]  # counted when chosen
+        gone.future.cancel()
+        following = pending("next")
+        router._rank(replicas, following)
+        # The cancelled one no longer weighs on its replica.
+        assert [request for _, request in router._assigned.values()] == [following]
+
+    asyncio.run(scenario())
+
+
+def test_requests_sharing_an_id_handed_replicas_first_in_first_out_still_spread():
+    """The requests a replica makes while serving one (a clip's chunks) share its internal
+    id, and Serve hands the replica found for the second to the first (FIFOMixin): each
+    is counted where it was sent, so the second's next look goes to the other replica,
+    and a finished one frees the replica it ran on."""
+
+    async def scenario() -> None:
+        router = real_router()
+        replicas = {name: replica(name) for name in ("a", "b")}
+        first, second = waiting(router, pending("render")), waiting(router, pending("render"))
+        assert router._rank(list(replicas.values()), first)[0][0].name == "a"
+        found = router._rank(list(replicas.values()), second)[0][0]
+        assert found.name == "b"
+        router._fulfill_next_pending_request(found, second.metadata)
+        assert first.future.result() is replicas["b"] and not second.future.done()
+
+        # Serve looks again for the second: the first is counted on b, where it went.
+        again = router._rank(list(replicas.values()), second)[0][0]
+        assert again.name == "a"
+        router._fulfill_next_pending_request(again, second.metadata)
+        assert second.future.result() is replicas["a"]
+        assert counted(router) == ["a", "b"]
+
+        router.on_request_completed(replicas["b"].replica_id, "render")
+        assert counted(router) == ["a"]
+
+    asyncio.run(scenario())
 
 
 def test_one_replica_or_none():
