@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
-import logging
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -32,7 +31,6 @@ from farm.v1 import render_pb2 as pb
 from farm.v1 import render_pb2_grpc
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
 RENDER_ID_MAX = 32
 # A model without a stored calibration is fitted from this many measured renders.
 MIN_SAMPLES_TO_FIT = 4
@@ -173,14 +171,8 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         record = await self._call(context, self.store.request_cancel, current_tenant().id, render_id)
         if record.state is RenderState.CANCELLED and record.checkpoint_uri:
             # Preempted, then cancelled while queued: no attempt will resume from its checkpoint.
-            await asyncio.to_thread(self._delete_checkpoints, render_id)
+            await asyncio.to_thread(self.artifacts.discard_checkpoints, render_id)
         return convert.render_to_pb(record)
-
-    def _delete_checkpoints(self, render_id: str) -> None:
-        try:
-            self.artifacts.delete_checkpoints(render_id)
-        except Exception:  # a leftover file costs storage, not correctness
-            log.exception("could not delete the checkpoints of %s", render_id)
 
     async def ListRenders(self, request: pb.ListRendersRequest, context) -> pb.ListRendersResponse:
         states = []

@@ -745,10 +745,7 @@ class Scheduler:
     def _delete_checkpoints(self, render_id: str) -> None:
         from farm.storage.artifacts import ArtifactStore
 
-        try:
-            ArtifactStore(self.config.artifacts_url).delete_checkpoints(render_id)
-        except Exception:  # a leftover file costs storage, not correctness
-            log.exception("could not delete the checkpoints of %s", render_id)
+        ArtifactStore(self.config.artifacts_url).discard_checkpoints(render_id)
 
     async def _publish_budget(self, tenant_id: str, tenant_name: str) -> None:
         status = await asyncio.to_thread(self.store.budget_status, tenant_id)

@@ -532,7 +532,8 @@ def engine_deployment(model: ModelConfig, pool: PoolConfig, artifacts_url: str, 
         # OpenMP's default waits (a short spin, then sleep): post-processing replicas on
         # the same cores run at a lower priority (postproc.niceness), so a spinning
         # engine thread's sibling is not descheduled for them. Passive waits cost the
-        # tiny engine 30-50 ms of denoising per render, idle or not.
+        # tiny engine 30-50 ms of denoising per render, idle or not. Activations are
+        # freed into the heap for the next layer, not to the kernel (farm.serve.allocator).
         options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads), **allocator_env()}}
     if pool.num_gpus:
         options["num_gpus"] = pool.num_gpus

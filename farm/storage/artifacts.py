@@ -13,10 +13,13 @@ all once the render has finished."""
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections.abc import Iterator
 
 import fsspec
+
+log = logging.getLogger(__name__)
 
 VIDEO_NAME = "video.mp4"
 MANIFEST_NAME = "manifest.json"
@@ -74,6 +77,14 @@ class ArtifactStore:
         prefix = self.checkpoint_prefix(render_id)
         if self.fs.exists(prefix):
             self.fs.rm(prefix, recursive=True)
+
+    def discard_checkpoints(self, render_id: str) -> None:
+        """`delete_checkpoints` for a render that has ended, logging a failure instead of
+        raising: a file left behind costs storage, not correctness."""
+        try:
+            self.delete_checkpoints(render_id)
+        except Exception:
+            log.exception("could not delete the checkpoints of %s", render_id)
 
     def delete_attempt(self, render_id: str, attempt: int) -> None:
         prefix = self.attempt_prefix(render_id, attempt)
