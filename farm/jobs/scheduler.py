@@ -734,18 +734,15 @@ class Scheduler:
             log.warning("attempt %s of %s no longer held its lease; not recorded", claimed.attempt, claimed.id)
             return
         if claimed.checkpoint_uri:
+            from farm.storage.artifacts import ArtifactStore
+
             # Final: the denoising checkpoints of its preemptions are of no more use.
-            await asyncio.to_thread(self._delete_checkpoints, claimed.id)
+            await asyncio.to_thread(ArtifactStore(self.config.artifacts_url).discard_checkpoints, claimed.id)
         duration = (record.finished_at - record.started_at).total_seconds() if record.started_at else None
         frames = claimed.spec.num_frames if outcome is AttemptOutcome.SUCCEEDED else 0
         self.metrics.render_finished(claimed.tenant_name, claimed.spec.model, record.state.value, duration, frames,
                                      charges)
         await self._publish_budget(claimed.tenant_id, claimed.tenant_name)
-
-    def _delete_checkpoints(self, render_id: str) -> None:
-        from farm.storage.artifacts import ArtifactStore
-
-        ArtifactStore(self.config.artifacts_url).discard_checkpoints(render_id)
 
     async def _publish_budget(self, tenant_id: str, tenant_name: str) -> None:
         status = await asyncio.to_thread(self.store.budget_status, tenant_id)

@@ -82,7 +82,7 @@ class _AssignedRequests(FIFOMixin, RequestRouter):
 
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:
         """Forgets one request with that id sent to that replica (several can share an id)."""
-        sent = [key for key, (chosen, pending) in self._assigned.items()
+        sent = [key for key, (_, pending) in self._assigned.items()
                 if pending.metadata.internal_request_id == internal_request_id and pending.future.done()
                 and not pending.future.cancelled()]
         there = [key for key in sent if self._replica_of(*self._assigned[key]) == replica_id.unique_id]
