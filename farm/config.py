@@ -46,7 +46,8 @@ class GatewayConfig(_Section):
     max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024 * 1024)
     """Largest request the gateway accepts; must exceed the largest image a model accepts."""
     watch_poll_interval_s: float = Field(0.04, gt=0, le=5)
-    """How often WatchRender looks for new events in the store."""
+    """How often WatchRender looks for new events in the store where commits are not
+    announced to it (PostgreSQL); on SQLite it wakes at each commit instead."""
     fetch_chunk_bytes: int = Field(1024 * 1024, ge=4096, le=4 * 1024 * 1024)
     """Size of the chunks FetchArtifact streams."""
     health_interval_s: float = Field(1.0, gt=0)
