@@ -720,15 +720,21 @@ class Scheduler:
             # Charged: the work done before the cancel or failure.
             timings = [(t.phase, t.device_kind, t.seconds) for t in entry.timings]
         charges = price_timings(self.config.prices, timings)
-        # Progress first, so the final event follows every step event.
-        await self._flush()
-        record = await asyncio.to_thread(
-            self.store.finish, self.owner, claimed.id, claimed.attempt, outcome, charges=charges,
-            artifact_uri=result.get("artifact_uri"), manifest_uri=result.get("manifest_uri"), error=error,
-            device_kind=result.get("device_kind") or entry.pool.device_kind,
-            node=result.get("node") or entry.node, timings=[list(t) for t in timings],
-            quality=result.get("quality"), candidates=result.get("candidates"),
-        )
+        # Its progress not yet written goes in the same transaction, before the final
+        # event (a transaction less between the engine's result and the client).
+        progress = [u for u in self._pending if u.render_id == claimed.id]
+        self._pending = [u for u in self._pending if u.render_id != claimed.id]
+        try:
+            record = await asyncio.to_thread(
+                self.store.finish, self.owner, claimed.id, claimed.attempt, outcome, charges=charges,
+                artifact_uri=result.get("artifact_uri"), manifest_uri=result.get("manifest_uri"), error=error,
+                device_kind=result.get("device_kind") or entry.pool.device_kind,
+                node=result.get("node") or entry.node, timings=[list(t) for t in timings],
+                quality=result.get("quality"), candidates=result.get("candidates"), progress=progress,
+            )
+        except Exception:
+            self._pending = progress + self._pending
+            raise
         self._forget(claimed.id)
         if record is None:
             log.warning("attempt %s of %s no longer held its lease; not recorded", claimed.attempt, claimed.id)

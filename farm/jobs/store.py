@@ -14,7 +14,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from sqlalchemy import create_engine, event, func, or_, select, text, update
 from sqlalchemy.engine import Engine
@@ -546,16 +546,21 @@ class JobStore:
         if not updates:
             return []
         with self._write() as session:
-            rows = self._leased(session, owner, {u.render_id for u in updates})
-            for update_ in updates:
-                row = rows.get(update_.render_id)
-                if row is None or row.attempt != update_.attempt:
-                    continue
-                row.stage = update_.stage.value
-                if update_.total_steps:
-                    row.step, row.total_steps = update_.step, update_.total_steps
-                self._add_event(session, row, update_.message, at=update_.at)
-            return [rid for rid, row in rows.items() if row.cancel_requested]
+            return self._record_progress(session, owner, updates)
+
+    def _record_progress(self, session: Session, owner: str, updates: Sequence[ProgressUpdate]) -> list[str]:
+        if not updates:
+            return []
+        rows = self._leased(session, owner, {u.render_id for u in updates})
+        for update_ in updates:
+            row = rows.get(update_.render_id)
+            if row is None or row.attempt != update_.attempt:
+                continue
+            row.stage = update_.stage.value
+            if update_.total_steps:
+                row.step, row.total_steps = update_.step, update_.total_steps
+            self._add_event(session, row, update_.message, at=update_.at)
+        return [rid for rid, row in rows.items() if row.cancel_requested]
 
     def heartbeat(self, owner: str, attempts: dict[str, int], lease_seconds: float) -> LeaseStatus:
         """Extends this owner's leases; says which renders a client asked to cancel
@@ -608,8 +613,10 @@ class JobStore:
         timings: list | None = None,
         quality: dict | None = None,
         candidates: list[dict] | None = None,
+        progress: Sequence[ProgressUpdate] = (),
     ) -> RenderRecord | None:
-        """Ends an attempt and its render in one transaction with its ledger rows.
+        """Ends an attempt and its render in one transaction with its ledger rows, after
+        `progress` (its last events not yet written: they come before the final one).
         Returns None, writing nothing, when the attempt no longer holds the lease (a
         replay, or a zombie attempt after a requeue): a render is never charged twice.
         `absorbed` are earlier work of this attempt that the farm does not charge."""
@@ -619,6 +626,7 @@ class JobStore:
             AttemptOutcome.CANCELLED: RenderState.CANCELLED,
         }[outcome]
         with self._write() as session:
+            self._record_progress(session, owner, progress)
             row = self._charge_attempt(session, owner, render_id, attempt, outcome, error, charges, device_kind,
                                        node, timings)
             if row is None:

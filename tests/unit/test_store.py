@@ -126,6 +126,21 @@ def test_finish_writes_the_ledger_exactly_once(store, tenant):
         store.request_cancel(tenant.id, render.id)
 
 
+
+def test_finish_writes_the_last_progress_before_the_final_event(store, tenant):
+    render = submit(store, tenant.id)
+    store.claim({"ltx": 1}, OWNER, 30)
+    last = [ProgressUpdate(render.id, 1, Stage.POSTPROCESSING, 4, 4), ProgressUpdate(render.id, 1, Stage.WRITING, 4, 4)]
+    done = store.finish(OWNER, render.id, 1, AttemptOutcome.SUCCEEDED, progress=last)
+    events = store.events_after(render.id, 0)
+    assert [(e.state, e.stage) for e in events[-3:]] == [
+        (RenderState.RUNNING, Stage.POSTPROCESSING), (RenderState.RUNNING, Stage.WRITING),
+        (RenderState.SUCCEEDED, Stage.WRITING)]
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)) and done.state is RenderState.SUCCEEDED
+    # A replay (the lease is gone) writes neither the progress nor a second final event.
+    assert store.finish(OWNER, render.id, 1, AttemptOutcome.SUCCEEDED, progress=last) is None
+    assert len(store.events_after(render.id, 0)) == len(events)
+
 def test_expired_lease_requeues_with_the_next_attempt_then_fails(store, tenant):
     render = submit(store, tenant.id)
     for attempt in (1, 2):
