@@ -254,23 +254,29 @@ class Scheduler:
         if not (self._changes.changed() or self._maybe_more):
             return 0
         self._maybe_more = False
+        claimed = []
+        if free:
+            claimed = await asyncio.to_thread(self._claim_queued, free, self._free_kinds(), self._free_memory())
+            # Slots filled up: more may be queued than was claimed; look again when one frees.
+            self._maybe_more = len(claimed) >= sum(free.values())
+            for render in claimed:
+                entry = _Running(render, self._route(render))
+                self.running[render.id] = entry
+                entry.task = asyncio.create_task(self._run_attempt(entry), name=f"render-{render.id}")
+            self._publish_running()
+        # After the claim, off the path of a render that starts at once: an urgent render
+        # that got a free engine needs no preemption, and one claimed that waits behind
+        # others in a replica counts as waiting.
         await self._preempt_for_waiting()
-        if not free:
-            return 0
-        if not await asyncio.to_thread(self.store.has_queued, list(free)):
-            return 0
-        claimed = await asyncio.to_thread(self.store.claim, free, self.owner, self.settings.lease_seconds,
-                                          self._free_kinds(), self._free_memory())
-        # Slots filled up: more may be queued than was claimed; look again when one frees.
-        self._maybe_more = len(claimed) >= sum(free.values())
-        for render in claimed:
-            entry = _Running(render, self._route(render))
-            self.running[render.id] = entry
-            entry.task = asyncio.create_task(self._run_attempt(entry), name=f"render-{render.id}")
-        self._publish_running()
-        if any(self.settings.priority_class(r.spec.priority).preempts for r in claimed):
-            await self._preempt_for_waiting()  # at once: an urgent render waits for it
         return len(claimed)
+
+    def _claim_queued(self, free: dict[str, int], kinds: dict[str, list[str]],
+                      memory: dict[str, int | None]) -> list[ClaimedRender]:
+        """In one trip to a store thread: a cheap look for queued work, then the claim,
+        which takes the write lock only when there is some."""
+        if not self.store.has_queued(list(free)):
+            return []
+        return self.store.claim(free, self.owner, self.settings.lease_seconds, kinds, memory)
 
     # -- routing -----------------------------------------------------------------------
 
