@@ -149,3 +149,39 @@ def test_a_watcher_hears_of_an_event_written_through_another_store_by_the_bell(s
         asyncio.run(watch())
     finally:
         scheduler_side.close()
+
+
+def test_a_hub_woken_by_the_bell_does_not_query_the_store_between_commits(sqlite_store):
+    """With the gateway's default interval (40 ms), a hub that hears the bell queries
+    only at a commit or at its once-a-second fallback, not every interval."""
+    import asyncio
+
+    from farm.api.watch import PUSHED_FALLBACK_S, EventHub
+    from farm.config import GatewayConfig
+
+    tenant, _ = sqlite_store.create_tenant("acme")
+    render = submit(sqlite_store, tenant.id)
+    seq = sqlite_store.event_positions([render.id])[render.id]
+    queries = []
+    looked_up = sqlite_store.event_positions
+
+    def counted(render_ids):
+        queries.append(render_ids)
+        return looked_up(render_ids)
+
+    sqlite_store.event_positions = counted
+
+    async def watch() -> None:
+        hub = EventHub(sqlite_store, interval_s=GatewayConfig().watch_poll_interval_s)
+        try:
+            assert hub._commits.pushed
+            waiting = asyncio.ensure_future(hub.wait_for_events_after(render.id, seq))
+            await asyncio.sleep(PUSHED_FALLBACK_S * 0.8)
+            assert not waiting.done()
+            waiting.cancel()
+        finally:
+            await hub.close()
+
+    asyncio.run(watch())
+    # The hub waits for a ring before it looks, and no commit rang.
+    assert queries == [], f"{len(queries)} queries in {PUSHED_FALLBACK_S * 0.8:.1f} s without a commit"
