@@ -36,7 +36,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
@@ -44,6 +44,7 @@ from farm.config import ModelConfig, PoolConfig, PostprocConfig
 from farm.errors import RenderRejected
 from farm.engines.base import (
     DECODING,
+    DENOISING,
     POSTPROCESSING,
     WRITING,
     CheckpointError,
@@ -57,7 +58,11 @@ from farm.engines.base import (
 from farm.jobs.spec import MAX_SEED, ResolvedPostprocess
 from farm.postproc.quality import gate_failures
 from farm.serve.allocator import allocator_env
+from farm.serve.signals import HOLDS_ENV
 from farm.storage.artifacts import ArtifactStore
+
+if TYPE_CHECKING:
+    from farm.serve.signals import Hold
 
 log = logging.getLogger(__name__)
 CPU = "CPU"
@@ -154,6 +159,7 @@ class EngineServer:
         if self.fail_at_step:
             log.warning("chaos drill: this replica fails every render at step %d (%s)", self.fail_at_step,
                         FAIL_AT_STEP_ENV)
+        self.holds_enabled = os.environ.get(HOLDS_ENV) == "1"
         # The pipeline thread is the replica's real work; Serve's own threads need the
         # GIL only briefly. A longer switch interval stops them from preempting the
         # pipeline's Python code every 5 ms (it matters when steps are milliseconds).
@@ -277,11 +283,12 @@ class EngineServer:
 
         def emit(event: dict[str, Any]) -> None:
             nonlocal last_wake
+            flush = event.pop("flush", False)
             pending.append(event)
-            # Steps shorter than WAKE_INTERVAL_S travel together; stage changes, results
-            # and errors go at once.
+            # Steps shorter than WAKE_INTERVAL_S travel together; stage changes, results,
+            # errors and flushed steps go at once.
             now = time.monotonic()
-            urgent = event["kind"] != "progress" or not event.get("step")
+            urgent = flush or event["kind"] != "progress" or not event.get("step")
             if (urgent or now - last_wake >= WAKE_INTERVAL_S) and not wake.is_set():
                 last_wake = now
                 loop.call_soon_threadsafe(wake.set)
@@ -396,6 +403,7 @@ class EngineServer:
         threads = self._render_threads()
         stage_started = {"stage": None, "at": time.perf_counter()}
         offset = {"steps": first_step}
+        hold = self._claim_hold(request) if first_step == 0 else None
 
         def on_progress(progress: Progress) -> None:
             if self.fail_at_step and progress.step == self.fail_at_step:
@@ -414,6 +422,8 @@ class EngineServer:
                 # Stage changes say where the render runs: the scheduler needs the node
                 # to retry a failed render elsewhere and to count a node's failures.
                 event["node"] = self.node
+            if hold is not None and progress.step == hold.step:
+                event["flush"] = True  # at once: whoever holds the render waits to see this step
             emit(event)
 
         try:
@@ -421,7 +431,7 @@ class EngineServer:
                 offset["steps"] = first_step + index * steps
                 candidate = request if seed == request.seed else dataclasses.replace(request, seed=seed)
                 if first_step == 0 and index == 0:
-                    output = self._render_preemptible(candidate, on_progress, stop, threads)
+                    output = self._render_preemptible(candidate, on_progress, stop, threads, hold)
                 else:
                     output = self.engine.render(candidate, on_progress, stop.is_set, cpu_threads=threads)
                 emit({"kind": "candidate", "seed": seed, "output": output})
@@ -446,12 +456,13 @@ class EngineServer:
     # -- preemption (render thread) -------------------------------------------------------
 
     def _render_preemptible(self, request: EngineRequest, on_progress, stop: threading.Event,
-                            threads: int | None) -> RenderOutput:
-        """The engine's render, preemptible, and resumed from `resume_from` when the request has one."""
+                            threads: int | None, hold: Hold | None = None) -> RenderOutput:
+        """The engine's render, preemptible, and resumed from `resume_from` when the request
+        has one; a drill's `hold` stops it after a step until released, cancelled or preempted."""
         from farm.serve.signals import PreemptionWatch
 
         if not self.engine.supports_checkpoint:
-            return self._render_resumed(request, on_progress, stop, None, threads)
+            return self._render_resumed(request, held(on_progress, hold, stop.is_set), stop, None, threads)
         with PreemptionWatch(request.render_id, request.attempt, PREEMPT_CHECK_INTERVAL_S) as watch:
 
             def progress(event: Progress) -> None:
@@ -459,7 +470,21 @@ class EngineServer:
                     watch.stop()  # past the last preemption point: no more GCS reads
                 on_progress(event)
 
-            return self._render_resumed(request, progress, stop, watch.requested, threads)
+            # A preemption ends the hold only once the watch has seen it, so the engine
+            # stops right after the held step.
+            interrupted = lambda: stop.is_set() or watch.look()  # noqa: E731
+            return self._render_resumed(request, held(progress, hold, interrupted), stop, watch.requested, threads)
+
+    def _claim_hold(self, request: EngineRequest) -> Hold | None:
+        if not self.holds_enabled:
+            return None
+        from farm.serve.signals import Hold
+
+        try:
+            return Hold.claim_render(self.model.name, self.model.device_kind, request.render_id, self.node)
+        except Exception as error:  # noqa: BLE001 - a drill must not fail the render
+            log.warning("render %s: cannot look for a drill's hold: %s", request.render_id, error)
+            return None
 
     def _render_resumed(self, request: EngineRequest, on_progress, stop: threading.Event,
                         should_preempt, threads: int | None) -> RenderOutput:
@@ -508,6 +533,21 @@ class EngineServer:
             "device_kind": self.engine.device_kind, "node": self.node,
         })
         emit({"kind": "rendered"})
+
+
+def held(on_progress, hold: Hold | None, interrupted):
+    """on_progress, waiting after the hold's denoising step (when there is a hold)."""
+    if hold is None:
+        return on_progress
+
+    def progress(event: Progress) -> None:
+        on_progress(event)
+        if event.stage == DENOISING and event.step == hold.step:
+            log.info("render %s: held after step %d by a drill", hold.holder, hold.step)
+            outcome = hold.wait(interrupted)
+            log.info("render %s: hold after step %d ended (%s)", hold.holder, hold.step, outcome)
+
+    return progress
 
 
 def deployment_name(model: ModelConfig, pool: PoolConfig) -> str:

@@ -33,6 +33,7 @@ from farm.postproc.pipeline import (
     warm_up,
 )
 from farm.serve.allocator import allocator_env
+from farm.serve.signals import HOLDS_ENV
 
 log = logging.getLogger(__name__)
 DEPLOYMENT_NAME = "postproc"
@@ -81,6 +82,7 @@ class PostprocServer:
         # Device-seconds per second of work: the cores (CPU) or GPUs the replica holds.
         self.scale = self.config.num_cpus if self.device_kind == CPU else (self.config.num_gpus or 1.0)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.holds_enabled = os.environ.get(HOLDS_ENV) == "1"
         self.upscaler = self.interpolator = None
         if self.config.upscaler_weights:
             from farm.postproc.upscale import LearnedUpscaler
@@ -111,12 +113,26 @@ class PostprocServer:
         frames = await frames_ref[0]
         loop = asyncio.get_running_loop()
         work = _with_threads(work, self.config.threads)
+        if self.holds_enabled:
+            await loop.run_in_executor(self._executor, self._take_hold)
         result = await loop.run_in_executor(
             self._executor,
             lambda: process_chunk(frames, chunk, work, index, upscaler=self.upscaler, interpolator=self.interpolator))
         result.device_kind, result.worker = self.device_kind, self.name
         result.device_seconds = device_seconds_by_phase(result.seconds, self.scale)
         return result
+
+    def _take_hold(self) -> None:
+        """A drill's hold on the next chunk: waits until released (or this replica is killed)."""
+        from farm.serve.signals import Hold
+
+        try:
+            hold = Hold.claim_chunk(self.name)
+        except Exception as error:  # noqa: BLE001 - a drill must not fail the chunk
+            log.warning("cannot look for a drill's hold: %s", error)
+            return
+        if hold is not None:
+            log.info("chunk held by a drill (%s)", hold.wait())
 
     def pid(self) -> int:
         return os.getpid()

@@ -9,29 +9,90 @@ the render's own stream. Only `farm.serve` touches Ray's KV, through here.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
+import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "farm"
 
 
-def _preempt_key(render_id: str, attempt: int) -> bytes:
-    return f"preempt/{render_id}/{attempt}".encode()
+class RayKV:
+    """Ray's internal key-value store (the GCS), in farm's namespace."""
+
+    def put(self, key: str, value: bytes) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(key.encode(), value, overwrite=True, namespace=NAMESPACE)
+
+    def get(self, key: str) -> bytes | None:
+        from ray.experimental import internal_kv
+
+        return internal_kv._internal_kv_get(key.encode(), namespace=NAMESPACE)
+
+    def exists(self, key: str) -> bool:
+        from ray.experimental import internal_kv
+
+        return bool(internal_kv._internal_kv_exists(key.encode(), namespace=NAMESPACE))
+
+    def delete(self, key: str, by_prefix: bool = False) -> int:
+        """How many keys it deleted (of several callers, one deletes a key)."""
+        from ray.experimental import internal_kv
+
+        return internal_kv._internal_kv_del(key.encode(), del_by_prefix=by_prefix, namespace=NAMESPACE)
+
+    def keys(self, prefix: str) -> list[str]:
+        from ray.experimental import internal_kv
+
+        return [key.decode() for key in internal_kv._internal_kv_list(prefix.encode(), namespace=NAMESPACE)]
+
+
+class MemoryKV:
+    """The same in one process's memory: the engine's signals tested without Ray."""
+
+    def __init__(self):
+        self._values: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: str, value: bytes) -> None:
+        with self._lock:
+            self._values[key] = value
+
+    def get(self, key: str) -> bytes | None:
+        return self._values.get(key)
+
+    def exists(self, key: str) -> bool:
+        return key in self._values
+
+    def delete(self, key: str, by_prefix: bool = False) -> int:
+        with self._lock:
+            gone = [k for k in self._values if k.startswith(key)] if by_prefix else [key] * (key in self._values)
+            for k in gone:
+                del self._values[k]
+            return len(gone)
+
+    def keys(self, prefix: str) -> list[str]:
+        return [key for key in list(self._values) if key.startswith(prefix)]
+
+
+kv: RayKV | MemoryKV = RayKV()
+
+
+def _preempt_key(render_id: str, attempt: int) -> str:
+    return f"preempt/{render_id}/{attempt}"
 
 
 def request_preemption(render_id: str, attempt: int) -> None:
     """Asks the engine running this attempt to checkpoint at its next step and stop."""
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_put(_preempt_key(render_id, attempt), b"1", overwrite=True, namespace=NAMESPACE)
+    kv.put(_preempt_key(render_id, attempt), b"1")
 
 
 def preemption_requested(render_id: str, attempt: int) -> bool:
-    from ray.experimental import internal_kv
-
-    return bool(internal_kv._internal_kv_exists(_preempt_key(render_id, attempt), namespace=NAMESPACE))
+    return kv.exists(_preempt_key(render_id, attempt))
 
 
 class PreemptionWatch:
@@ -52,7 +113,8 @@ class PreemptionWatch:
         """Stops looking (the thread ends within one interval)."""
         self._stop.set()
 
-    def _look(self) -> bool:
+    def look(self) -> bool:
+        """Looks for the flag now (the render thread may ask between the thread's looks)."""
         try:
             if preemption_requested(self.render_id, self.attempt):
                 self._raised.set()
@@ -61,12 +123,12 @@ class PreemptionWatch:
         return self._raised.is_set()
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.interval_s) and not self._look():
+        while not self._stop.wait(self.interval_s) and not self.look():
             pass
 
     def __enter__(self) -> PreemptionWatch:
         # One look before the render starts: the flag may have gone up while it waited.
-        if not self._look():
+        if not self.look():
             self._thread.start()
         return self
 
@@ -77,9 +139,7 @@ class PreemptionWatch:
 
 
 def clear_preemption(render_id: str, attempt: int) -> None:
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_del(_preempt_key(render_id, attempt), namespace=NAMESPACE)
+    kv.delete(_preempt_key(render_id, attempt))
 
 
 # -- node quarantine (see farm.jobs.quarantine) -------------------------------------------
@@ -96,10 +156,7 @@ def node_id_prefix(node: str) -> str:
 
 
 def fence_node(node: str, until: float) -> None:
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_put(f"{_FENCE_PREFIX}{node_id_prefix(node)}".encode(), repr(until).encode(),
-                                 overwrite=True, namespace=NAMESPACE)
+    kv.put(f"{_FENCE_PREFIX}{node_id_prefix(node)}", repr(until).encode())
     _fenced_here[node_id_prefix(node)] = until
 
 
@@ -110,14 +167,12 @@ def fenced_here(now: float) -> dict[str, float]:
 
 def fenced_nodes(now: float) -> dict[str, float]:
     """Ray node id prefixes in quarantine at `now`, with when each one's ends."""
-    from ray.experimental import internal_kv
-
     fenced = {}
-    for key in internal_kv._internal_kv_list(_FENCE_PREFIX, namespace=NAMESPACE):
-        raw = internal_kv._internal_kv_get(key, namespace=NAMESPACE)
+    for key in kv.keys(_FENCE_PREFIX):
+        raw = kv.get(key)
         until = float(raw) if raw else 0.0
         if until > now:
-            fenced[key.decode()[len(_FENCE_PREFIX):]] = until
+            fenced[key[len(_FENCE_PREFIX):]] = until
     return fenced
 
 
@@ -130,3 +185,107 @@ class ServeNodeFence:
 
     def exclude(self, node: str, until: float) -> None:
         fence_node(node, until)
+
+
+# -- drills: holding a render at a step, or a chunk ----------------------------------------
+# A test or a chaos drill makes a render "long enough" by holding it at a step until it is
+# released, cancelled or preempted, instead of choosing a step count for the machine's
+# speed; a post-processing chunk likewise, until released or its replica is killed.
+# Replicas take holds only where this is set to 1 in their environment.
+HOLDS_ENV = "FARM_CHAOS_HOLDS"
+_HOLD_NEXT_PREFIX = "hold-next/"
+_HELD_PREFIX = "held/"
+CHUNKS = "chunks"
+# A hold gives up after this long, so a drill that never releases cannot wedge a farm.
+HOLD_TIMEOUT_S = 600.0
+HOLD_POLL_S = 0.02
+
+
+def hold_next_render(model: str, step: int, device_kind: str | None = None) -> None:
+    """The next render of `model` that any replica (of the `device_kind` pool, if given)
+    starts waits after denoising step `step` until `release`, a cancel or a preemption."""
+    _arm(f"render/{model}/{device_kind}" if device_kind else f"render/{model}", step)
+
+
+def hold_next_chunk() -> None:
+    """The next chunk any post-processing replica takes waits before its work until
+    `release`, or until its replica dies."""
+    _arm(CHUNKS, 0)
+
+
+def _arm(target: str, step: int) -> None:
+    kv.put(f"{_HOLD_NEXT_PREFIX}{target}", str(step).encode())
+
+
+def held() -> dict[str, dict]:
+    """Holder (a render id, or a chunk's `chunk/<pid>`) -> {step, node, pid, waiting} of
+    every hold taken and not yet over."""
+    holds = {}
+    for key in kv.keys(_HELD_PREFIX):
+        raw = kv.get(key)
+        if raw:
+            holds[key[len(_HELD_PREFIX):]] = json.loads(raw)
+    return holds
+
+
+def clear_holds() -> None:
+    """Takes back every hold not yet taken and releases every one taken (a drill's end)."""
+    for prefix in (_HOLD_NEXT_PREFIX, _HELD_PREFIX):
+        kv.delete(prefix, by_prefix=True)
+
+
+def release(holder: str) -> None:
+    kv.delete(f"{_HELD_PREFIX}{holder}")
+
+
+class Hold:
+    """A hold one render (after denoising step `step`) or one chunk took."""
+
+    def __init__(self, holder: str, step: int, node: str):
+        self.holder, self.step, self.node = holder, step, node
+        self._key = f"{_HELD_PREFIX}{holder}"
+
+    @classmethod
+    def claim_render(cls, model: str, device_kind: str | None, render_id: str, node: str) -> Hold | None:
+        pool_hold = cls._claim(f"render/{model}/{device_kind}", render_id, node) if device_kind else None
+        return pool_hold or cls._claim(f"render/{model}", render_id, node)
+
+    @classmethod
+    def claim_chunk(cls, node: str) -> Hold | None:
+        return cls._claim(CHUNKS, f"chunk/{os.getpid()}", node)
+
+    @classmethod
+    def _claim(cls, target: str, holder: str, node: str) -> Hold | None:
+        """Takes the target's pending hold, if there is one; of replicas that race for
+        it, exactly one deletes the key and wins."""
+        key = f"{_HOLD_NEXT_PREFIX}{target}"
+        raw = kv.get(key)
+        if not raw or kv.delete(key) != 1:
+            return None
+        hold = cls(holder, int(raw), node)
+        hold._record(waiting=False)
+        return hold
+
+    def _record(self, waiting: bool) -> None:
+        value = {"step": self.step, "node": self.node, "pid": os.getpid(), "waiting": waiting}
+        kv.put(self._key, json.dumps(value).encode())
+
+    def _released(self) -> bool:
+        return not kv.exists(self._key)
+
+    def wait(self, interrupted: Callable[[], bool] = lambda: False) -> str:
+        """Blocks this thread until released or `interrupted()` (a cancel or a
+        preemption); says which."""
+        self._record(waiting=True)
+        deadline = time.monotonic() + HOLD_TIMEOUT_S
+        try:
+            while time.monotonic() < deadline:
+                if self._released():
+                    return "released"
+                if interrupted():
+                    return "interrupted"
+                time.sleep(HOLD_POLL_S)
+            log.warning("%s: held for %.0f s without release; going on", self.holder, HOLD_TIMEOUT_S)
+            return "timed out"
+        finally:
+            release(self.holder)

@@ -10,6 +10,7 @@ import secrets
 import pytest
 
 from farm.config import PoolConfig
+from farm.serve.signals import clear_holds
 from tests.cluster.sim import cluster_farm as start_cluster_farm
 from tests.cluster.sim import tiny_ltx
 
@@ -39,3 +40,10 @@ def cluster_farm(models_dir):
 def tenant(cluster_farm):
     record, _ = cluster_farm.store.create_tenant(f"t-{secrets.token_hex(3)}")
     return record
+
+
+@pytest.fixture
+def holds(cluster_farm):
+    """For a test that holds renders: whatever it left held is let go after it."""
+    yield
+    clear_holds()

@@ -20,6 +20,7 @@ from farm.config import FarmConfig, ModelConfig, PoolConfig, Task
 from farm.jobs.records import RenderRecord
 from farm.jobs.spec import RenderSpec, resolve_spec
 from farm.jobs.store import JobStore
+from farm.serve.signals import HOLDS_ENV
 
 POSTGRES_URL = os.environ.get("FARM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 APP = "farm-cluster"
@@ -126,7 +127,9 @@ def cluster_farm(models: list[ModelConfig], gpu_nodes: dict[str, str], scheduler
     try:
         for name, kind in gpu_nodes.items():
             farm.add_gpu_node(name, kind, env=(node_env or {}).get(name))
-        ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": {"FARM_HOME": str(home)}})
+        # HOLDS_ENV: the replicas take the tests' holds (tests/holds.py).
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"FARM_HOME": str(home), HOLDS_ENV: "1"}})
         serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False, "log_level": "WARNING"})
         serve.run(build_app(config), name=APP, route_prefix=None, blocking=False)
         kinds = {(m.name, p.device_kind) for m in models for p in m.pools or ()}

@@ -14,8 +14,10 @@ from farm.jobs import schema as t
 from farm.jobs.records import RenderRecord
 from farm.jobs.states import RenderState
 from farm.storage.artifacts import ArtifactStore
+from farm.serve.signals import hold_next_render, release
 from tests.cluster.conftest import TIMEOUT_S
 from tests.cluster.sim import wait_for
+from tests.holds import wait_held
 
 
 def submit(farm, tenant, **fields) -> RenderRecord:
@@ -58,10 +60,15 @@ def test_renders_run_on_the_kind_they_require(cluster_farm, tenant):
         assert device_kind == kind and any(node.endswith(node_id(farm, n)) for n in nodes), node
 
 
-def test_the_backlog_scales_a_pool_up_and_idleness_back_to_zero(cluster_farm, tenant):
+def test_the_backlog_scales_a_pool_up_and_idleness_back_to_zero(cluster_farm, tenant, holds):
     farm = cluster_farm
-    renders = [submit(farm, tenant, require_device_kind="H100", num_inference_steps=20, seed=i) for i in range(8)]
+    # The first render holds its replica until the pool has grown, so the backlog stays
+    # queued however fast the machine renders.
+    hold_next_render("ltx", step=1, device_kind="H100")
+    renders = [submit(farm, tenant, require_device_kind="H100", num_inference_steps=4, seed=i) for i in range(8)]
+    first, _ = wait_held()
     wait_for(lambda: farm.running_replicas("ltx", "H100") == 2, TIMEOUT_S, what="the H100 pool to reach its maximum")
+    release(first)
     records = [final(farm, r.id) for r in renders]
     assert all(r.state is RenderState.SUCCEEDED for r in records), [r.error for r in records]
     # Scaling down drains: no render lost an attempt to it.
@@ -71,16 +78,18 @@ def test_the_backlog_scales_a_pool_up_and_idleness_back_to_zero(cluster_farm, te
     assert pools["H100"].min_replicas == 0 and pools["H100"].max_replicas == 2
 
 
-def test_an_urgent_render_preempts_and_the_preempted_render_resumes_identically(cluster_farm, tenant):
+def test_an_urgent_render_preempts_and_the_preempted_render_resumes_identically(cluster_farm, tenant, holds):
     farm = cluster_farm
-    # Long enough (about 1 s of denoising) that the urgent render meets it denoising.
-    spec = dict(require_device_kind="A100", num_inference_steps=100, num_frames=49, width=256, height=256, seed=11,
+    spec = dict(require_device_kind="A100", num_inference_steps=8, num_frames=17, width=128, height=128, seed=11,
                 priority=10)
     reference = final(farm, submit(farm, tenant, **spec).id)
     assert reference.state is RenderState.SUCCEEDED, reference.error
 
+    # The victim waits after step 3 until the preemption reaches it: it is denoising when
+    # the urgent render comes, however fast the machine.
+    hold_next_render("ltx", step=3, device_kind="A100")
     victim = submit(farm, tenant, **spec)
-    wait_for(lambda: farm.store.get(None, victim.id).step >= 3, TIMEOUT_S, what="the victim to be denoising")
+    assert wait_held()[0] == victim.id
     urgent = submit(farm, tenant, require_device_kind="A100", priority=90, num_inference_steps=4, seed=1)
     urgent_done, victim_done = final(farm, urgent.id), final(farm, victim.id)
     assert urgent_done.state is RenderState.SUCCEEDED and victim_done.state is RenderState.SUCCEEDED
@@ -93,7 +102,7 @@ def test_an_urgent_render_preempts_and_the_preempted_render_resumes_identically(
 
     [preempted] = [e for e in events if "preempted at step" in e.message]
     step = int(preempted.message.split("preempted at step ")[1].split(";")[0])
-    assert 3 <= step < 100
+    assert step == 3, "the preemption ended the hold, so the engine stops right after the held step"
     resumed_steps = [e.step for e in events if e.attempt == 2 and e.step]
     assert resumed_steps and min(resumed_steps) == step + 1, "the resumed attempt did not start at its checkpoint"
     # The same video as if it had never been interrupted (same seed).
@@ -105,17 +114,19 @@ def test_an_urgent_render_preempts_and_the_preempted_render_resumes_identically(
     assert charged == {1, 2}
 
 
-def test_nodes_removed_mid_render_lose_nothing_and_charge_nothing_twice(cluster_farm, tenant):
+def test_nodes_removed_mid_render_lose_nothing_and_charge_nothing_twice(cluster_farm, tenant, holds):
     farm = cluster_farm
-    renders = [submit(farm, tenant, num_inference_steps=30, seed=100 + i) for i in range(12)]
-    # Wait until the H100 pool is working, then take one of its nodes away.
+    # An H100 render waits after step 2 on its node until that node is taken away.
+    hold_next_render("ltx", step=2, device_kind="H100")
+    renders = [submit(farm, tenant, num_inference_steps=6, seed=100 + i) for i in range(12)]
     try:
-        wait_for(lambda: farm.running_replicas("ltx", "H100") >= 1 and any(
-            farm.store.get(None, r.id).step >= 2 for r in renders), TIMEOUT_S, what="renders denoising on H100")
+        held_render, hold = wait_held()
     except TimeoutError:
         raise AssertionError(f"scheduler: {farm.scheduler_status()}; "
                              f"renders: {[(r.state, r.attempt, r.step) for r in farm.store.list(tenant.id)[0]]}")
-    victim_node = next(name for name in ("h100-a", "h100-b") if name in farm.nodes)
+    assert held_render in {r.id for r in renders}
+    victim_node = next(name for name in ("h100-a", "h100-b")
+                       if name in farm.nodes and hold["node"].endswith(node_id(farm, name)))
     farm.remove_node(victim_node)
     # And the database drops every connection of the farm's, as in a restart.
     assert farm.cut_store_connections() >= 1
@@ -134,7 +145,7 @@ def test_nodes_removed_mid_render_lose_nothing_and_charge_nothing_twice(cluster_
     assert ledger == sum(r.cost_nanodollars for r in every_render)
 
 
-def test_a_killed_scheduler_loses_no_render(cluster_farm, tenant):
+def test_a_killed_scheduler_loses_no_render(cluster_farm, tenant, holds):
     """The scheduler replica dies mid-render (SIGKILL): Serve starts a new one, whose
     claims resume once the old leases expire; every render finishes once."""
     import os
@@ -143,12 +154,14 @@ def test_a_killed_scheduler_loses_no_render(cluster_farm, tenant):
     from ray._private.state import actors
 
     farm = cluster_farm
-    renders = [submit(farm, tenant, require_device_kind="A100", num_inference_steps=20, seed=300 + i)
+    hold_next_render("ltx", step=2, device_kind="A100")  # mid-render when the scheduler dies
+    renders = [submit(farm, tenant, require_device_kind="A100", num_inference_steps=6, seed=300 + i)
                for i in range(3)]
-    wait_for(lambda: any(farm.store.get(None, r.id).step >= 2 for r in renders), TIMEOUT_S,
-             what="a render denoising")
+    held_render, _ = wait_held()
     [scheduler] = [a for a in actors().values() if a["State"] == "ALIVE" and "#scheduler#" in a["Name"]]
     os.kill(scheduler["Pid"], signal.SIGKILL)
+    # The orphaned attempt goes on; its replica renders the next attempt once it is done.
+    release(held_render)
     records = [final(farm, r.id) for r in renders]
     assert all(r.state is RenderState.SUCCEEDED for r in records), [r.error for r in records]
     for record in records:

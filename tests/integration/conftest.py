@@ -19,6 +19,7 @@ import yaml
 
 from farm.client import FarmClient
 from farm.config import FarmConfig
+from farm.serve.signals import HOLDS_ENV, clear_holds
 
 STARTUP_TIMEOUT_S = 300
 
@@ -79,6 +80,8 @@ def farm_config() -> tuple[FarmConfig, Path]:
     config_path = home / "farm.yaml"
     config_path.write_text(yaml.safe_dump(values))
     os.environ["FARM_HOME"] = str(home)
+    # The replicas take the tests' holds (tests/holds.py); Ray's workers inherit this.
+    os.environ[HOLDS_ENV] = "1"
     return FarmConfig(**values), config_path
 
 
@@ -112,3 +115,10 @@ def api_key(farm_config, gateway) -> str:
 def client(gateway, api_key):
     with FarmClient(gateway.target, api_key) as c:
         yield c
+
+
+@pytest.fixture
+def holds(inference_plane):
+    """For a test that holds renders or chunks: whatever it left held is let go after it."""
+    yield
+    clear_holds()

@@ -7,6 +7,7 @@ import os
 import signal
 
 from farm.jobs.store import JobStore
+from farm.serve.signals import hold_next_render
 from farm.v1 import render_pb2 as pb
 from tests.integration.test_render_path import small_spec
 
@@ -22,11 +23,13 @@ def kill_engine_replica(model: str) -> None:
     os.kill(replicas[0]["Pid"], signal.SIGKILL)
 
 
-def test_killed_engine_replica_loses_no_render(client, farm_config):
+def test_killed_engine_replica_loses_no_render(client, farm_config, holds):
     config, _ = farm_config
-    render = client.submit(small_spec(width=256, height=256, frames=33, steps=40))
+    # Held after step 3 until its replica is killed; the hold is used up, so attempt 2 runs through.
+    hold_next_render("ltx-video-tiny", step=3)
+    render = client.submit(small_spec(steps=6))
     for event in client.watch(render.id, timeout=300):
-        if event.stage == pb.STAGE_DENOISING and event.step >= 3:
+        if event.stage == pb.STAGE_DENOISING and event.step == 3:
             break
     kill_engine_replica("ltx-video-tiny")
 

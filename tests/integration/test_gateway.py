@@ -13,6 +13,7 @@ from grpc_status import rpc_status
 from farm.client import FarmClient
 from farm.demo import first_frame_png
 from farm.jobs.store import JobStore
+from farm.serve.signals import hold_next_render, release
 from farm.v1 import render_pb2 as pb
 from tests.integration.test_render_path import I2V, small_spec
 
@@ -104,8 +105,9 @@ def test_tenants_are_isolated(client, gateway, farm_config):
     assert client.wait(render.id).state == pb.RENDER_STATE_SUCCEEDED
 
 
-def test_client_deadline_is_honoured(client):
-    render = client.submit(small_spec(width=256, height=256, frames=33, steps=60))
+def test_client_deadline_is_honoured(client, holds):
+    hold_next_render("ltx-video-tiny", step=1)  # running until the cancel below
+    render = client.submit(small_spec(steps=4))
     with pytest.raises(grpc.RpcError) as error:
         list(client.watch(render.id, timeout=0.5))
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -125,18 +127,20 @@ def test_health_and_reflection(gateway):
     assert {"farm.v1.RenderService", "grpc.health.v1.Health"} <= services
 
 
-def test_gateway_restart_mid_render_loses_nothing(client, gateway, api_key):
-    render = client.submit(small_spec(width=256, height=256, frames=33, steps=30))
+def test_gateway_restart_mid_render_loses_nothing(client, gateway, api_key, holds):
+    hold_next_render("ltx-video-tiny", step=2)  # mid-render while the gateway restarts
+    render = client.submit(small_spec(steps=6))
     seen = []
     for event in client.watch(render.id, timeout=300):
         seen.append(event)
-        if event.stage == pb.STAGE_DENOISING and event.step >= 2:
+        if event.stage == pb.STAGE_DENOISING and event.step == 2:
             break
     gateway.kill()
     gateway.start()
+    release(render.id)
     with FarmClient(gateway.target, api_key) as again:
         seen += list(again.watch(render.id, after_sequence=seen[-1].sequence, timeout=300))
         final = again.get(render.id)
     assert final.state == pb.RENDER_STATE_SUCCEEDED
     assert [e.sequence for e in seen] == list(range(1, len(seen) + 1)), "an event was missed or repeated"
-    assert [e.step for e in seen if e.stage == pb.STAGE_DENOISING and e.step] == list(range(1, 31))
+    assert [e.step for e in seen if e.stage == pb.STAGE_DENOISING and e.step] == list(range(1, 7))

@@ -18,7 +18,9 @@ from grpc_status import rpc_status
 from farm.client import FarmClient
 from farm.jobs.states import RenderState
 from farm.jobs.store import JobStore
+from farm.serve.signals import hold_next_render, release
 from farm.v1 import render_pb2 as pb
+from tests.holds import wait_held
 from tests.integration.test_faults import kill_engine_replica
 from tests.integration.test_render_path import small_spec
 
@@ -54,13 +56,17 @@ def test_budget_refusal_carries_quota_failure(store, gateway):
             assert client.wait(render.id).state == pb.RENDER_STATE_SUCCEEDED
 
 
-def test_a_later_tenant_is_not_starved_by_a_backlog(store, gateway):
+def test_a_later_tenant_is_not_starved_by_a_backlog(store, gateway, holds):
     with new_tenant(store, gateway, "backlog") as big, new_tenant(store, gateway, "urgent") as late:
+        # The backlog's first render holds the engine while the later tenant submits, so
+        # the pool's slots are full and the next free one is the scheduler's choice.
+        hold_next_render("ltx-video-tiny", step=1)
         backlog = [big.submit(small_spec(seed=i, steps=2)).id for i in range(200)]
-        while big.get(backlog[0]).state == pb.RENDER_STATE_QUEUED:
-            time.sleep(0.05)
-        submitted_at = dt.datetime.now(dt.timezone.utc)
+        held_render, _ = wait_held()
+        assert held_render in backlog
         mine = late.submit(small_spec(seed=7, steps=2))
+        submitted_at = mine.created_at.ToDatetime(tzinfo=dt.timezone.utc)
+        release(held_render)
         final = late.wait(mine.id, timeout=300)
         assert final.state == pb.RENDER_STATE_SUCCEEDED
         started = final.started_at.ToDatetime(tzinfo=dt.timezone.utc)
@@ -81,18 +87,22 @@ def scrape_cost_total(port: int) -> float:
     return sum(float(value) for value in re.findall(r"^farm_cost_dollars_total\{[^}]*\} (\S+)$", text, re.M))
 
 
-def test_money_is_conserved_across_ledger_renders_and_prometheus(store, gateway, farm_config):
+def test_money_is_conserved_across_ledger_renders_and_prometheus(store, gateway, farm_config, holds):
     config, _ = farm_config
     with new_tenant(store, gateway, "mixed") as client:
         done = [client.submit(small_spec(seed=i, steps=3)).id for i in range(3)]
-        cancelled = client.submit(small_spec(width=256, height=256, frames=33, steps=200, seed=11)).id
+        for render in done:
+            client.wait(render, timeout=300)  # so the holds below fall on the renders meant
+        hold_next_render("ltx-video-tiny", step=2)  # cancelled while held
+        cancelled = client.submit(small_spec(steps=6, seed=11)).id
         for event in client.watch(cancelled, timeout=300):
-            if event.stage == pb.STAGE_DENOISING and event.step >= 2:
+            if event.stage == pb.STAGE_DENOISING and event.step == 2:
                 client.cancel(cancelled)
                 break
-        killed = client.submit(small_spec(width=256, height=256, frames=33, steps=40, seed=12)).id
+        hold_next_render("ltx-video-tiny", step=3)  # its replica killed while held
+        killed = client.submit(small_spec(steps=6, seed=12)).id
         for event in client.watch(killed, timeout=300):
-            if event.stage == pb.STAGE_DENOISING and event.step >= 3:
+            if event.stage == pb.STAGE_DENOISING and event.step == 3:
                 kill_engine_replica("ltx-video-tiny")
                 break
         finals = {rid: client.wait(rid, timeout=300) for rid in done + [cancelled, killed]}

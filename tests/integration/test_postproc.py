@@ -12,7 +12,9 @@ import grpc
 import pytest
 
 from farm.postproc.encode import probe_mp4
+from farm.serve.signals import hold_next_chunk, hold_next_render
 from farm.v1 import render_pb2 as pb
+from tests.holds import wait_held
 from tests.integration.test_gateway import bad_request_fields
 from tests.integration.test_render_path import small_spec
 
@@ -108,7 +110,7 @@ def test_bad_postprocess_fields_are_refused_naming_the_field(client, case):
     assert expected in bad_request_fields(error.value)[field]
 
 
-def test_color_reference_by_render_id_is_resolved_at_submit(client):
+def test_color_reference_by_render_id_is_resolved_at_submit(client, holds):
     reference = client.wait(client.submit(small_spec(steps=2, seed=77)).id, timeout=300)
     assert reference.state == pb.RENDER_STATE_SUCCEEDED, reference.error
     manifest = json.loads(client.fetch(reference.id, kind=pb.ARTIFACT_KIND_MANIFEST))
@@ -126,7 +128,8 @@ def test_color_reference_by_render_id_is_resolved_at_submit(client):
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     assert "spec.postprocess.color_reference.render_id" in error.value.details()
 
-    running = client.submit(small_spec(steps=60))
+    hold_next_render("ltx-video-tiny", step=1)  # not SUCCEEDED until the cancel below
+    running = client.submit(small_spec(steps=3))
     early = pb.PostprocessSpec(color_reference=pb.ColorReference(render_id=running.id))
     with pytest.raises(grpc.RpcError) as error:
         client.submit(small_spec(postprocess=early))
@@ -135,29 +138,19 @@ def test_color_reference_by_render_id_is_resolved_at_submit(client):
     client.cancel(running.id)
 
 
-def kill_postproc_replica() -> None:
-    from ray._private.state import actors
-
-    replicas = [a for a in actors().values()
-                if a["State"] == "ALIVE" and "postproc" in a["Name"] and a["Name"].startswith("SERVE_REPLICA")]
-    assert replicas, "no post-processing replica found"
-    os.kill(replicas[0]["Pid"], signal.SIGKILL)
-
-
-def test_killed_postproc_replica_loses_no_chunk_and_the_render_is_not_restarted(client):
-    # Enough post-processing (129 frames upscaled to 1024x1024) for the kill to land mid-chunk.
-    post = pb.PostprocessSpec(interpolation_factor=4, upscale_factor=4)
-    render = client.submit(small_spec(width=256, height=256, frames=33, fps=8, steps=2, postprocess=post))
-    for event in client.watch(render.id, timeout=300):
-        if event.stage == pb.STAGE_POSTPROCESSING:
-            break
-    kill_postproc_replica()
+def test_killed_postproc_replica_loses_no_chunk_and_the_render_is_not_restarted(client, holds):
+    # The first chunk a replica takes waits there until that replica is killed mid-chunk.
+    hold_next_chunk()
+    post = pb.PostprocessSpec(interpolation_factor=4, upscale_factor=2)
+    render = client.submit(small_spec(width=128, height=128, frames=33, fps=8, steps=2, postprocess=post))
+    _, chunk = wait_held("chunk")
+    os.kill(chunk["pid"], signal.SIGKILL)
 
     final = client.wait(render.id, timeout=300)
     assert final.state == pb.RENDER_STATE_SUCCEEDED, final.error
     assert final.attempt == 1, "the render was restarted"
     video = probe_mp4(client.fetch(render.id))
-    assert (video["frames"], video["width"], video["height"]) == (129, 1024, 1024)
+    assert (video["frames"], video["width"], video["height"]) == (129, 256, 256)
     manifest = json.loads(client.fetch(render.id, kind=pb.ARTIFACT_KIND_MANIFEST))
     assert manifest["postprocess"]["retries"] >= 1, "no chunk was sent again"
 

@@ -12,6 +12,7 @@ import pytest
 
 from farm.demo import first_frame_png
 from farm.postproc.encode import probe_mp4
+from farm.serve.signals import hold_next_render
 from farm.v1 import render_pb2 as pb
 
 T2V, I2V = pb.TASK_TEXT_TO_VIDEO, pb.TASK_IMAGE_TO_VIDEO
@@ -75,18 +76,19 @@ def test_watch_reports_every_denoising_step_in_order(client):
     assert events[-1].state == pb.RENDER_STATE_SUCCEEDED
 
 
-def test_cancel_mid_denoise_stops_before_decoding(client, farm_config):
+def test_cancel_mid_denoise_stops_before_decoding(client, farm_config, holds):
     config, _ = farm_config
-    render = client.submit(small_spec(width=256, height=256, frames=33, steps=200))
+    hold_next_render("ltx-video-tiny", step=2)  # it waits after step 2 until cancelled
+    render = client.submit(small_spec(steps=6))
     seen = []
     for event in client.watch(render.id, timeout=300):
         seen.append(event)
-        if event.stage == pb.STAGE_DENOISING and event.step >= 2 and not client.get(render.id).cancel_requested:
+        if event.stage == pb.STAGE_DENOISING and event.step == 2 and not client.get(render.id).cancel_requested:
             client.cancel(render.id)
     final = client.get(render.id)
     assert final.state == pb.RENDER_STATE_CANCELLED
     assert seen[-1].state == pb.RENDER_STATE_CANCELLED
-    assert final.step < 200
+    assert final.step == 2
     assert pb.STAGE_DECODING not in {e.stage for e in seen}
     assert not final.artifact_uri
     assert not (Path(config.artifacts_url) / "renders" / render.id).exists()

@@ -34,6 +34,7 @@ from farm.engines.base import (
 from farm.engines.pipeline_engine import DiffusersEngine
 from farm.engines.tiny import tiny_model_configs
 from farm.storage.artifacts import ArtifactStore
+from tests.holds import wait_held
 
 STEPS = 4
 
@@ -513,6 +514,68 @@ def test_server_preempts_writes_the_checkpoint_and_resumes_from_it(server):
     with fsspec.open(done["manifest_uri"], "rb") as f:
         manifest = json.load(f)
     assert any("resumed after step 1 of 4" in note for note in manifest["notes"])
+
+
+@pytest.fixture
+def held_server(server, monkeypatch):
+    """The deployment taking drills' holds, with Ray's KV in memory."""
+    from farm.serve import signals
+
+    monkeypatch.setattr(signals, "kv", signals.MemoryKV())
+    server.holds_enabled = True
+    return server
+
+
+def start_held(server, request: EngineRequest, step: int, stop: threading.Event):
+    """Renders `request` in a thread of its own, held after `step`; returns once it waits there."""
+    from farm.serve.signals import hold_next_render
+
+    hold_next_render(server.model.name, step)
+    events: list[dict] = []
+    thread = threading.Thread(target=server._render_blocking, args=(request, events.append, stop))
+    thread.start()
+    holder, record = wait_held(timeout=120)
+    assert (holder, record["step"]) == (request.render_id, step)
+    return thread, events
+
+
+def steps_of(events: list[dict]) -> list[int]:
+    return [e["step"] for e in events if e["kind"] == "progress" and e.get("step")]
+
+
+def test_a_held_render_waits_after_its_step_until_released(held_server):
+    from farm.serve.signals import held, release
+
+    request = make_request(held_server.engine, Task.TEXT_TO_VIDEO, render_id="r-held")
+    thread, events = start_held(held_server, request, 2, threading.Event())
+    assert thread.is_alive() and steps_of(events) == [1, 2]  # nothing past the held step
+    release("r-held")
+    thread.join(timeout=120)
+    assert steps_of(events) == [1, 2, 3, 4] and events[-1]["kind"] == "rendered"
+    assert held() == {}
+    # A hold is taken once: the next render runs through.
+    again: list[dict] = []
+    held_server._render_blocking(dataclasses.replace(request, render_id="r-next"), again.append, threading.Event())
+    assert steps_of(again) == [1, 2, 3, 4]
+
+
+def test_a_cancel_ends_a_hold_and_the_render_stops_at_the_held_step(held_server):
+    stop = threading.Event()
+    request = make_request(held_server.engine, Task.TEXT_TO_VIDEO, render_id="r-cancel")
+    thread, events = start_held(held_server, request, 2, stop)
+    stop.set()
+    thread.join(timeout=120)
+    assert events[-1]["kind"] == "error" and isinstance(events[-1]["error"], RenderCancelled)
+    assert events[-1]["error"].step == 2
+
+
+def test_a_preemption_ends_a_hold_and_checkpoints_right_after_the_held_step(held_server):
+    request = make_request(held_server.engine, Task.TEXT_TO_VIDEO, render_id="r-pre")
+    thread, events = start_held(held_server, request, 2, threading.Event())
+    held_server.flags.add(("r-pre", 1))
+    thread.join(timeout=120)
+    preempted = next(e for e in events if e["kind"] == "preempted")
+    assert (preempted["step"], preempted["total_steps"]) == (2, STEPS)
 
 
 def test_server_renders_from_step_zero_when_the_checkpoint_is_unusable(server, tmp_path):

@@ -4,12 +4,14 @@ leases, cancels, events and the ledger."""
 from __future__ import annotations
 
 import concurrent.futures
+import datetime as dt
 import time
 
 import pytest
 
 from farm.config import PriceConfig, Task
 from farm.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
+from farm.jobs import schema
 from farm.jobs.records import ProgressUpdate
 from farm.jobs.spec import RenderSpec, resolve_spec
 from farm.jobs.states import AttemptOutcome, RenderState, Stage
@@ -25,6 +27,19 @@ def submit(store, tenant_id, model="ltx", priority=None, key="", prompt="a light
                          idempotency_key=key, width=256, height=256, num_frames=17, num_inference_steps=4)
     record, _ = store.submit(tenant_id, request, resolve_spec(request, MODELS))
     return record
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The store's clock, moved by the test: leases expire when the test says, not when
+    the machine gets there."""
+    now = [schema.utcnow()]
+    monkeypatch.setattr(schema, "utcnow", lambda: now[0])
+
+    def advance(seconds: float) -> None:
+        now[0] += dt.timedelta(seconds=seconds)
+
+    return advance
 
 
 @pytest.fixture
@@ -141,37 +156,40 @@ def test_finish_writes_the_last_progress_before_the_final_event(store, tenant):
     assert store.finish(OWNER, render.id, 1, AttemptOutcome.SUCCEEDED, progress=last) is None
     assert len(store.events_after(render.id, 0)) == len(events)
 
-def test_expired_lease_requeues_with_the_next_attempt_then_fails(store, tenant):
+def test_expired_lease_requeues_with_the_next_attempt_then_fails(store, tenant, clock):
     render = submit(store, tenant.id)
     for attempt in (1, 2):
-        claimed = store.claim({"ltx": 1}, f"owner-{attempt}", lease_seconds=0.05)
+        claimed = store.claim({"ltx": 1}, f"owner-{attempt}", lease_seconds=10)
         assert claimed[0].attempt == attempt
-        time.sleep(0.1)
+        clock(9)
+        assert store.requeue_expired(max_attempts=3) == []
+        clock(2)
         assert store.requeue_expired(max_attempts=3) == [render.id]
         again = store.get(tenant.id, render.id)
         assert (again.state, again.attempt) == (RenderState.QUEUED, attempt + 1)
     # The first owner's late result is not accepted.
     assert store.finish("owner-1", render.id, 1, AttemptOutcome.SUCCEEDED) is None
-    store.claim({"ltx": 1}, "owner-3", lease_seconds=0.05)
-    time.sleep(0.1)
+    store.claim({"ltx": 1}, "owner-3", lease_seconds=10)
+    clock(11)
     store.requeue_expired(max_attempts=3)
     failed = store.get(tenant.id, render.id)
     assert failed.state is RenderState.FAILED and "lost 3 times" in failed.error
     assert store.ledger_total_nanodollars() == 0
 
 
-def test_heartbeat_keeps_the_lease_and_reports_cancels(store, tenant):
+def test_heartbeat_keeps_the_lease_and_reports_cancels(store, tenant, clock):
     render = submit(store, tenant.id)
-    store.claim({"ltx": 1}, OWNER, lease_seconds=0.3)
+    store.claim({"ltx": 1}, OWNER, lease_seconds=10)
     for _ in range(3):
-        time.sleep(0.15)
-        status = store.heartbeat(OWNER, {render.id: 1}, lease_seconds=0.3)
+        clock(8)  # most of the lease, three times over: only the heartbeats keep it
+        status = store.heartbeat(OWNER, {render.id: 1}, lease_seconds=10)
         assert not status.lost
+    clock(9)
     assert store.requeue_expired(3) == []
     store.request_cancel(tenant.id, render.id)
-    assert store.heartbeat(OWNER, {render.id: 1}, 0.3).cancel_requested == {render.id}
+    assert store.heartbeat(OWNER, {render.id: 1}, 10).cancel_requested == {render.id}
     assert store.cancel_requested([render.id]) == [render.id]
-    assert store.heartbeat("someone-else", {render.id: 1}, 0.3).lost == {render.id}
+    assert store.heartbeat("someone-else", {render.id: 1}, 10).lost == {render.id}
 
 
 def test_cancel_of_a_queued_render_is_immediate(store, tenant):
