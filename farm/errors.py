@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 
+# A bad value is quoted in an answer up to this many characters: the whole answer travels
+# in gRPC trailers, which clients cap (8 KiB soft, 16 KiB hard), so echoing a 9,000-character
+# value would turn a clear INVALID_ARGUMENT into a RESOURCE_EXHAUSTED with no details.
+QUOTED_CHARS = 64
+
 
 @dataclasses.dataclass(frozen=True)
 class FieldViolation:
@@ -21,6 +26,8 @@ class QuotaViolation:
 
 class FarmError(Exception):
     code = "INTERNAL"
+    retry_after_s: float | None = None
+    """Set where retrying later can succeed: the answer carries it as google.rpc RetryInfo."""
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -64,9 +71,25 @@ class ResourceExhausted(FarmError):
 class Unavailable(FarmError):
     code = "UNAVAILABLE"
 
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(FarmError):
+    code = "DEADLINE_EXCEEDED"
+
 
 def invalid(field: str, description: str) -> InvalidArgument:
     return InvalidArgument([FieldViolation(field, description)])
+
+
+def quoted(value: str, limit: int = QUOTED_CHARS) -> str:
+    """`value` quoted for an error message: whole when short, else its first `limit`
+    characters and its length, so that an answer stays small whatever a client sent."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 class EngineLost(FarmError):

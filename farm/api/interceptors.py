@@ -1,125 +1,242 @@
 """Cross-cutting concerns of every RPC: errors become statuses with google.rpc
-details, API keys become tenants, and every call is counted and timed."""
+details, API keys become tenants, and every call is counted and timed.
+
+Every answer names a gRPC code that says what the client can do about it, never
+UNKNOWN: a body that is not the method's message is INVALID_ARGUMENT, a passed
+deadline DEADLINE_EXCEEDED, a database that cannot be reached UNAVAILABLE with
+RetryInfo, and anything else INTERNAL. No answer carries a Python class name, SQL
+or a whole long value: the logs have those."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from sqlalchemy import exc as sql_errors
 
-from farm.errors import FarmError, InvalidArgument, ResourceExhausted, Unauthenticated
+from farm.errors import (
+    DeadlineExceeded,
+    FarmError,
+    FieldViolation,
+    InvalidArgument,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 from farm.jobs.records import TenantRecord
 
 log = logging.getLogger(__name__)
 CURRENT_TENANT: contextvars.ContextVar[TenantRecord] = contextvars.ContextVar("farm_tenant")
 # Health checks and reflection are for load balancers and tools: no key needed.
 PUBLIC_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+# What a client is told to wait before retrying while the job store cannot be reached
+# (a PostgreSQL restart or failover takes seconds).
+STORE_RETRY_S = 1.0
+# A TimeoutError this close to the client's deadline is that deadline passing.
+DEADLINE_SLACK_S = 0.1
+# The status travels in trailers, which clients cap at 8 KiB before they start refusing
+# answers (16 KiB hard): the message and the details are kept well inside that.
+MAX_MESSAGE_BYTES = 512
+MAX_DETAILS_BYTES = 3072
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean the database could not be reached or dropped the connection."""
+    errors: list[type[BaseException]] = [sql_errors.OperationalError, sql_errors.InterfaceError,
+                                         sql_errors.DisconnectionError, sql_errors.TimeoutError]
+    try:
+        import psycopg  # the PostgreSQL driver; the store's listener uses it directly
+    except ImportError:
+        pass
+    else:
+        errors += [psycopg.OperationalError, psycopg.InterfaceError]
+    return tuple(errors)
+
+
+STORE_UNAVAILABLE = _store_errors()
 
 
 def current_tenant() -> TenantRecord:
     return CURRENT_TENANT.get()
 
 
-def _wrap(handler: grpc.RpcMethodHandler, around: Callable) -> grpc.RpcMethodHandler:
-    """Rebuilds a method handler with `around(behavior, streaming)` applied."""
+def _wrap(handler: grpc.RpcMethodHandler, around: Callable,
+          decode_in_behavior: bool = False) -> grpc.RpcMethodHandler:
+    """Rebuilds a method handler with `around(behavior, streaming)` applied. With
+    `decode_in_behavior`, gRPC hands the wrapped behavior the request's raw bytes and
+    `around` decodes them (`handler.request_deserializer`)."""
     if handler is None:
         return None
+    deserializer = None if decode_in_behavior else handler.request_deserializer
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            around(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer)
+            around(handler.unary_unary, False), deserializer, handler.response_serializer)
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            around(handler.unary_stream, True), handler.request_deserializer, handler.response_serializer)
+            around(handler.unary_stream, True), deserializer, handler.response_serializer)
     return handler  # client- and bidi-streaming: farm has none
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text` cut to `limit` bytes of UTF-8, saying how much was cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode(errors="ignore") + f"... ({len(data) - limit} more bytes)"
+
+
+def _bad_request(violations: list[FieldViolation]) -> error_details_pb2.BadRequest:
+    """Every violation that fits the trailers' budget, then a note of how many did not."""
+    bad = error_details_pb2.BadRequest()
+    for index, violation in enumerate(violations):
+        entry = error_details_pb2.BadRequest.FieldViolation(
+            field=_clip(violation.field, 256), description=_clip(violation.description, 512))
+        if bad.ByteSize() + entry.ByteSize() > MAX_DETAILS_BYTES:
+            left = len(violations) - index
+            bad.field_violations.add(field="", description=f"{left} more problems are not listed; fix these first")
+            break
+        bad.field_violations.append(entry)
+    return bad
 
 
 def error_status(error: FarmError) -> status_pb2.Status:
     code = getattr(code_pb2, error.code)
     details = []
     if isinstance(error, InvalidArgument):
-        details.append(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in error.violations
+        details.append(_bad_request(error.violations))
+    if isinstance(error, ResourceExhausted) and error.violations:
+        details.append(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=_clip(v.subject, 256),
+                                                     description=_clip(v.description, 512))
+            for v in error.violations[:8]
         ]))
-    if isinstance(error, ResourceExhausted):
-        if error.violations:
-            details.append(error_details_pb2.QuotaFailure(violations=[
-                error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
-                for v in error.violations
-            ]))
-        if error.retry_after_s is not None:
-            delay = duration_pb2.Duration()
-            delay.FromNanoseconds(int(error.retry_after_s * 1e9))
-            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    if error.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     packed = []
     for detail in details:
         any_detail = any_pb2.Any()
         any_detail.Pack(detail)
         packed.append(any_detail)
-    return status_pb2.Status(code=code, message=error.message, details=packed)
+    return status_pb2.Status(code=code, message=_clip(error.message, MAX_MESSAGE_BYTES), details=packed)
+
+
+def _request_name(deserializer) -> str:
+    """`farm.v1.GetRenderRequest` for a generated message's FromString."""
+    message_class = getattr(deserializer, "__self__", None)
+    descriptor = getattr(message_class, "DESCRIPTOR", None)
+    return getattr(descriptor, "full_name", "request message")
+
+
+def _decoder(deserializer) -> Callable[[bytes], object]:
+    """Decodes a request body; a body that is not the message is INVALID_ARGUMENT."""
+    if deserializer is None:
+        return lambda raw: raw
+    name = _request_name(deserializer)
+
+    def decode(raw: bytes):
+        try:
+            return deserializer(raw)
+        except DecodeError as error:
+            # protobuf says e.g. "Error parsing message with type 'X': Wire format was corrupt".
+            reason = str(error).rpartition(": ")[2].strip().rstrip(".") or "it cannot be parsed"
+            raise InvalidArgument([FieldViolation(
+                "request", f"the body is not a valid {name} ({_clip(reason, 128)})")]) from None
+    return decode
+
+
+async def _abort(context, error: FarmError) -> None:
+    status = rpc_status.to_status(error_status(error))
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns FarmErrors into statuses with details, hides internal errors behind
-    INTERNAL, and records each call's code and duration."""
+    """Turns every error into a status with a code a client can act on and google.rpc
+    details, and records each call's code and duration. It decodes requests itself, so
+    that a corrupt body is answered here rather than by gRPC."""
 
     def __init__(self, metrics):
         self.metrics = metrics
 
     async def intercept_service(self, continuation, details):
         method = details.method
+        handler = await continuation(details)
+        if handler is None or not (handler.unary_unary or handler.unary_stream):
+            return handler
+        decode = _decoder(handler.request_deserializer)
 
         def around(behavior, streaming):
-            async def abort(context, error: FarmError):
-                status = rpc_status.to_status(error_status(error))
-                await context.abort(status.code, status.details, status.trailing_metadata)
-
             if streaming:
-                async def stream_wrapper(request, context):
+                async def stream_wrapper(raw, context):
                     started, code = time.perf_counter(), "OK"
                     try:
-                        async for item in behavior(request, context):
+                        async for item in behavior(decode(raw), context):
                             yield item
-                    except FarmError as error:
-                        code = error.code
-                        await abort(context, error)
-                    except Exception as error:
-                        code = self._code_of(context, error)
-                        raise
+                    except BaseException as error:
+                        code, answer = self._answer(method, context, error)
+                        if answer is None:
+                            raise
+                        await _abort(context, answer)
                     finally:
                         self.metrics.observe(method, code, time.perf_counter() - started)
                 return stream_wrapper
 
-            async def unary_wrapper(request, context):
+            async def unary_wrapper(raw, context):
                 started, code = time.perf_counter(), "OK"
                 try:
-                    return await behavior(request, context)
-                except FarmError as error:
-                    code = error.code
-                    await abort(context, error)
-                except Exception as error:
-                    code = self._code_of(context, error)
-                    raise
+                    return await behavior(decode(raw), context)
+                except BaseException as error:
+                    code, answer = self._answer(method, context, error)
+                    if answer is None:
+                        raise
+                    await _abort(context, answer)
                 finally:
                     self.metrics.observe(method, code, time.perf_counter() - started)
             return unary_wrapper
 
-        return _wrap(await continuation(details), around)
+        return _wrap(handler, around, decode_in_behavior=True)
 
-    @staticmethod
-    def _code_of(context, error: Exception) -> str:
-        # context.abort() raises an exception of its own after setting the code.
-        code = context.code()
-        if code is not None:
-            return code.name
-        log.exception("unhandled error in RPC", exc_info=error)
-        return "INTERNAL"
+    def _answer(self, method: str, context, error: BaseException) -> tuple[str, FarmError | None]:
+        """The code of the call, and the error to answer with; None where gRPC must see
+        `error` itself (the call was cancelled, or the servicer aborted it already)."""
+        if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            # The client went away or its deadline passed: gRPC has ended the call.
+            remaining = context.time_remaining()
+            return ("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"), None
+        if context.code() is not None:  # context.abort() raises an exception of its own
+            return context.code().name, None
+        if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit
+            return "INTERNAL", None
+        answer = self._farm_error(method, context, error)
+        return answer.code, answer
+
+    def _farm_error(self, method: str, context, error: Exception) -> FarmError:
+        if isinstance(error, FarmError):
+            return error
+        if isinstance(error, STORE_UNAVAILABLE) or (
+                isinstance(error, sql_errors.DBAPIError) and error.connection_invalidated):
+            log.warning("the job store is unreachable in %s: %s", method, error)
+            return Unavailable("the job store is unavailable; retry shortly", retry_after_s=STORE_RETRY_S)
+        if isinstance(error, TimeoutError):
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= DEADLINE_SLACK_S:
+                return DeadlineExceeded("the deadline passed before the answer was ready")
+            log.warning("a dependency timed out in %s", method, exc_info=error)
+            return Unavailable("a dependency of the gateway timed out; retry shortly", retry_after_s=STORE_RETRY_S)
+        # A bug: the client learns only that it happened and how to find it in the logs.
+        reference = secrets.token_hex(4)
+        log.error("unhandled error in %s (reference %s)", method, reference, exc_info=error)
+        return FarmError(f"internal error (reference {reference}); the gateway logged it")
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

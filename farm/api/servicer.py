@@ -14,12 +14,12 @@ from typing import Any, TypeVar
 import grpc
 
 from farm.api import convert
-from farm.api.interceptors import current_tenant
+from farm.api.interceptors import DEADLINE_SLACK_S, current_tenant
 from farm.api.metrics import GatewayMetrics
 from farm.api.watch import EventHub
 from farm.config import FarmConfig
 from farm.engines.memory import MemoryPlanner
-from farm.errors import FailedPrecondition, NotFound, invalid
+from farm.errors import DeadlineExceeded, FailedPrecondition, NotFound, invalid, quoted
 from farm.jobs.schema import utcnow
 from farm.jobs.spec import MAX_REFERENCE_ID_CHARS, RenderSpec, ResolvedSpec, resolve_spec
 from farm.jobs.states import RenderState
@@ -37,12 +37,29 @@ MIN_SAMPLES_TO_FIT = 4
 TIMING_CACHE_S = 30.0
 USAGE_GROUPS = {pb.USAGE_GROUPING_MODEL: "model", pb.USAGE_GROUPING_DEVICE: "device",
                 pb.USAGE_GROUPING_DAY: "day", pb.USAGE_GROUPING_PHASE: "phase"}
+# Event sequences are 64-bit signed integers in the store; a larger after_sequence names
+# no event and cannot even be compared there.
+MAX_SEQUENCE = 2**63 - 1
+ARTIFACT_KINDS = {pb.ARTIFACT_KIND_VIDEO: "video/mp4", pb.ARTIFACT_KIND_MANIFEST: "application/json"}
 
 
 def _check_render_id(render_id: str) -> str:
     if not render_id or len(render_id) > RENDER_ID_MAX:
         raise invalid("render_id", f"must be 1..{RENDER_ID_MAX} characters")
     return render_id
+
+
+def _check_timestamp(request, field: str) -> dt.datetime:
+    """A required Timestamp field as a UTC datetime; INVALID_ARGUMENT when it is unset
+    or outside what a Timestamp may hold (years 1..9999, nanos 0..999,999,999)."""
+    if not request.HasField(field):
+        raise invalid(field, "is required")
+    value = getattr(request, field)
+    try:
+        return value.ToDatetime(tzinfo=dt.timezone.utc)
+    except (ValueError, OverflowError):
+        raise invalid(field, f"seconds {value.seconds} and nanos {value.nanos} are not a time between "
+                             f"0001-01-01 and 9999-12-31 UTC") from None
 
 
 class RenderServicer(render_pb2_grpc.RenderServiceServicer):
@@ -63,8 +80,14 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         when the client's deadline passes."""
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the call ran")
-        return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), timeout=remaining)
+            raise DeadlineExceeded("the deadline passed before the call ran")
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), timeout=remaining)
+        except TimeoutError:
+            left = context.time_remaining()
+            if left is not None and left <= DEADLINE_SLACK_S:
+                raise DeadlineExceeded("the deadline passed before the job store answered") from None
+            raise  # raised by `fn` itself: not the client's deadline
 
     async def _pool_kinds(self, context, model) -> list[str]:
         """Device kinds of the model's pools as the scheduler published them (cached:
@@ -96,7 +119,8 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         if spec.require_device_kind:
             if spec.require_device_kind not in kinds:
                 raise invalid("spec.placement.require_device_kind",
-                              f"{model.name} has no {spec.require_device_kind!r} pool; its pools: {', '.join(kinds)}")
+                              f"{model.name} has no {quoted(spec.require_device_kind)} pool; its pools: "
+                              f"{', '.join(kinds)}")
             kinds = [spec.require_device_kind]
         # The first call for a model reads its weights' headers: off the event loop.
         need, kinds = await self._call(context, self.memory.place, spec, model, kinds)
@@ -187,28 +211,41 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
 
     async def WatchRender(self, request: pb.WatchRenderRequest, context):
         render_id = _check_render_id(request.render_id)
+        if request.after_sequence > MAX_SEQUENCE:
+            raise invalid("after_sequence", f"{request.after_sequence} is past the largest sequence, {MAX_SEQUENCE}")
         # Ownership check first: another tenant's render is NOT_FOUND.
-        await self._call(context, self.store.get, current_tenant().id, render_id)
-        seq = request.after_sequence
+        record = await self._call(context, self.store.get, current_tenant().id, render_id)
+        seq, newest, final = request.after_sequence, record.event_seq, record.state.is_final
         while True:
             events = await self._call(context, self.store.events_after, render_id, seq)
             for event in events:
                 yield convert.event_to_pb(event)
-                seq = event.seq
+                seq = newest = event.seq
                 if event.state.is_final:
                     return
-            if not events:
-                await self.hub.wait_for_events_after(render_id, seq)
+            if events:
+                continue
+            # Nothing after `seq` of a final render: a client reconnecting after the final
+            # event (or naming a sequence past it) has seen the end.
+            if final:
+                return
+            # A client may name a sequence the render has not reached: wake at its next
+            # event all the same, and learn from the render whether it ended.
+            await self.hub.wait_for_events_after(render_id, min(seq, newest))
+            if seq > newest:
+                record = await self._call(context, self.store.get, current_tenant().id, render_id)
+                newest, final = record.event_seq, record.state.is_final
 
     async def FetchArtifact(self, request: pb.FetchArtifactRequest, context):
         render_id = _check_render_id(request.render_id)
+        content_type = ARTIFACT_KINDS.get(request.kind)
+        if content_type is None:
+            raise invalid("kind", f"{request.kind} is not an artifact kind; kinds: "
+                                  f"{', '.join(pb.ArtifactKind.Name(k) for k in ARTIFACT_KINDS)}")
         record = await self._call(context, self.store.get, current_tenant().id, render_id)
         if record.state is not RenderState.SUCCEEDED:
             raise FailedPrecondition(f"render {render_id} is {record.state.value}; only a SUCCEEDED render has artifacts")
-        if request.kind == pb.ARTIFACT_KIND_MANIFEST:
-            uri, content_type = record.manifest_uri, "application/json"
-        else:
-            uri, content_type = record.artifact_uri, "video/mp4"
+        uri = record.manifest_uri if request.kind == pb.ARTIFACT_KIND_MANIFEST else record.artifact_uri
         total = await self._call(context, self.artifacts.size, uri)
         if request.offset > total:
             raise invalid("offset", f"{request.offset} is past the end of the {total}-byte artifact")
@@ -233,10 +270,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
 
     async def GetUsage(self, request: pb.GetUsageRequest, context) -> pb.UsageReport:
         tenant = current_tenant()
-        if not request.HasField("since") or not request.HasField("until"):
-            raise invalid("since" if not request.HasField("since") else "until", "is required")
-        since = request.since.ToDatetime(tzinfo=dt.timezone.utc)
-        until = request.until.ToDatetime(tzinfo=dt.timezone.utc)
+        since, until = _check_timestamp(request, "since"), _check_timestamp(request, "until")
         if request.group_by not in USAGE_GROUPS:
             raise invalid("group_by", f"{request.group_by} is not a usage grouping")
         rows = await self._call(context, self.store.usage, tenant.id, since, until, USAGE_GROUPS[request.group_by])

@@ -12,7 +12,7 @@ import re
 import secrets
 
 from farm.config import ModelConfig, Task
-from farm.errors import FieldViolation, InvalidArgument
+from farm.errors import FieldViolation, InvalidArgument, quoted
 
 MAX_SEED = 2**63 - 1
 MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 0, 100, 50
@@ -21,6 +21,11 @@ LABEL_KEY = re.compile(r"^[a-z0-9]([a-z0-9._/-]{0,61}[a-z0-9])?$")
 MAX_LABEL_VALUE_CHARS = 256
 MAX_IDEMPOTENCY_KEY_CHARS = 128
 MAX_DEVICE_KIND_CHARS = 32
+# What spec.image may hold (the contract's formats, as Pillow names them): Pillow is
+# not asked to decode anything else a client might send.
+IMAGE_FORMATS = ("PNG", "JPEG")
+# Other formats a client may well send, named in the refusal.
+OTHER_IMAGE_SIGNATURES = {b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
 
 
 # Post-processing (see PostprocessSpec in protos/farm/v1/render.proto).
@@ -200,7 +205,7 @@ def resolve_spec(spec: RenderSpec, models: dict[str, ModelConfig]) -> ResolvedSp
     model = models.get(spec.model)
     if model is None:
         known = ", ".join(sorted(models)) or "none"
-        bad("spec.model", f"unknown model {spec.model!r}; served models: {known}")
+        bad("spec.model", f"unknown model {quoted(spec.model)}; served models: {known}")
         raise InvalidArgument(problems)
     limits, defaults = model.limits, model.defaults
     assert limits is not None and defaults is not None
@@ -287,7 +292,7 @@ def _check_placement(spec: RenderSpec, model: ModelConfig, bad) -> None:
     for field, kind in (("spec.placement.require_device_kind", spec.require_device_kind),
                         ("spec.placement.prefer_device_kind", spec.prefer_device_kind)):
         if kind and kinds and kind not in kinds:
-            bad(field, f"{model.name} has no {kind!r} pool; its pools: {', '.join(kinds)}")
+            bad(field, f"{model.name} has no {quoted(kind)} pool; its pools: {', '.join(kinds)}")
         elif len(kind) > MAX_DEVICE_KIND_CHARS:
             bad(field, f"is {len(kind)} characters; the maximum is {MAX_DEVICE_KIND_CHARS}")
 
@@ -347,7 +352,7 @@ def _resolve_postprocess(post: PostprocessSpec | None, model: ModelConfig, width
     field = f"{prefix}.encoder"
     codec = encoder.codec or CODECS[0]
     if codec not in CODECS:
-        bad(f"{field}.codec", f"{encoder.codec!r} is not supported; codecs: {', '.join(CODECS)}")
+        bad(f"{field}.codec", f"{quoted(encoder.codec)} is not supported; codecs: {', '.join(CODECS)}")
     crf = encoder.crf
     if crf is not None and not 0 <= crf <= MAX_CRF:
         bad(f"{field}.crf", f"{crf} is outside 0..{MAX_CRF}")
@@ -359,7 +364,7 @@ def _resolve_postprocess(post: PostprocessSpec | None, model: ModelConfig, width
             bad(f"{field}.bitrate_kbps", f"{bitrate} is outside {MIN_BITRATE_KBPS}..{MAX_BITRATE_KBPS} kbit/s")
     preset = encoder.preset or DEFAULT_PRESET
     if preset not in ENCODER_PRESETS:
-        bad(f"{field}.preset", f"{encoder.preset!r} is not an x264 preset; presets: {', '.join(ENCODER_PRESETS)}")
+        bad(f"{field}.preset", f"{quoted(encoder.preset)} is not an x264 preset; presets: {', '.join(ENCODER_PRESETS)}")
 
     candidates = 1 if post.candidates is None else post.candidates
     if not 1 <= candidates <= limits.max_candidates:
@@ -384,7 +389,7 @@ def _resolve_color(reference: ColorReference | None, field: str, bad) -> ColorRe
     if reference.mean is None and reference.std is None:
         if reference.render_id:
             # The gateway turns a render id into statistics before resolving the spec.
-            bad(f"{field}.render_id", f"render {reference.render_id!r} was not resolved into color statistics")
+            bad(f"{field}.render_id", f"render {quoted(reference.render_id)} was not resolved into color statistics")
         else:
             bad(field, "give render_id or statistics")
         return None
@@ -412,10 +417,17 @@ def _check_labels(labels: dict[str, str], bad) -> None:
         bad("spec.labels", f"has {len(labels)} labels; the maximum is {MAX_LABELS}")
         return
     for key, value in labels.items():
+        field = f"spec.labels[{quoted(key)}]"
         if not LABEL_KEY.match(key):
-            bad(f"spec.labels[{key!r}]", "keys are 1..63 of a-z 0-9 . _ / -, starting and ending alphanumeric")
+            bad(field, "keys are 1..63 of a-z 0-9 . _ / -, starting and ending alphanumeric")
         if len(value) > MAX_LABEL_VALUE_CHARS:
-            bad(f"spec.labels[{key!r}]", f"value is {len(value)} characters; the maximum is {MAX_LABEL_VALUE_CHARS}")
+            bad(field, f"value is {len(value)} characters; the maximum is {MAX_LABEL_VALUE_CHARS}")
+
+
+def _other_image_format(image: bytes) -> str | None:
+    if image[:4] == b"RIFF" and image[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in OTHER_IMAGE_SIGNATURES.items() if image.startswith(magic)), None)
 
 
 def _check_image(image: bytes, max_bytes: int, max_pixels: int, bad) -> None:
@@ -425,14 +437,18 @@ def _check_image(image: bytes, max_bytes: int, max_pixels: int, bad) -> None:
     if len(image) > max_bytes:
         bad("spec.image", f"is {len(image)} bytes; the maximum is {max_bytes}")
         return
+    other = _other_image_format(image)
+    if other:
+        bad("spec.image", f"is a {other} image; image-to-video takes PNG or JPEG")
+        return
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(image)) as picture:
+        with Image.open(io.BytesIO(image), formats=IMAGE_FORMATS) as picture:
             width, height = picture.size
             if width * height > max_pixels:
                 bad("spec.image", f"is {width}x{height}; the maximum is {max_pixels} pixels")
                 return
             picture.load()  # decodes fully, so a truncated file fails here, not on the GPU
-    except Exception as error:  # Pillow raises many kinds for bad bytes
-        bad("spec.image", f"cannot be decoded as an image ({type(error).__name__}: {error})")
+    except Exception:  # Pillow raises many kinds for bad bytes; their text names classes and objects
+        bad("spec.image", "cannot be decoded as a PNG or JPEG image (another format, or truncated or corrupt bytes)")

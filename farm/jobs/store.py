@@ -53,6 +53,7 @@ from farm.metering.cost import Charge
 KEY_PREFIX = "farm"
 MAX_PAGE_SIZE = 1000
 BUDGET_PERIODS = ("day", "month")
+PERIOD_ADJECTIVES = {"day": "daily", "month": "monthly"}
 MAX_BUDGET_DOLLARS = 10_000_000
 USAGE_GROUPS = ("model", "device", "day", "phase")
 # What a client refused for a full queue is told to wait before retrying.
@@ -252,13 +253,18 @@ class JobStore:
         status = self._budget_status(session, tenant)
         if status is not None and estimate_nanodollars > status.left_nanodollars:
             left = max(status.left_nanodollars, 0) / 1e9
+            # Money comes back when the period turns over: that is when to retry.
+            now = t.utcnow()
+            resets_in_s = (next_period_start(status.period, now) - now).total_seconds()
             raise ResourceExhausted(
-                f"tenant {tenant.name}'s {status.period}ly budget of ${status.budget_nanodollars / 1e9:.6f} has "
+                f"tenant {tenant.name}'s {PERIOD_ADJECTIVES[status.period]} budget of "
+                f"${status.budget_nanodollars / 1e9:.6f} has "
                 f"${left:.6f} left; this render is estimated at ${estimate_nanodollars / 1e9:.6f}",
                 [QuotaViolation(f"tenant:{tenant.name}/budget:{status.period}",
                                 f"${left:.6f} of ${status.budget_nanodollars / 1e9:.6f} left "
                                 f"(spent ${status.spent_nanodollars / 1e9:.6f}, reserved "
-                                f"${status.reserved_nanodollars / 1e9:.6f}); needs ${estimate_nanodollars / 1e9:.6f}")])
+                                f"${status.reserved_nanodollars / 1e9:.6f}); needs ${estimate_nanodollars / 1e9:.6f}")],
+                retry_after_s=resets_in_s)
 
     def usage(self, tenant_id: str, since: dt.datetime, until: dt.datetime, by: str) -> list[UsageRow]:
         """Charged ledger rows of a tenant in [since, until), grouped."""
@@ -994,6 +1000,14 @@ def period_start(period: str, now: dt.datetime) -> dt.datetime:
     """Start (UTC) of the budget period holding `now`."""
     day = now.astimezone(dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     return day if period == "day" else day.replace(day=1)
+
+
+def next_period_start(period: str, now: dt.datetime) -> dt.datetime:
+    """Start (UTC) of the budget period after the one holding `now`."""
+    start = period_start(period, now)
+    if period == "day":
+        return start + dt.timedelta(days=1)
+    return (start + dt.timedelta(days=32)).replace(day=1)
 
 
 def _tenant_record(row: t.Tenant, key_ids: tuple[str, ...] = ()) -> TenantRecord:
