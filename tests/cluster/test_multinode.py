@@ -8,6 +8,7 @@ import io
 
 import av
 import numpy as np
+import pytest
 import sqlalchemy
 
 from farm.jobs import schema as t
@@ -18,6 +19,11 @@ from farm.serve.signals import hold_next_render, release
 from tests.cluster.conftest import TIMEOUT_S
 from tests.cluster.sim import wait_for
 from tests.holds import wait_held
+
+# The first test also starts the cluster (its own bounded waits, up to 300 s for the
+# pools); pytest's per-test timeout counts set-up too, and the default 300 s is too tight
+# on a loaded 2-core machine. Every wait inside has its own bound.
+pytestmark = pytest.mark.timeout(1200)
 
 
 def submit(farm, tenant, **fields) -> RenderRecord:
@@ -116,9 +122,11 @@ def test_an_urgent_render_preempts_and_the_preempted_render_resumes_identically(
 
 def test_nodes_removed_mid_render_lose_nothing_and_charge_nothing_twice(cluster_farm, tenant, holds):
     farm = cluster_farm
-    # An H100 render waits after step 2 on its node until that node is taken away.
+    # An H100 render waits after step 2 on its node until that node is taken away. Half
+    # the renders need the H100 pool (scaled to zero by now), the rest go where placement sends them.
     hold_next_render("ltx", step=2, device_kind="H100")
-    renders = [submit(farm, tenant, num_inference_steps=6, seed=100 + i) for i in range(12)]
+    renders = [submit(farm, tenant, num_inference_steps=6, seed=100 + i,
+                      **({"require_device_kind": "H100"} if i % 2 else {})) for i in range(12)]
     try:
         held_render, hold = wait_held()
     except TimeoutError:
