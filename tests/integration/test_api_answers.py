@@ -8,22 +8,11 @@ import io
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from PIL import Image
 
 from farm.v1 import render_pb2 as pb
+from tests.gateway import bad_request_fields
 from tests.integration.test_render_path import small_spec
-
-
-def bad_fields(error: grpc.RpcError) -> dict[str, str]:
-    fields = {}
-    for detail in rpc_status.from_call(error).details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields.update({v.field: v.description for v in bad.field_violations})
-    return fields
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +43,7 @@ def test_an_unknown_artifact_kind_is_invalid_argument(client, finished):
     with pytest.raises(grpc.RpcError) as error:
         client.fetch(render.id, kind=5)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "kind" in bad_fields(error.value)
+    assert "kind" in bad_request_fields(error.value)
 
 
 def test_a_gif_first_frame_is_invalid_argument(client):
@@ -63,7 +52,7 @@ def test_a_gif_first_frame_is_invalid_argument(client):
     with pytest.raises(grpc.RpcError) as error:
         client.submit(small_spec(task=pb.TASK_IMAGE_TO_VIDEO, image=buffer.getvalue()))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "PNG or JPEG" in bad_fields(error.value)["spec.image"]
+    assert "PNG or JPEG" in bad_request_fields(error.value)["spec.image"]
 
 
 @pytest.mark.parametrize("method,body", [("GetRender", b"\x0a\x7f"), ("WatchRender", b"\x0a\x02\xff\xfe")])
@@ -78,5 +67,5 @@ def test_a_body_that_is_not_the_request_is_invalid_argument(client, method, body
     with pytest.raises(grpc.RpcError) as error:
         call()
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"farm.v1.{method}Request" in bad_fields(error.value)["request"]
+    assert f"farm.v1.{method}Request" in bad_request_fields(error.value)["request"]
     assert "Error" not in error.value.details()

@@ -5,28 +5,16 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 
 from farm.client import FarmClient
 from farm.demo import first_frame_png
 from farm.jobs.store import JobStore
 from farm.serve.signals import hold_next_render, release
 from farm.v1 import render_pb2 as pb
+from tests.gateway import bad_request_fields
 from tests.integration.test_render_path import I2V, small_spec
-
-
-def bad_request_fields(error: grpc.RpcError) -> dict[str, str]:
-    status = rpc_status.from_call(error)
-    fields = {}
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields.update({v.field: v.description for v in bad.field_violations})
-    return fields
 
 
 def _spec(**changes):

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
-import dataclasses
 import datetime as dt
 import io
 import logging
@@ -40,6 +38,7 @@ from farm.jobs.store import JobStore
 from farm.storage.artifacts import ArtifactStore
 from farm.v1 import render_pb2 as pb
 from tests.conftest import POSTGRES_URL, terminate_connections
+from tests.gateway import LocalGateway, bad_request_fields, serving
 
 OWNER = "scheduler-test"
 SERVICE = pb.DESCRIPTOR.services_by_name["RenderService"]
@@ -67,41 +66,12 @@ def farm_config(home, store_url: str | None = None) -> FarmConfig:
     return config
 
 
-@dataclasses.dataclass
-class LocalFarm:
-    gateway: Gateway
-    target: str
-    client: FarmClient
-    store: JobStore
-
-    def finish(self, render_id: str, artifacts: tuple[str, str] | None = None) -> None:
-        """Runs the render to SUCCEEDED as the scheduler would."""
-        claimed = {c.id: c for c in self.store.claim({"ltx": 10}, OWNER, 30)}
-        video_uri, manifest_uri = artifacts or (None, None)
-        self.store.finish(OWNER, render_id, claimed[render_id].attempt, AttemptOutcome.SUCCEEDED,
-                          artifact_uri=video_uri, manifest_uri=manifest_uri)
-
-
-@contextlib.contextmanager
-def serving(config: FarmConfig):
-    """The gateway in this process (a thread with its own event loop) on a free port,
-    and a client with the default tenant's key."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    gateway = Gateway(config)
-    port = asyncio.run_coroutine_threadsafe(gateway.start(), loop).result(60)
-    target = f"127.0.0.1:{port}"
-    client = FarmClient(target, (config.keys_dir / "default.key").read_text().strip())
-    store = JobStore(config.store_url, migrate=False)
-    try:
-        yield LocalFarm(gateway, target, client, store)
-    finally:
-        client.close()
-        store.close()
-        asyncio.run_coroutine_threadsafe(gateway.stop(0), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+def finish(farm: LocalGateway, render_id: str, artifacts: tuple[str, str] | None = None) -> None:
+    """Runs the render to SUCCEEDED as the scheduler would."""
+    claimed = {c.id: c for c in farm.store.claim({"ltx": 10}, OWNER, 30)}
+    video_uri, manifest_uri = artifacts or (None, None)
+    farm.store.finish(OWNER, render_id, claimed[render_id].attempt, AttemptOutcome.SUCCEEDED,
+                      artifact_uri=video_uri, manifest_uri=manifest_uri)
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +109,6 @@ def detail(error: grpc.RpcError, kind):
             packed.Unpack(message)
             return message
     return None
-
-
-def bad_fields(error: grpc.RpcError) -> dict[str, str]:
-    bad = detail(error, error_details_pb2.BadRequest)
-    return {v.field: v.description for v in bad.field_violations} if bad else {}
 
 
 def refusal(call) -> grpc.RpcError:
@@ -188,7 +153,7 @@ def test_a_body_that_is_not_the_request_is_invalid_argument_on_every_method(farm
         call = raw_call(farm.client.channel, method)
         error = refusal(lambda: call(body, metadata=farm.client.metadata, timeout=30))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method.name, error.details())
-        assert method.input_type.full_name in bad_fields(error)["request"]
+        assert method.input_type.full_name in bad_request_fields(error)["request"]
         refused.append(method.name)
     assert {"GetRender", "WatchRender", "SubmitRender", "FetchArtifact"} <= set(refused)
 
@@ -200,13 +165,13 @@ def test_each_corrupt_body_is_refused_naming_the_request(farm):
         for call, name in ((get, "farm.v1.GetRenderRequest"), (watch, "farm.v1.WatchRenderRequest")):
             error = refusal(lambda: call(body, metadata=farm.client.metadata, timeout=30))
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert name in bad_fields(error)["request"]
+            assert name in bad_request_fields(error)["request"]
     # A valid request cut short is refused the same way.
     whole = pb.SubmitRenderRequest(spec=spec()).SerializeToString()
     submit = raw_call(farm.client.channel, SERVICE.methods_by_name["SubmitRender"])
     error = refusal(lambda: submit(whole[:len(whole) // 2], metadata=farm.client.metadata, timeout=30))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "farm.v1.SubmitRenderRequest" in bad_fields(error)["request"]
+    assert "farm.v1.SubmitRenderRequest" in bad_request_fields(error)["request"]
     # The health service is decoded the same way (load balancers send it bodies too).
     check = farm.client.channel.unary_unary("/grpc.health.v1.Health/Check")
     error = refusal(lambda: check(CORRUPT_BODIES["truncated"], timeout=30))
@@ -224,7 +189,7 @@ def test_usage_times_outside_what_a_timestamp_holds_are_invalid_argument(farm, f
     error = refusal(lambda: farm.client.stub.GetUsage(pb.GetUsageRequest(**times), metadata=farm.client.metadata,
                                                        timeout=30))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "9999-12-31" in bad_fields(error)[field]
+    assert "9999-12-31" in bad_request_fields(error)[field]
 
 
 def test_usage_over_every_time_a_timestamp_holds_is_answered(farm):
@@ -237,7 +202,7 @@ def test_an_after_sequence_past_the_store_integer_is_invalid_argument(farm, afte
     render = farm.client.submit(spec())
     error = refusal(lambda: list(farm.client.watch(render.id, after_sequence=after_sequence, timeout=30)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert str(2**63 - 1) in bad_fields(error)["after_sequence"]
+    assert str(2**63 - 1) in bad_request_fields(error)["after_sequence"]
 
 
 # Deadlines -------------------------------------------------------------------------------
@@ -355,7 +320,7 @@ def test_an_unexpected_error_is_internal_with_a_reference_that_the_log_has(farm,
 
 def test_rewatching_a_finished_render_from_its_last_event_or_past_it_ends_at_once(farm):
     render = farm.client.submit(spec())
-    farm.finish(render.id)
+    finish(farm, render.id)
     events = list(farm.client.watch(render.id, timeout=30))
     assert events[-1].state == pb.RENDER_STATE_SUCCEEDED
     last = events[-1].sequence
@@ -373,7 +338,7 @@ def test_a_watch_resumed_past_the_newest_event_ends_when_the_render_does(farm):
         deadline = time.monotonic() + 30
         while render.id not in farm.gateway.hub._waiters:  # the watch waits for the render's next event
             assert time.monotonic() < deadline and not watching.done(), "the watch never waited"
-        farm.finish(render.id)
+        finish(farm, render.id)
         assert watching.result(60) == []
 
 
@@ -398,7 +363,7 @@ def test_a_long_bad_value_is_quoted_short_in_an_invalid_argument(farm, case, let
     for call in (farm.client.submit, farm.client.estimate):
         error = refusal(lambda: call(make(letter * LONG)))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
-        [(name, description)] = [(n, d) for n, d in bad_fields(error).items() if n.startswith(field)]
+        [(name, description)] = [(n, d) for n, d in bad_request_fields(error).items() if n.startswith(field)]
         assert len(name) + len(description) < 400 and f"{LONG} characters" in name + description
         assert letter * 65 not in name + description
 
@@ -407,7 +372,7 @@ def test_many_long_bad_labels_still_get_invalid_argument_with_details(farm):
     labels = {f"{i:02d}" + "K" * LONG: "v" * LONG for i in range(32)}
     error = refusal(lambda: farm.client.submit(spec(labels=labels)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    fields = bad_fields(error)
+    fields = bad_request_fields(error)
     assert len(fields) >= 4 and all(name.startswith("spec.labels[") for name in fields if name)
     assert "more problems are not listed" in fields.get("", "")
 
@@ -426,7 +391,7 @@ def test_an_image_that_is_not_png_or_jpeg_is_invalid_argument(farm, format_):
     for call in (farm.client.submit, farm.client.estimate):
         error = refusal(lambda: call(spec(task=pb.TASK_IMAGE_TO_VIDEO, image=image(format_))))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert f"is a {format_} image" in bad_fields(error)["spec.image"]
+        assert f"is a {format_} image" in bad_request_fields(error)["spec.image"]
 
 
 def test_png_and_jpeg_images_are_accepted_and_a_broken_one_is_refused_plainly(farm):
@@ -434,18 +399,18 @@ def test_png_and_jpeg_images_are_accepted_and_a_broken_one_is_refused_plainly(fa
         assert farm.client.estimate(spec(task=pb.TASK_IMAGE_TO_VIDEO, image=image(format_))).dollars > 0
     png = image("PNG")
     error = refusal(lambda: farm.client.submit(spec(task=pb.TASK_IMAGE_TO_VIDEO, image=png[:len(png) // 2])))
-    assert "cannot be decoded as a PNG or JPEG image" in bad_fields(error)["spec.image"]
+    assert "cannot be decoded as a PNG or JPEG image" in bad_request_fields(error)["spec.image"]
 
 
 def test_fetching_an_unknown_artifact_kind_is_invalid_argument(farm, tmp_path):
     render = farm.client.submit(spec())
     artifacts = ArtifactStore(farm.gateway.config.artifacts_url)
-    farm.finish(render.id, artifacts.write(render.id, 1, b"\x00\x00\x00\x18ftypmp42 video", {"seed": 1}))
+    finish(farm, render.id, artifacts.write(render.id, 1, b"\x00\x00\x00\x18ftypmp42 video", {"seed": 1}))
     assert farm.client.fetch(render.id) == b"\x00\x00\x00\x18ftypmp42 video"
     for kind in (2, 7, 2**31 - 1):
         error = refusal(lambda: farm.client.fetch(render.id, kind=kind))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "ARTIFACT_KIND_MANIFEST" in bad_fields(error)["kind"]
+        assert "ARTIFACT_KIND_MANIFEST" in bad_request_fields(error)["kind"]
 
 
 # Budgets ---------------------------------------------------------------------------------

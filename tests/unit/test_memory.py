@@ -10,7 +10,6 @@ import dataclasses
 import datetime as dt
 import math
 import re
-import threading
 import weakref
 
 import grpc
@@ -393,45 +392,18 @@ def test_too_large_a_frame_or_too_large_a_model_is_named_as_such():
 
 @pytest.fixture
 def gateway(tmp_path):
-    """The gateway in this process (a thread with its own event loop) on a free port,
-    its store in tmp_path, and a client with the default tenant's key."""
-    from farm.api.server import Gateway
-    from farm.client import FarmClient
-    from farm.jobs.store import JobStore
+    """The gateway in this process, its store in tmp_path; the default tenant's client."""
+    from tests.gateway import serving
 
     config = pooled_config().model_copy(update={"home": tmp_path})
     config.gateway.port = config.gateway.metrics_port = 0
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server = Gateway(config)
-    port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(60)
-    client = FarmClient(f"127.0.0.1:{port}", (tmp_path / "keys" / "default.key").read_text().strip())
-    store = JobStore(config.store_url, migrate=False)
-    try:
-        yield client, store
-    finally:
-        client.close()
-        store.close()
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+    with serving(config) as local:
+        yield local.client, local.store
 
 
 def test_submit_and_estimate_refuse_over_grpc_with_the_field_and_leave_nothing(gateway):
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
-
     from farm.v1 import render_pb2 as pb
-
-    def bad_request_fields(error: grpc.RpcError) -> dict[str, str]:
-        fields = {}
-        for detail in rpc_status.from_call(error).details:
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                fields.update({v.field: v.description for v in bad.field_violations})
-        return fields
+    from tests.gateway import bad_request_fields
 
     client, store = gateway
     tenant = store.tenant_by_name("default")
