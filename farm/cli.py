@@ -31,11 +31,38 @@ TASKS = {"t2v": "text-to-video", "i2v": "image-to-video", "text-to-video": "text
          "image-to-video": "image-to-video"}
 
 
+# How the commands that talk to the gateway reach it: TLS options of `farm` itself (they
+# come before the command, as docker's do: `farm --tls-ca ca.pem list`) or their variables.
+_tls: dict = {}
+
+
+@app.callback()
+def _options(
+    tls: bool = typer.Option(False, "--tls", envvar="FARM_TLS",
+                             help="Speak TLS to the gateway, checking its certificate against the system's roots "
+                                  "(the --tls-* options imply it)."),
+    tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", envvar="FARM_TLS_CA",
+                                          help="PEM CA certificates to check the gateway's certificate against."),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", envvar="FARM_TLS_CERT",
+                                            help="Client certificate chain (PEM), for a gateway with mutual TLS."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", envvar="FARM_TLS_KEY",
+                                           help="Private key (PEM) of --tls-cert."),
+    tls_server_name: Optional[str] = typer.Option(None, "--tls-server-name", envvar="FARM_TLS_SERVER_NAME",
+                                                  help="Name to expect in the gateway's certificate, where the "
+                                                       "target's host is not in it (an address, say)."),
+):
+    _tls.clear()
+    _tls.update(tls=tls, tls_ca_file=tls_ca, tls_cert_file=tls_cert, tls_key_file=tls_key,
+                tls_server_name=tls_server_name)
+
+
 def _client(target: str, api_key: Optional[str], config_path: Optional[Path] = None):
     from farm.client import FarmClient, find_api_key
 
     home = load_config(config_path).home if api_key is None else None
-    return FarmClient(target, api_key or find_api_key(home))
+    if (_tls.get("tls_cert_file") is None) != (_tls.get("tls_key_file") is None):
+        raise typer.BadParameter("--tls-cert and --tls-key (FARM_TLS_CERT, FARM_TLS_KEY) go together")
+    return FarmClient(target, api_key or find_api_key(home), **_tls)
 
 
 def _logging(config) -> None:

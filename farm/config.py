@@ -9,6 +9,7 @@ Every field has a docstring: it is the reference documentation.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,62 @@ def default_home() -> Path:
     return Path(os.environ.get("FARM_HOME", "~/.farm")).expanduser()
 
 
+class RateLimit(_Section):
+    """A token bucket: `rate` calls a second on average, in bursts of up to `burst`."""
+
+    rate: float | None = Field(None, ge=0)
+    """Calls a second, on average (tokens added to the bucket a second); 0 or None: unlimited."""
+    burst: int = Field(1, ge=1)
+    """Calls that may come at once after a quiet spell (the size of the bucket)."""
+
+
+class FailedAuthLimits(_Section):
+    """Throttling of client addresses that present API keys the store refuses."""
+
+    max_failures: int | None = Field(10, ge=0)
+    """Refused keys from one client address within `window_s` after which every call from it
+    is refused (RESOURCE_EXHAUSTED with RetryInfo) without its key being checked, valid or
+    not; 0 or None: never. Calls without a `Bearer` key are not counted."""
+    window_s: float = Field(60.0, gt=0)
+    """The window in which an address's refused keys count towards `max_failures`."""
+    backoff_s: float = Field(30.0, gt=0)
+    """How long an address is refused the first time; each further time doubles it."""
+    max_backoff_s: float = Field(900.0, gt=0)
+    """The longest an address is refused; an address with no refused key for this long
+    (after its last refusal ended) starts again from `backoff_s`."""
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> "FailedAuthLimits":
+        if self.max_backoff_s < self.backoff_s:
+            raise ValueError(f"failed_auth: max_backoff_s {self.max_backoff_s:g} < backoff_s {self.backoff_s:g}")
+        return self
+
+
+class RateLimitsConfig(_Section):
+    """Limits of calls to the gateway, kept in memory in each gateway process (with N
+    replicas a client may get up to N times these). Per tenant once its key is checked,
+    and per client address (the gRPC peer, without its port) before, so that floods
+    without a valid key are limited too. Health checks and reflection are never limited."""
+
+    submits: RateLimit = Field(default_factory=lambda: RateLimit(rate=100, burst=500))
+    """SubmitRender and EstimateCost, per tenant."""
+    reads: RateLimit = Field(default_factory=lambda: RateLimit(rate=200, burst=1000))
+    """Every other RenderService call (GetRender, ListRenders, GetUsage, ListModels,
+    FetchArtifact, CancelRender) and each WatchRender as it opens, per tenant."""
+    watches: int | None = Field(1000, ge=0)
+    """WatchRender streams a tenant may have open at once; 0 or None: unlimited."""
+    peer_submits: RateLimit = Field(default_factory=lambda: RateLimit(rate=200, burst=1000))
+    """SubmitRender and EstimateCost per client address, whatever the tenant. Behind a proxy
+    that ends gRPC connections (an L7 ingress) every client has the proxy's address: raise
+    or disable the peer limits there."""
+    peer_reads: RateLimit = Field(default_factory=lambda: RateLimit(rate=400, burst=2000))
+    """The calls of `reads` per client address, whatever the tenant."""
+    peer_watches: int | None = Field(1000, ge=0)
+    """WatchRender streams one client address may have open at once; 0 or None: unlimited."""
+    failed_auth: FailedAuthLimits = Field(default_factory=FailedAuthLimits)
+    """Throttling of client addresses that present refused API keys."""
+
+
 class GatewayConfig(_Section):
     host: str = "127.0.0.1"
     """Address the gRPC gateway binds to; loopback unless told otherwise."""
@@ -43,8 +100,35 @@ class GatewayConfig(_Section):
     """gRPC port (0 picks a free port)."""
     metrics_port: int = Field(9464, ge=0, le=65535)
     """Prometheus endpoint of the gateway on `host`; 0 disables it."""
-    max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024 * 1024)
-    """Largest request the gateway accepts; must exceed the largest image a model accepts."""
+    max_message_bytes: int | None = Field(None, ge=1024 * 1024)
+    """Largest request the gateway accepts, in bytes; gRPC refuses a larger one with
+    RESOURCE_EXHAUSTED before it is parsed. None (the default) derives it from the served
+    models: the largest `max_image_bytes`, plus their longest prompt and negative prompt
+    (4 bytes a character) and a fixed 64 KiB for the other fields. A value below that
+    stops the gateway at start, since it would refuse legitimate images."""
+    large_request_bytes: int = Field(1024 * 1024, ge=1024)
+    """A request body larger than this (in practice: a spec carrying an image) is a large
+    request, admitted only while fewer than `max_concurrent_large_requests` are in flight."""
+    max_concurrent_large_requests: int = Field(4, ge=1)
+    """Large requests the gateway handles at once; more are refused before they are parsed,
+    with RESOURCE_EXHAUSTED and RetryInfo. Each one holds its body, the parsed spec and the
+    decoded image (up to a few times the largest image), so this bounds their memory."""
+    tls_cert_file: Path | None = None
+    """PEM certificate chain the gateway presents; with `tls_key_file` the gateway speaks only
+    TLS. Both are read again at the next connection after either file changes (modification
+    time, size or inode), so a renewed certificate needs no restart; a pair that does not
+    match (half written) keeps the previous one until it does."""
+    tls_key_file: Path | None = None
+    """PEM private key (unencrypted) of `tls_cert_file`."""
+    tls_client_ca_file: Path | None = None
+    """PEM CA certificates for mutual TLS: when set, every client (health checks included)
+    must present a certificate signed by one of them, or its handshake is refused. Re-read on
+    change like the certificate. Needs `tls_cert_file`."""
+    allow_plaintext: bool = False
+    """Serve plaintext on a `host` other than loopback. Without TLS the gateway refuses such
+    an address at start, rather than warn: a warning in a log nobody reads leaves every API
+    key readable on the network. Turn it on only where something else encrypts the traffic
+    (a service mesh sidecar, a TLS-terminating proxy beside the gateway)."""
     watch_poll_interval_s: float = Field(0.04, gt=0, le=5)
     """How often WatchRender looks for new events in the store where commits are not
     announced to it (PostgreSQL); on SQLite it wakes at each commit instead."""
@@ -54,6 +138,38 @@ class GatewayConfig(_Section):
     """How often the health service re-checks the store and the engine pools."""
     pool_stale_after_s: float = Field(15.0, gt=0)
     """An engine pool whose last heartbeat is older than this counts as down."""
+    rate_limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig)
+    """Rate limits per tenant and per client address, open watch streams, and throttling of
+    addresses that present refused API keys."""
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> "GatewayConfig":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("gateway.tls_cert_file and gateway.tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file is not None and not self.tls:
+            raise ValueError("gateway.tls_client_ca_file (mutual TLS) needs gateway.tls_cert_file and tls_key_file")
+        if not self.tls and not self.allow_plaintext and not is_loopback(self.host):
+            raise ValueError(
+                f"gateway.host {self.host!r} is not a loopback address and the gateway has no TLS: API keys "
+                f"would cross the network in clear text. Set gateway.tls_cert_file and gateway.tls_key_file, "
+                f"or gateway.allow_plaintext: true where something else encrypts the traffic (a service mesh)")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address is loopback only: `localhost`, 127.0.0.0/8 or ::1 (an address
+    of every interface, such as 0.0.0.0 or ::, is not; nor is any other name)."""
+    name = host.strip().removeprefix("[").removesuffix("]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class StoreConfig(_Section):

@@ -21,8 +21,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from sqlalchemy import exc as sql_errors
 
+from farm.api.ratelimit import Admission, RateLimiter
 from farm.errors import (
     DeadlineExceeded,
     FarmError,
@@ -32,6 +32,7 @@ from farm.errors import (
     Unauthenticated,
     Unavailable,
 )
+from farm.jobs.outages import store_unreachable
 from farm.jobs.records import TenantRecord
 
 log = logging.getLogger(__name__)
@@ -47,22 +48,6 @@ DEADLINE_SLACK_S = 0.1
 # answers (16 KiB hard): the message and the details are kept well inside that.
 MAX_MESSAGE_BYTES = 512
 MAX_DETAILS_BYTES = 3072
-
-
-def _store_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean the database could not be reached or dropped the connection."""
-    errors: list[type[BaseException]] = [sql_errors.OperationalError, sql_errors.InterfaceError,
-                                         sql_errors.DisconnectionError, sql_errors.TimeoutError]
-    try:
-        import psycopg  # the PostgreSQL driver; the store's listener uses it directly
-    except ImportError:
-        pass
-    else:
-        errors += [psycopg.OperationalError, psycopg.InterfaceError]
-    return tuple(errors)
-
-
-STORE_UNAVAILABLE = _store_errors()
 
 
 def current_tenant() -> TenantRecord:
@@ -223,8 +208,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def _farm_error(self, method: str, context, error: Exception) -> FarmError:
         if isinstance(error, FarmError):
             return error
-        if isinstance(error, STORE_UNAVAILABLE) or (
-                isinstance(error, sql_errors.DBAPIError) and error.connection_invalidated):
+        if store_unreachable(error):
             log.warning("the job store is unreachable in %s: %s", method, error)
             return Unavailable("the job store is unavailable; retry shortly", retry_after_s=STORE_RETRY_S)
         if isinstance(error, TimeoutError):
@@ -242,10 +226,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """`authorization: Bearer <key>` -> the tenant, available to servicers through
     `current_tenant()`. Keys are checked against the store on every call, so a revoked
-    key stops working at once."""
+    key stops working at once. The rate limiter (`farm.api.ratelimit`) is asked before
+    the key is checked (the client address's limits, and whether refused keys throttle
+    it) and after (the tenant's); a refused key counts against the client address."""
 
-    def __init__(self, authenticate: Callable):
+    def __init__(self, authenticate: Callable, limiter: RateLimiter | None = None):
         self.authenticate = authenticate  # async (key) -> TenantRecord
+        self.limiter = limiter or RateLimiter.unlimited()
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -254,24 +241,26 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         metadata = dict(details.invocation_metadata or ())
 
         def around(behavior, streaming):
-            async def resolve():
+            async def resolve(admission: Admission) -> TenantRecord:
                 header = metadata.get("authorization", "")
                 if not header:
                     raise Unauthenticated("missing `authorization: Bearer <API key>` metadata")
                 scheme, _, key = header.partition(" ")
                 if scheme.lower() != "bearer" or not key.strip():
                     raise Unauthenticated("authorization metadata must be `Bearer <API key>`")
-                return await self.authenticate(key.strip())
+                return admission.admit(await admission.authenticate(self.authenticate, key.strip()))
 
             if streaming:
                 async def stream_wrapper(request, context):
-                    CURRENT_TENANT.set(await resolve())
-                    async for item in behavior(request, context):
-                        yield item
+                    with self.limiter.call(details.method, context.peer()) as admission:
+                        CURRENT_TENANT.set(await resolve(admission))
+                        async for item in behavior(request, context):
+                            yield item
                 return stream_wrapper
 
             async def unary_wrapper(request, context):
-                CURRENT_TENANT.set(await resolve())
+                with self.limiter.call(details.method, context.peer()) as admission:
+                    CURRENT_TENANT.set(await resolve(admission))
                 return await behavior(request, context)
             return unary_wrapper
 
