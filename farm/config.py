@@ -238,7 +238,10 @@ class SchedulerConfig(_Section):
     max_preemptions: int = Field(3, ge=0, le=100)
     """A render preempted this many times is not preempted again (it cannot starve)."""
     failed_node_limit: int = Field(3, ge=1, le=100)
-    """A render that failed (or was lost) on this many different nodes fails for good, with the reasons."""
+    """A render that engines failed this many times fails for good, with every node's reason.
+    Each retry goes to a node it has not failed on where its pool has one, so on a farm of this
+    many nodes that is as many different nodes; a smaller farm retries it on the nodes it has.
+    (Attempts lost with their replica count against max_attempts instead.)"""
     autoscale_interval_s: float = Field(1.0, gt=0, le=60)
     """How often the scheduler recomputes each pool's wanted replicas from its backlog."""
     quarantine_after_failures: int = Field(3, ge=0, le=100)
@@ -302,6 +305,8 @@ class ModelLimits(_Section):
     """Fewest frames a render may ask for."""
     max_frames: int = Field(257, ge=1)
     """Most frames a render may ask for."""
+    min_steps: int = Field(1, ge=1)
+    """Fewest denoising steps (a family whose scheduler cannot denoise in fewer says so)."""
     max_steps: int = Field(200, ge=1)
     """Most denoising steps."""
     max_prompt_chars: int = Field(4000, ge=1)
@@ -316,6 +321,12 @@ class ModelLimits(_Section):
     """Highest classifier-free guidance scale."""
     postprocess: PostprocessLimits = Field(default_factory=PostprocessLimits)
     """Limits of post-processing (interpolation, upscaling, candidates)."""
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> "ModelLimits":
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"limits: min_steps {self.min_steps} > max_steps {self.max_steps}")
+        return self
 
 
 class RenderDefaults(_Section):
@@ -334,12 +345,20 @@ class RenderDefaults(_Section):
 
 
 FAMILY_LIMITS: dict[Family, ModelLimits] = {
-    Family.LTX_VIDEO: ModelLimits(size_multiple=32, frame_step=8, min_frames=9, max_frames=257),
+    # LTX-Video's FlowMatchEulerDiscreteScheduler has `shift_terminal` set: it stretches its
+    # sigmas so that the last one lands on that terminal value, dividing by 1 - the last
+    # sigma; with one step the last sigma is the first, 1.0, so the timesteps are NaN and the
+    # pipeline fails with an IndexError. CogVideoX's DDIM and DPM schedulers take one step.
+    Family.LTX_VIDEO: ModelLimits(size_multiple=32, frame_step=8, min_frames=9, max_frames=257, min_steps=2),
     # CogVideoX's VAE decodes latent frames in pairs: with an odd count of latent
     # frames it returns 3 extra frames (zai-org/CogVideo#786), so only 8k+1 are exact.
     Family.COGVIDEOX: ModelLimits(
         size_multiple=16, frame_step=8, min_frames=9, max_frames=49, max_width=1360, max_height=768
     ),
+}
+# Why a family needs more than one denoising step, for the refusal of a spec with fewer.
+FAMILY_MIN_STEPS_REASONS: dict[Family, str] = {
+    Family.LTX_VIDEO: "LTX-Video's scheduler stretches its timesteps to a terminal value, which takes two",
 }
 FAMILY_DEFAULTS: dict[Family, RenderDefaults] = {
     Family.LTX_VIDEO: RenderDefaults(),

@@ -60,6 +60,9 @@ class EngineRequest:
     estimated_memory_bytes: int | None = None
     """The GPU memory the gateway estimated for it (`farm.engines.memory`); the manifest
     puts it beside the measured peak, so each GPU render checks the estimate."""
+    avoid_nodes: tuple[str, ...] = ()
+    """Nodes on which an engine failed the render's earlier attempts: the engine router
+    (`farm.serve.routing`) sends it to a replica elsewhere when the pool has one."""
 
 
 @dataclasses.dataclass(frozen=True)

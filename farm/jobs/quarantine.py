@@ -2,7 +2,9 @@
 
 A render that fails mid-way for a reason that is not its own (anything but a refused
 spec), or whose replica dies under it, counts against the node it ran on. `failures`
-of them within `window_s` put the node in quarantine for `duration_s`: its engine
+different renders within `window_s` put the node in quarantine for `duration_s` (one
+render failing there again counts once: a render that fails wherever it runs, retried on
+the only node a farm has, must not close that node to everyone else): its engine
 replicas get no renders (`farm.serve.routing`), their pools count them as unavailable
 and ask for replacements, and renders go on elsewhere. The quarantine ends by itself;
 a node that fails again goes back in. Times are wall-clock seconds, so the routers of
@@ -20,21 +22,26 @@ class NodeQuarantine:
         """failures: how many within `window_s` quarantine a node; 0 never does."""
         self.failures, self.window_s, self.duration_s = failures, window_s, duration_s
         self._clock = clock
-        self._failed_at: dict[str, collections.deque[float]] = {}
+        # node -> (when, which render) of its failures within the window, one per render
+        self._failed_at: dict[str, collections.deque[tuple[float, str | None]]] = {}
         self._until: dict[str, float] = {}
 
-    def record_failure(self, node: str) -> float | None:
-        """Counts a failure on `node`; returns when its quarantine ends if this one
-        starts it (None while it is under the count, or already in quarantine)."""
+    def record_failure(self, node: str, render_id: str | None = None) -> float | None:
+        """Counts a failure of `render_id` on `node` (a render already counted there
+        within the window is not counted again; None: always counted); returns when the
+        node's quarantine ends if this one starts it (None while it is under the count,
+        or already in quarantine)."""
         if not self.failures:
             return None
         now = self._clock()
         if self._until.get(node, 0.0) > now:
             return None
         recent = self._failed_at.setdefault(node, collections.deque())
-        recent.append(now)
-        while recent and recent[0] <= now - self.window_s:
+        while recent and recent[0][0] <= now - self.window_s:
             recent.popleft()
+        if render_id is not None and any(render == render_id for _, render in recent):
+            return None
+        recent.append((now, render_id))
         if len(recent) < self.failures:
             return None
         # The next quarantine needs a fresh run of failures, not the ones that caused this.

@@ -110,6 +110,8 @@ class ClaimedRender:
     """Where the previous attempt left its denoising state, after a preemption."""
     checkpoint_step: int = 0
     preemptions: int = 0
+    failed_nodes: tuple[str, ...] = ()
+    """Nodes on which an engine failed earlier attempts: the next goes elsewhere if it can."""
 
 
 @dataclasses.dataclass(frozen=True)

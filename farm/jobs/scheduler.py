@@ -13,8 +13,9 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from farm.config import FarmConfig
@@ -22,6 +23,7 @@ from farm.engines.base import EngineRequest, PhaseTiming
 from farm.engines.memory import fits, pool_capacity
 from farm.errors import EngineLost, RenderRejected
 from farm.jobs.autoscale import PoolLoad, assign_backlog, wanted_replicas
+from farm.jobs.outages import store_unreachable
 from farm.jobs.quarantine import NodeQuarantine
 from farm.jobs.records import ClaimedRender, PoolStatus, ProgressUpdate
 from farm.jobs.schema import utcnow
@@ -35,6 +37,9 @@ log = logging.getLogger(__name__)
 # Where the store announces submits (a doorbell, NOTIFY), the scheduler still looks
 # this often: an announcement lost costs at most this much.
 PUSHED_FALLBACK_S = 1.0
+# An attempt's ending is written again after these (doubling) while the store is unreachable.
+STORE_RETRY_FIRST_S = 0.2
+STORE_RETRY_MAX_S = 5.0
 
 
 class RenderStream(Protocol):
@@ -143,7 +148,7 @@ def engine_request(claimed: ClaimedRender) -> EngineRequest:
         negative_prompt=spec.negative_prompt, image=spec.image or None, width=spec.width, height=spec.height,
         num_frames=spec.num_frames, fps=spec.fps, num_inference_steps=spec.num_inference_steps,
         guidance_scale=spec.guidance_scale, seed=spec.seed, resume_from=claimed.checkpoint_uri,
-        postprocess=spec.postprocess, estimated_memory_bytes=spec.memory_bytes,
+        postprocess=spec.postprocess, estimated_memory_bytes=spec.memory_bytes, avoid_nodes=claimed.failed_nodes,
     )
 
 
@@ -569,8 +574,8 @@ class Scheduler:
             if entry.cancel_sent:
                 outcome = AttemptOutcome.CANCELLED
             else:
-                self._node_failed(entry.node, f"engine lost: {lost.message}")
-                await self._release(entry, f"engine lost: {lost.message}")
+                self._node_failed(entry.node, claimed.id, f"engine lost: {lost.message}")
+                await self._write_ending(entry, functools.partial(self._release, entry, f"engine lost: {lost.message}"))
                 return
         except Exception as failure:
             if entry.cancel_sent:
@@ -581,23 +586,48 @@ class Scheduler:
                 node_fault = not isinstance(failure, (RenderRejected, ValueError, TypeError))
                 log.warning("render %s failed on %s: %s", claimed.id, entry.node or pool.key, error)
                 if node_fault:
-                    self._node_failed(entry.node, error)
+                    self._node_failed(entry.node, claimed.id, error)
         if entry.withdrawn and outcome is not AttemptOutcome.SUCCEEDED and not entry.cancel_sent:
-            await self._preempted(entry, {"step": 0}, counted=False)
+            ending = functools.partial(self._preempted, entry, {"step": 0}, counted=False)
         elif outcome is AttemptOutcome.PREEMPTED:
-            await self._preempted(entry, result)
+            ending = functools.partial(self._preempted, entry, result)
         elif outcome is AttemptOutcome.FAILED and entry.engine_started and node_fault:
-            # Failing mid-render can be the node's fault: try another before giving up.
-            await self._retry_elsewhere(entry, error or "failed")
+            # Failing mid-render can be the node's fault: try another before giving up
+            # (the store gives up after `failed_node_limit` failed attempts, wherever they ran).
+            ending = functools.partial(self._retry_elsewhere, entry, error or "failed")
         else:
-            await self._finish(entry, outcome, result, error)
+            ending = functools.partial(self._finish, entry, outcome, result, error)
+        await self._write_ending(entry, ending)
 
-    def _node_failed(self, node: str | None, reason: str) -> None:
-        """Counts a failure that may be the node's; enough of them keep it out of its pools."""
-        until = None if node is None else self.quarantine.record_failure(node)
+    async def _write_ending(self, entry: _Running, write: Callable[[], Awaitable[None]]) -> None:
+        """Writes how the attempt ended, again and again while the store cannot be reached:
+        given up, the render would stay RUNNING for good, its lease renewed by this
+        scheduler with no attempt behind it. Each write is fenced by the lease, so one that
+        committed before its connection died is not recorded twice."""
+        delay = STORE_RETRY_FIRST_S
+        while True:
+            try:
+                await write()
+                return
+            except Exception as error:
+                if not store_unreachable(error):
+                    # Not an outage: stop renewing its lease, so it expires and the render is requeued.
+                    log.exception("render %s: its ending could not be written; its lease will expire",
+                                  entry.claimed.id)
+                    self._forget(entry.claimed.id)
+                    return
+                log.warning("render %s: the store is unreachable (%s); writing its ending again in %.1f s",
+                            entry.claimed.id, error.__class__.__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, STORE_RETRY_MAX_S)
+
+    def _node_failed(self, node: str | None, render_id: str, reason: str) -> None:
+        """Counts a failure that may be the node's; enough of them (of different renders)
+        keep it out of its pools."""
+        until = None if node is None else self.quarantine.record_failure(node, render_id)
         if until is None:
             return
-        log.warning("node %s quarantined for %.0f s after %d failures in %.0f s (the last: %s)", node,
+        log.warning("node %s quarantined for %.0f s after %d renders failed there in %.0f s (the last: %s)", node,
                     self.settings.quarantine_s, self.settings.quarantine_after_failures,
                     self.settings.quarantine_window_s, reason)
         self.metrics.node_quarantined()

@@ -11,7 +11,7 @@ import math
 import re
 import secrets
 
-from farm.config import ModelConfig, Task
+from farm.config import FAMILY_LIMITS, FAMILY_MIN_STEPS_REASONS, ModelConfig, Task
 from farm.errors import FieldViolation, InvalidArgument, quoted
 
 MAX_SEED = 2**63 - 1
@@ -245,8 +245,10 @@ def resolve_spec(spec: RenderSpec, models: dict[str, ModelConfig]) -> ResolvedSp
         bad("spec.fps", f"{fps} is outside 1..{limits.max_fps}")
 
     steps = defaults.num_inference_steps if spec.num_inference_steps is None else spec.num_inference_steps
-    if not 1 <= steps <= limits.max_steps:
-        bad("spec.num_inference_steps", f"{steps} is outside 1..{limits.max_steps}")
+    if 1 <= steps < limits.min_steps:
+        bad("spec.num_inference_steps", _too_few_steps(model, steps))
+    elif not limits.min_steps <= steps <= limits.max_steps:
+        bad("spec.num_inference_steps", f"{steps} is outside {limits.min_steps}..{limits.max_steps}")
 
     guidance = defaults.guidance_scale if spec.guidance_scale is None else spec.guidance_scale
     if not math.isfinite(guidance) or not 0 <= guidance <= limits.max_guidance_scale:
@@ -283,6 +285,14 @@ def resolve_spec(spec: RenderSpec, models: dict[str, ModelConfig]) -> ResolvedSp
         postprocess=postprocess,
         require_device_kind=spec.require_device_kind, prefer_device_kind=spec.prefer_device_kind,
     )
+
+
+def _too_few_steps(model: ModelConfig, steps: int) -> str:
+    minimum = model.limits.min_steps
+    # The family's reason holds for the family's minimum; a model's own limits give none.
+    reason = FAMILY_MIN_STEPS_REASONS.get(model.family) if minimum == FAMILY_LIMITS[model.family].min_steps else None
+    because = f": {reason}" if reason else ""
+    return f"{model.name} needs at least {minimum} denoising steps{because}; got {steps}"
 
 
 def _check_placement(spec: RenderSpec, model: ModelConfig, bad) -> None:

@@ -59,5 +59,6 @@ class AttemptOutcome(str, enum.Enum):
     # A higher-priority render took its engine; it checkpointed and is requeued, charged
     # for the steps it did (the next attempt resumes from them, not from step 0).
     PREEMPTED = "PREEMPTED"
-    # The engine failed it on one node; it is retried on another, up to a limit of nodes.
+    # The engine failed it on one node; it is retried (on another node where it can be),
+    # up to a limit of failed attempts.
     RETRIED = "RETRIED"

@@ -490,6 +490,7 @@ class JobStore:
                             attempt=row.attempt, spec=ResolvedSpec.from_json(row.spec_json, row.image),
                             created_at=row.created_at, claimed_at=now, checkpoint_uri=row.checkpoint_uri,
                             checkpoint_step=row.checkpoint_step, preemptions=row.preemptions,
+                            failed_nodes=self._failed_nodes(session, row) if row.attempt > 1 else (),
                         )
                     )
         return claimed
@@ -671,9 +672,13 @@ class JobStore:
     def retry_elsewhere(self, owner: str, render_id: str, attempt: int, *, error: str, node: str | None,
                         failed_node_limit: int, charges: list[Charge] = (), device_kind: str | None = None,
                         timings: list | None = None) -> RenderRecord | None:
-        """An engine failed the attempt on `node`: the render is tried again on another
-        node, unless it has now failed on `failed_node_limit` different nodes; then it
-        fails with every node's reason. Work done is charged like a failed render's."""
+        """An engine failed the attempt on `node`: the render is queued again (its next
+        attempt goes to a node it has not failed on, where its pool has one: see
+        `ClaimedRender.failed_nodes`), unless an engine has now failed it
+        `failed_node_limit` times; then it fails with every node's reason. Failed attempts
+        are counted, not nodes: a farm with fewer nodes than the limit would otherwise
+        retry a render that fails wherever it runs for ever. Work done is charged like a
+        failed render's."""
         with self._write() as session:
             row = self._charge_attempt(session, owner, render_id, attempt, AttemptOutcome.RETRIED, error,
                                        charges, device_kind, node, timings)
@@ -683,16 +688,23 @@ class JobStore:
                 select(t.Attempt.node, t.Attempt.error).where(
                     t.Attempt.render_id == row.id, t.Attempt.outcome == AttemptOutcome.RETRIED.value)
                 .order_by(t.Attempt.number)).all()
-            nodes = {f.node or "unknown" for f in failures}
             if row.cancel_requested:
                 self._finish_row(session, row, RenderState.CANCELLED, message="cancelled")
-            elif len(nodes) >= failed_node_limit:
-                reasons = "; ".join(f"{f.node or 'unknown node'}: {f.error}" for f in failures)
-                row.error = f"failed on {len(nodes)} nodes: {reasons}"
+            elif len(failures) >= failed_node_limit:
+                row.error = _failures_message(failures)
                 self._finish_row(session, row, RenderState.FAILED, message=row.error)
             else:
                 self._back_to_queue(session, row, f"failed on {node or 'an unknown node'} ({error}); retrying elsewhere")
         return self.get(None, render_id)
+
+    def _failed_nodes(self, session: Session, row: t.Render) -> tuple[str, ...]:
+        """The nodes on which an engine failed the render's earlier attempts, oldest first."""
+        nodes = session.scalars(
+            select(t.Attempt.node).where(
+                t.Attempt.render_id == row.id, t.Attempt.outcome == AttemptOutcome.RETRIED.value,
+                t.Attempt.node.is_not(None))
+            .order_by(t.Attempt.number))
+        return tuple(dict.fromkeys(nodes))
 
     def _charge_attempt(self, session: Session, owner: str, render_id: str, attempt: int, outcome: AttemptOutcome,
                         error: str | None, charges: list[Charge], device_kind: str | None, node: str | None,
@@ -1008,6 +1020,19 @@ def next_period_start(period: str, now: dt.datetime) -> dt.datetime:
     if period == "day":
         return start + dt.timedelta(days=1)
     return (start + dt.timedelta(days=32)).replace(day=1)
+
+
+def _failures_message(failures: Sequence) -> str:
+    """`failed N times on K nodes: node: reason (M times); ...` from (node, error) rows."""
+    counts: dict[tuple[str, str], int] = {}
+    for failure in failures:
+        key = (failure.node or "unknown node", failure.error or "no reason given")
+        counts[key] = counts.get(key, 0) + 1
+    nodes = len({node for node, _ in counts})
+    reasons = "; ".join(f"{node}: {error}" + (f" ({count} times)" if count > 1 else "")
+                        for (node, error), count in counts.items())
+    return (f"failed {len(failures)} {'time' if len(failures) == 1 else 'times'} on {nodes} "
+            f"{'node' if nodes == 1 else 'nodes'}: {reasons}")
 
 
 def _tenant_record(row: t.Tenant, key_ids: tuple[str, ...] = ()) -> TenantRecord:

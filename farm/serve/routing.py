@@ -7,7 +7,10 @@ requests outstanding from this router (`_AssignedRequests`), which also keeps an
 urgent render from landing behind a busy replica while another is idle. EngineRouter
 gives replicas on a quarantined node (`farm.jobs.quarantine`) nothing; when every one is,
 the request waits (Serve retries with backoff) until the quarantine ends or the pool
-has grown replicas elsewhere."""
+has grown replicas elsewhere. A render retried after an engine failed it goes to a replica
+on another node when the pool has one, and where it failed when it has not (it does not
+wait for one). That is a preference, not a promise: with several requests waiting at once,
+FIFOMixin hands the replica found for one of them to the oldest."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from farm.serve.signals import fenced_here, fenced_nodes, on_fenced_node
+from farm.serve.signals import fenced_here, fenced_nodes, node_id_prefix, on_fenced_node
 
 log = logging.getLogger(__name__)
 # The quarantine list is a GCS read; routing looks at it at most this often.
@@ -109,7 +112,30 @@ class EngineRouter(_AssignedRequests):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         fenced = self._current_fence()
-        return self._rank([r for r in candidate_replicas if not on_fenced_node(r.node_id, fenced)], pending_request)
+        usable = [r for r in candidate_replicas if not on_fenced_node(r.node_id, fenced)]
+        elsewhere, failed_there = split_by_failed_nodes(usable, avoided_nodes(pending_request))
+        if not elsewhere:
+            # No replica on another node: the render runs where it can rather than wait.
+            return self._rank(failed_there, pending_request)
+        # The rest come last, for when every replica elsewhere has a full queue.
+        return [*self._rank(elsewhere, pending_request), *([failed_there] if failed_there else [])]
+
+
+def avoided_nodes(pending_request: PendingRequest | None) -> tuple[str, ...]:
+    """The nodes on which the render's earlier attempts failed (`EngineRequest.avoid_nodes`)."""
+    if pending_request is None or not pending_request.args:
+        return ()
+    return tuple(getattr(pending_request.args[0], "avoid_nodes", ()) or ())
+
+
+def split_by_failed_nodes(replicas: list, nodes: tuple[str, ...]) -> tuple[list, list]:
+    """(replicas on other nodes, replicas on those nodes); nodes are named as the engine
+    reports them (`host/<Ray node id prefix>`), replicas carry their full Ray node id."""
+    if not nodes:
+        return replicas, []
+    failed = {node_id_prefix(node): 0.0 for node in nodes}
+    there = [r for r in replicas if on_fenced_node(r.node_id, failed)]
+    return [r for r in replicas if not any(r is t for t in there)], there
 
 
 class ChunkRouter(_AssignedRequests):

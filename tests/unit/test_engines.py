@@ -331,6 +331,24 @@ def test_cogvideox_refuses_frame_counts_its_vae_cannot_return(engines):
         engine.render(request, lambda p: None, never_stop)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
+@pytest.mark.parametrize("model_name, task", FAMILIES_AND_TASKS)
+def test_the_familys_fewest_steps_render_and_one_fewer_is_why_the_limit_exists(engines, image_bytes, model_name,
+                                                                               task):
+    """`limits.min_steps` is the engines' real minimum: the gateway refuses fewer
+    (farm.jobs.spec). LTX-Video's scheduler (shift_terminal) cannot take one step: should
+    this start rendering after a diffusers upgrade, LTX-Video's min_steps can go down."""
+    engine = engines[model_name]
+    fewest = engine.model.limits.min_steps
+    output = engine.render(small_request(engine, task, image_bytes, width=32, height=32, num_inference_steps=fewest),
+                           lambda p: None, never_stop)
+    assert output.frames.shape == (9, 32, 32, 3) and output.frames.std() > 0
+    if fewest > 1:
+        with pytest.raises(IndexError):
+            engine.render(small_request(engine, task, image_bytes, width=32, height=32,
+                                        num_inference_steps=fewest - 1), lambda p: None, never_stop)
+
+
 def test_weights_hash_is_stable_across_loads(models_dir, engines):
     ltx = next(m for m in tiny_model_configs(models_dir) if m.name == "ltx-video-tiny")
     assert load_engine(ltx).weights_sha256 == engines["ltx-video-tiny"].weights_sha256

@@ -69,8 +69,8 @@ def samples():
 
 def test_latent_tokens_follow_the_vae_compression():
     # LTX: 32x spatial, 8x temporal; guidance doubles the batch.
-    assert latent_tokens(spec(768, 512, 121, 1), MODEL) == 16 * 24 * 16 * 2
-    assert latent_tokens(spec(768, 512, 121, 1, guidance=1.0), MODEL) == 16 * 24 * 16
+    assert latent_tokens(spec(768, 512, 121, 2), MODEL) == 16 * 24 * 16 * 2
+    assert latent_tokens(spec(768, 512, 121, 2, guidance=1.0), MODEL) == 16 * 24 * 16
 
 
 def test_fit_recovers_known_coefficients():

@@ -101,18 +101,40 @@ def test_preemption_charges_the_steps_done_and_requeues_with_the_checkpoint(stor
 
 def test_a_render_failing_on_three_nodes_fails_with_every_reason(store, tenant):
     render = submit(store, tenant.id)
-    for number, node in enumerate(["node-a", "node-b", "node-a", "node-c"], start=1):
+    for number, node in enumerate(["node-a", "node-b", "node-c"], start=1):
         [claimed] = store.claim({"ltx": 1}, OWNER, 30)
         assert claimed.attempt == number
+        # Each attempt is told where the earlier ones failed, so it can go elsewhere.
+        assert claimed.failed_nodes == ("node-a", "node-b", "node-c")[:number - 1]
         record = store.retry_elsewhere(OWNER, render.id, claimed.attempt, error=f"CUDA error on {node}",
                                        node=node, failed_node_limit=3)
-        if node == "node-c":
-            break
-        assert record.state is RenderState.QUEUED
-    assert record.state is RenderState.FAILED
-    assert "failed on 3 nodes" in record.error
+        assert record.state is (RenderState.FAILED if node == "node-c" else RenderState.QUEUED)
+    assert "failed 3 times on 3 nodes" in record.error
     for node in ("node-a", "node-b", "node-c"):
         assert f"{node}: CUDA error on {node}" in record.error
+
+
+def test_a_render_failing_on_the_only_node_fails_after_the_limit_of_attempts(store, tenant):
+    """A farm of one node: the render that fails wherever it runs fails there every time.
+    It used to be queued again for ever (the set of nodes it failed on never reached 3)."""
+    render = submit(store, tenant.id)
+    error = "IndexError: index 0 is out of bounds for dimension 0 with size 0"
+    states, claims = [], []
+    for _ in range(5):
+        claimed = store.claim({"ltx": 1}, OWNER, 30)
+        if not claimed:
+            break
+        claims += claimed
+        record = store.retry_elsewhere(OWNER, render.id, claimed[0].attempt, error=error, node="host/aaaa",
+                                       failed_node_limit=3)
+        states.append(record.state)
+    assert states == [RenderState.QUEUED, RenderState.QUEUED, RenderState.FAILED]
+    # The retries were told where it failed (the router sends them elsewhere if it can).
+    assert [c.failed_nodes for c in claims] == [(), ("host/aaaa",), ("host/aaaa",)]
+    record = store.get(None, render.id)
+    assert record.state is RenderState.FAILED and record.attempt == 3
+    assert record.error == f"failed 3 times on 1 node: host/aaaa: {error} (3 times)"
+    assert store.claim({"ltx": 1}, OWNER, 30) == []
 
 
 def test_pools_are_published_per_kind_and_a_pool_at_zero_is_still_up(store):
@@ -263,3 +285,141 @@ def test_an_engine_takes_the_next_render_while_its_last_one_is_post_processed(st
                  placed(config, **urgent))
     asyncio.run(scheduler._preempt_for_waiting())
     assert pool.preempted == [fourth.claimed.id]
+
+
+# A render that fails on every attempt, on a farm of one node ------------------------------
+
+NODE = "host-1/a3f0c2d1e4b5"
+
+
+class Fence:
+    """The scheduler's NodeFence; the pool below honours it as Serve's EngineRouter does."""
+
+    def __init__(self) -> None:
+        self.excluded: dict[str, float] = {}
+
+    def exclude(self, node: str, until: float) -> None:
+        self.excluded[node] = until
+
+    def closed(self, node: str) -> bool:
+        import time
+
+        return self.excluded.get(node, 0.0) > time.time()
+
+
+class OneNodePool:
+    """One engine replica on one node, as the scheduler sees it through Serve: a request
+    waits while the node is quarantined (the router has no replica to give it); a render
+    of one step fails after it started, as LTX-Video's scheduler did (IndexError); any
+    other render succeeds."""
+
+    model, device_kind, slots = "ltx", "CPU", 1
+    min_replicas = max_replicas = 1
+    backlog_target_s, relative_speed, preemptible, cold_start_s = 60.0, 1.0, False, 0.0
+    key = "ltx/CPU"
+
+    def __init__(self, fence: Fence) -> None:
+        self.fence = fence
+        self.requests = []
+
+    def render(self, request):
+        self.requests.append(request)
+        return OneNodeStream(self, request)
+
+    def preempt(self, render_id: str, attempt: int) -> None:
+        pass
+
+    async def refresh(self) -> None:
+        pass
+
+    def scale_to(self, replicas: int) -> None:
+        pass
+
+
+class OneNodeStream:
+    def __init__(self, pool: OneNodePool, request) -> None:
+        self.pool, self.request = pool, request
+
+    def __aiter__(self):
+        return self._events()
+
+    async def _events(self):
+        import asyncio
+        import time
+
+        while self.pool.fence.closed(NODE):
+            await asyncio.sleep(0.01)
+        yield [{"kind": "progress", "stage": "LOADING", "node": NODE, "at": time.time()}]
+        if self.request.num_inference_steps == 1:
+            raise IndexError("index 0 is out of bounds for dimension 0 with size 0")
+        yield [{"kind": "progress", "stage": "DENOISING", "step": 1, "total_steps": 1, "step_seconds": 0.01,
+                "at": time.time()}]
+        yield [{"kind": "done", "timings": [["DENOISING", "CPU", 0.01]], "artifact_uri": "file:///clip.mp4",
+                "manifest_uri": "file:///manifest.json", "device_kind": "CPU", "node": NODE}]
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_a_render_failing_on_every_attempt_on_a_one_node_farm_fails_and_holds_up_no_one(store):
+    """SubmitRender{ltx, 1 step} wedged a one-node farm: each attempt failed on the only
+    node, the render was queued again for ever (it never failed on 3 *different* nodes),
+    and its third failure quarantined the node, so its fourth attempt, and every other
+    tenant's render, waited for the quarantine (300 s) to end. Now it fails after
+    `failed_node_limit` attempts, its repeated failures count once towards the node's
+    quarantine, and the other tenant's renders run."""
+    import asyncio
+    import dataclasses
+
+    from farm.jobs.scheduler import Scheduler
+    from tests.unit.test_memory import Metrics
+
+    config = FarmConfig(models=[ModelConfig(name="ltx", family=Family.LTX_VIDEO, sources={Task.TEXT_TO_VIDEO: "d"},
+                                            pools=[PoolConfig(device_kind="CPU")])],
+                        scheduler={"heartbeat_interval_s": 0.2, "poll_interval_s": 0.01})
+    models = {"ltx": config.served_models()[0]}
+    assert (config.scheduler.failed_node_limit, config.scheduler.quarantine_after_failures) == (3, 3)
+    studio_a, _ = store.create_tenant("studio-a")
+    studio_b, _ = store.create_tenant("studio-b")
+
+    def submit_render(tenant_id: str, steps: int):
+        request = RenderSpec(model="ltx", task=Task.TEXT_TO_VIDEO, prompt="a lighthouse", width=32, height=32,
+                             num_frames=9, num_inference_steps=max(steps, 2))
+        # One step is refused at submit now: this one was queued before the limit existed.
+        spec = dataclasses.replace(resolve_spec(request, models), num_inference_steps=steps)
+        return store.submit(tenant_id, request, spec)[0]
+
+    async def until_final(render_id: str, timeout_s: float = 60.0):
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            record = await asyncio.to_thread(store.get, None, render_id)
+            if record.state.is_final:
+                return record
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{render_id} is still {record.state.value} (attempt {record.attempt}, "
+                             f"stage {record.stage.value}) after {timeout_s:.0f} s")
+
+    async def scenario():
+        fence = Fence()
+        pool = OneNodePool(fence)
+        scheduler = Scheduler(store, {"ltx": [pool]}, config, OWNER, Metrics(), fence=fence)
+        bad = submit_render(studio_a.id, steps=1)
+        beside = submit_render(studio_b.id, steps=2)
+        scheduler.start()
+        try:
+            failed = await until_final(bad.id)
+            after = submit_render(studio_b.id, steps=2)
+            finished = [await until_final(beside.id), await until_final(after.id)]
+        finally:
+            await scheduler.stop()
+        return failed, finished, pool, fence
+
+    failed, finished, pool, fence = asyncio.run(scenario())
+    assert failed.state is RenderState.FAILED and failed.attempt == 3, failed
+    assert failed.error == (f"failed 3 times on 1 node: {NODE}: IndexError: index 0 is out of bounds for "
+                            f"dimension 0 with size 0 (3 times)")
+    assert [r.state for r in finished] == [RenderState.SUCCEEDED, RenderState.SUCCEEDED]
+    assert fence.excluded == {}  # one render's failures did not close the farm's only node
+    # Each retry was told where it had failed; with no other node it ran there at once.
+    tried = [(r.attempt, r.avoid_nodes) for r in pool.requests if r.render_id == failed.id]
+    assert tried == [(1, ()), (2, (NODE,)), (3, (NODE,))]

@@ -44,6 +44,27 @@ def test_failures_spread_wider_than_the_window_never_quarantine():
     assert quarantine.active() == {}
 
 
+def test_one_render_failing_again_and_again_on_a_node_counts_once():
+    """A render that fails wherever it runs, retried on a farm's only node, must not close
+    that node to every other render (it used to: three failures of one render did)."""
+    clock = Clock()
+    quarantine = NodeQuarantine(failures=3, window_s=60, duration_s=120, clock=clock)
+    for _ in range(5):
+        assert quarantine.record_failure("host/aaaa", "r-bad") is None
+        clock.now += 1
+    assert quarantine.active() == {}
+    # Renders of their own still count, the bad one once among them.
+    assert quarantine.record_failure("host/aaaa", "r-2") is None
+    assert quarantine.record_failure("host/aaaa", "r-3") == pytest.approx(clock.now + 120)
+    # Once its failure has left the window, the same render counts again.
+    clock.now += 200
+    assert quarantine.record_failure("host/aaaa", "r-bad") is None
+    clock.now += 61
+    assert quarantine.record_failure("host/aaaa", "r-bad") is None
+    assert quarantine.record_failure("host/aaaa", "r-4") is None
+    assert quarantine.record_failure("host/aaaa", "r-5") == pytest.approx(clock.now + 120)
+
+
 def test_zero_failures_turns_quarantine_off():
     quarantine = NodeQuarantine(failures=0, window_s=60, duration_s=120)
     assert all(quarantine.record_failure("host/aaaa") is None for _ in range(50))

@@ -126,3 +126,46 @@ def test_requests_sharing_an_id_handed_replicas_first_in_first_out_still_spread(
 def test_one_replica_or_none():
     assert names(least_assigned_in_turn([replica("a")], {"a": 3}, 7)) == [["a"]]
     assert least_assigned_in_turn([], {}, 3) == []
+
+
+def on_node(unique_id: str, node_id: str) -> SimpleNamespace:
+    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=unique_id), name=unique_id, node_id=node_id)
+
+
+def test_a_retried_render_goes_to_a_node_it_has_not_failed_on_and_never_waits_for_one():
+    """The engine router ranks replicas on the nodes where the render failed (its request's
+    `avoid_nodes`, as the engine names nodes: host/<Ray node id prefix>) after all others;
+    with no replica elsewhere it takes them rather than wait."""
+    from farm.engines.base import EngineRequest
+    from farm.config import Task
+    from farm.serve.routing import EngineRouter
+
+    good, bad = "1f2e3d4c5b6a" + "0" * 44, "a3f0c2d1e4b5" + "9" * 44
+    replicas = [on_node("on-bad", bad), on_node("on-good", good)]
+
+    def request(*avoid: str) -> PendingRequest:
+        engine_request = EngineRequest(render_id="r1", attempt=2, task=Task.TEXT_TO_VIDEO, prompt="x",
+                                       negative_prompt="", image=None, width=32, height=32, num_frames=9, fps=8,
+                                       num_inference_steps=2, guidance_scale=3.0, seed=1, avoid_nodes=avoid)
+        return PendingRequest(args=[engine_request], kwargs={},
+                              metadata=RequestMetadata(request_id="r1", internal_request_id="r1"))
+
+    async def scenario() -> None:
+        router = EngineRouter(DeploymentID(name="engine", app_name="farm"), DeploymentHandleSource.REPLICA)
+        router.initialize_state()
+        router._current_fence = lambda: {}
+        for _ in range(3):  # whoever's turn it is
+            ranks = await router.choose_replicas(replicas, request(f"gpu-7/{bad[:12]}"))
+            assert names(ranks) == [["on-good"], ["on-bad"]]
+            router._assigned.clear()
+        # Failed on every node the pool has: it runs on one of them at once.
+        ranks = await router.choose_replicas(replicas, request(f"gpu-7/{bad[:12]}", f"gpu-8/{good[:12]}"))
+        assert sorted(sum(names(ranks), [])) == ["on-bad", "on-good"]
+        # A first attempt, or a request without an engine request, ranks all replicas alike.
+        assert sorted(sum(names(await router.choose_replicas(replicas, request())), [])) == ["on-bad", "on-good"]
+        assert len(sum(names(await router.choose_replicas(replicas, None)), [])) == 2
+        # A quarantined node stays out whatever the render avoids.
+        router._current_fence = lambda: {good[:12]: 2e9}
+        assert names(await router.choose_replicas(replicas, request(f"gpu-7/{bad[:12]}"))) == [["on-bad"]]
+
+    asyncio.run(scenario())

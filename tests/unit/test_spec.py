@@ -70,8 +70,8 @@ def test_missing_task():
     ("height", 4096, "outside 32..1280"),
     ("num_frames", 24, "8*k+1"),
     ("num_frames", 265, "8*k+1 frames from 9 to 257"),
-    ("num_inference_steps", 10_000, "outside 1..200"),
-    ("num_inference_steps", 0, "outside 1..200"),
+    ("num_inference_steps", 10_000, "outside 2..200"),
+    ("num_inference_steps", 0, "outside 2..200"),
     ("width", 0, "outside 32..1280"),
     ("num_frames", 0, "8*k+1"),
     ("fps", 500, "outside 1..60"),
@@ -82,6 +82,30 @@ def test_missing_task():
 ])
 def test_out_of_range_fields_name_the_limit(field, value, expected):
     assert expected in violations(**{field: value})[f"spec.{field}"]
+
+
+def test_too_few_denoising_steps_for_the_family_are_refused_with_the_reason():
+    """One step used to pass for LTX-Video and fail in its scheduler on every attempt
+    (IndexError); CogVideoX's schedulers take one step."""
+    message = violations(num_inference_steps=1)["spec.num_inference_steps"]
+    assert message == ("ltx needs at least 2 denoising steps: LTX-Video's scheduler stretches its timesteps "
+                       "to a terminal value, which takes two; got 1")
+    assert resolve_spec(spec(num_inference_steps=2), MODELS).num_inference_steps == 2
+    assert resolve_spec(spec(model="cog", num_inference_steps=1), MODELS).num_inference_steps == 1
+    assert "outside 1..200" in violations(model="cog", num_inference_steps=0)["spec.num_inference_steps"]
+
+
+def test_a_models_own_step_limits_apply_without_the_familys_reason():
+    from farm.config import ModelConfig, ModelLimits
+
+    models = {"cog4": ModelConfig(name="cog4", family="cogvideox", sources={Task.TEXT_TO_VIDEO: "d"},
+                                  limits=ModelLimits(size_multiple=16, min_steps=4, max_steps=60))}
+    with pytest.raises(InvalidArgument) as caught:
+        resolve_spec(spec(model="cog4", width=64, height=64, num_frames=9, num_inference_steps=3), models)
+    assert [(v.field, v.description) for v in caught.value.violations] == [
+        ("spec.num_inference_steps", "cog4 needs at least 4 denoising steps; got 3")]
+    with pytest.raises(ValueError, match="min_steps 4 > max_steps 3"):
+        ModelLimits(min_steps=4, max_steps=3)
 
 
 def test_frame_count_error_says_which_counts_work():
