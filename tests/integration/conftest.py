@@ -72,7 +72,11 @@ def farm_config() -> tuple[FarmConfig, Path]:
     values = {
         "home": str(home),
         "gateway": {"port": free_port(), "metrics_port": free_port()},
-        "scheduler": {"metrics_port": free_port(), "heartbeat_interval_s": 0.5, "lease_seconds": 10},
+        # One node (quarantine off): quarantining it would stop the whole farm, and the
+        # session's tests fail renders on it (killed replicas, failing specs) on purpose.
+        # The cluster suite tests quarantine.
+        "scheduler": {"metrics_port": free_port(), "heartbeat_interval_s": 0.5, "lease_seconds": 10,
+                      "quarantine_after_failures": 0},
         "ray": {"num_cpus": 8, "app_name": "farm-test"},
         # Small chunks, so that even tiny test clips spread over both post-processing replicas.
         "postproc": {"replicas": 2, "chunk_frames": 8},
