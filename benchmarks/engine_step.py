@@ -51,7 +51,7 @@ import torch
 
 from farm.config import BackendConfig
 from farm.engines.backends import create_backend
-from farm.engines.backends.base import (
+from farm.engines.backends.backend import (
     BackendUnavailable,
     CallSignature,
     TransformerRouter,

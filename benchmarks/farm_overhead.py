@@ -31,9 +31,9 @@ from pathlib import Path
 
 import yaml
 
-from farm.client import FarmClient, find_api_key
+from farm.cli.client import FarmClient, find_api_key
 from farm.config import FarmConfig, Task
-from farm.engines.base import EngineRequest
+from farm.domain.engine import EngineRequest
 from farm.v1 import render_pb2 as pb
 
 MODEL = "ltx-video-tiny"
@@ -47,9 +47,8 @@ class BareEngine:
 
     def __init__(self, config: FarmConfig, artifacts_dir: str = "bare-artifacts"):
         from farm.engines import load_engine
-        from farm.storage.artifacts import ArtifactStore
-
         from farm.postproc.pipeline import LocalChunkRunner
+        from farm.storage.artifacts import ArtifactStore
 
         self.engine = load_engine(config.model(MODEL))
         self.artifacts = ArtifactStore(str(config.home / artifacts_dir))

@@ -8,7 +8,7 @@ skipped; a backend this machine cannot run is recorded as not available):
   rate measured now (`engine_step.matmul_rate`);
 - the tiny random-weight pipelines (`farm.engines.tiny`) loaded and rendered whole by
   the engine (`DiffusersEngine.render`, then MP4), with the peak GPU memory the engine
-  reports against `farm.engines.memory`'s estimate, and the replica's health check
+  reports against `farm.planning.memory`'s estimate, and the replica's health check
   (`DiffusersEngine.check_health`, what the Serve deployment calls);
 - full-size LTX-Video 2B and CogVideoX-5B with T5-XXL, built from the published
   configs with random weights (`engine_step.build_pipeline`), at 768x512x121 and
@@ -137,7 +137,7 @@ class Check:
             measure(row)
             row.setdefault("status", OK)
         except Exception as error:  # noqa: BLE001 - one failed measurement must not end the check
-            from farm.engines.backends.base import BackendUnavailable
+            from farm.engines.backends.backend import BackendUnavailable
 
             status = NOT_AVAILABLE if isinstance(error, BackendUnavailable) else ERROR
             row.update(status=status, error=f"{type(error).__name__}: {error}")
@@ -307,7 +307,7 @@ def engine_request(width: int, height: int, num_frames: int, fps: int, steps: in
     """A text-to-video request as the scheduler would hand it to an engine."""
     from benchmarks.engine_step import NEGATIVE_PROMPT, PROMPT
     from farm.config import Task
-    from farm.engines.base import EngineRequest
+    from farm.domain.engine import EngineRequest
 
     return EngineRequest(render_id="gpu-check", attempt=0, task=Task.TEXT_TO_VIDEO, prompt=PROMPT,
                          negative_prompt=NEGATIVE_PROMPT, image=None, width=width, height=height,
@@ -317,7 +317,8 @@ def engine_request(width: int, height: int, num_frames: int, fps: int, steps: in
 
 def resolved_spec(model, request):
     """The request as the gateway resolves it for this model (what the estimate takes)."""
-    from farm.jobs.spec import RenderSpec, resolve_spec
+    from farm.domain.spec import RenderSpec
+    from farm.jobs.validation import resolve_spec
 
     spec = RenderSpec(model=model.name, task=request.task, prompt=request.prompt, width=request.width,
                       height=request.height, num_frames=request.num_frames, fps=request.fps,
@@ -352,8 +353,8 @@ def set_vae_tiling(vae, tiled: bool) -> None:
 def check_tiny(check: Check, args, device) -> None:
     from farm.config import DeviceConfig
     from farm.engines import load_engine
-    from farm.engines.memory import estimate_memory, read_footprint
     from farm.engines.tiny import make_tiny_models, tiny_model_configs
+    from farm.planning.memory import estimate_memory, read_footprint
 
     tiny = check.results.setdefault("tiny", {})
     health = check.results.setdefault("health", {})
@@ -430,7 +431,7 @@ class ModelRun:
     shape: Any  # ShapeBucket
     record: dict
     pipe: Any = None
-    sizes: Any = None  # farm.engines.memory.PipelineSizes of the pipeline built here
+    sizes: Any = None  # farm.planning.memory.PipelineSizes of the pipeline built here
     router: Any = None
     arguments: dict | None = None
     serving: dict | None = None
@@ -467,8 +468,8 @@ class ModelCheck:
 
         from benchmarks import engine_step
         from farm.config import Task
-        from farm.engines import memory
-        from farm.engines.backends.base import TransformerRouter
+        from farm.planning import memory
+        from farm.engines.backends.backend import TransformerRouter
         from farm.engines.hf_progress import no_progress_bars
         from farm.engines.pipeline_engine import load_pipelines
         from farm.engines.tiny import tiny_model_configs
@@ -503,10 +504,10 @@ class ModelCheck:
                    weights_bytes=NOT_MEASURED if run.weights_bytes is None else run.weights_bytes)
 
     def estimate(self, run: ModelRun, tiled: bool, steps: int = 2):
-        """farm.engines.memory's estimate for this pipeline, shape and tiling."""
+        """farm.planning.memory's estimate for this pipeline, shape and tiling."""
         from farm.config import BackendConfig, DeviceConfig, ModelConfig, Task
-        from farm.engines import memory
-        from farm.engines.backends.base import dtype_name
+        from farm.planning import memory
+        from farm.engines.backends.backend import dtype_name
 
         source = run.sizes.described_by
         model = ModelConfig(name=run.name, family=run.family, sources={Task.TEXT_TO_VIDEO: source},
@@ -524,7 +525,10 @@ class ModelCheck:
 
         from benchmarks import engine_step
         from farm.config import Family
-        from farm.engines.backends.base import as_inference_tensors, capture_transformer_call
+        from farm.engines.backends.backend import (
+            as_inference_tensors,
+            capture_transformer_call,
+        )
 
         kwargs = {**engine_step.pipeline_kwargs(run.spec, run.shape, 2), "output_type": "latent"}
         with torch.no_grad():
@@ -560,9 +564,9 @@ class ModelCheck:
         return output
 
     def eager_step(self, run: ModelRun, row: dict) -> None:
-        from farm.engines.backends import create_backend
         from farm.config import BackendConfig
-        from farm.engines.backends.base import first_output
+        from farm.engines.backends import create_backend
+        from farm.engines.backends.backend import first_output
 
         self.capture(run)
         transformer = run.pipe.transformer
@@ -579,7 +583,7 @@ class ModelCheck:
         from benchmarks import engine_step
         from farm.config import BackendConfig
         from farm.engines.backends import create_backend
-        from farm.engines.backends.base import first_output, relative_error
+        from farm.engines.backends.backend import first_output, relative_error
 
         backend = create_backend(BackendConfig(name=name, onnx_provider=self.args.onnx_provider), self.device,
                                  self.dtype)
@@ -600,7 +604,7 @@ class ModelCheck:
         """Why this machine cannot run a backend at all, or None; costs no build."""
         from farm.config import BackendConfig
         from farm.engines.backends import create_backend
-        from farm.engines.backends.base import BackendUnavailable
+        from farm.engines.backends.backend import BackendUnavailable
 
         try:
             create_backend(BackendConfig(name=name, onnx_provider=self.args.onnx_provider), self.device,

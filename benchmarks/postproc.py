@@ -14,7 +14,7 @@ and one of 2; an idle replica takes no CPU) and alternates their runs, so that d
 in the machine's load falls on both alike. It reports the speed-up (of the medians,
 and of the best runs), each stage's frames per second per core (from the per-chunk
 stage times the replicas send back, in the best 1-replica run), and what that means
-for a GPU node. Ray's settings are the farm's own (`farm.embedded.QUIET_RAY_ENV`:
+for a GPU node. Ray's settings are the farm's own (`farm.cli.embedded.QUIET_RAY_ENV`:
 workers at normal priority, quiet Serve bookkeeping).
 
 Run: .venv/bin/python benchmarks/postproc.py [--frames 121] [--chunk-frames 16] [--repeats 3]
@@ -108,7 +108,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from farm.embedded import QUIET_RAY_ENV
+    from farm.cli.embedded import QUIET_RAY_ENV
 
     frames = synthetic_clip(args.frames, args.height, args.width)
     for name, value in QUIET_RAY_ENV.items():

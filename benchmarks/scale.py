@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sqlalchemy  # noqa: E402
 
 from farm.config import PoolConfig, Task  # noqa: E402
+from farm.domain.states import RenderState  # noqa: E402
 from farm.jobs import schema as t  # noqa: E402
-from farm.jobs.states import RenderState  # noqa: E402
 from tests.cluster.sim import cluster_farm, tiny_ltx, wait_for  # noqa: E402
 
 SMALL = dict(width=64, height=64, num_frames=9, num_inference_steps=8)

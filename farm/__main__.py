@@ -1,3 +1,3 @@
-from farm.cli import main
+from farm.cli.commands import main
 
 main()

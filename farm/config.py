@@ -16,12 +16,13 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
-
-class Task(str, enum.Enum):
-    TEXT_TO_VIDEO = "text-to-video"
-    IMAGE_TO_VIDEO = "image-to-video"
+from farm.domain.spec import Task
 
 
 class Family(str, enum.Enum):
@@ -556,7 +557,7 @@ class DeviceConfig(_Section):
 
     memory_gib: dict[str, float] = Field(default_factory=_default_memory_gib)
     """GPU memory of one device, in GiB, per device kind (an A100 40GB farm sets A100: 40). A render
-    whose estimated peak (`farm.engines.memory`) exceeds what a pool's devices hold is never sent to
+    whose estimated peak (`farm.planning.memory`) exceeds what a pool's devices hold is never sent to
     that pool, and one that fits none of the pools it may run on is refused at submit. A replica with
     a fraction of a GPU (num_gpus 0.5) gets that fraction. CPU pools are not checked; a GPU pool whose
     kind is detected at start and missing here is not checked either."""

@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from farm.api.server import Gateway
-from farm.client import FarmClient
+from farm.cli.client import FarmClient
 from farm.config import FarmConfig
 from farm.jobs.store import JobStore
 

@@ -1,5 +1,5 @@
 """Holding a render at a step, or a post-processing chunk, until the test lets it go
-(`farm.serve.signals`' drills): what makes a render "long enough" to cancel, preempt,
+(`farm.serve.flags`' drills): what makes a render "long enough" to cancel, preempt,
 or kill a process under, whatever the machine's speed. The farm's replicas take holds
 because the test farms start them with FARM_CHAOS_HOLDS=1; this process is a Ray driver
 of that farm, so it reaches the same key-value store."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from farm.serve import signals
+from farm.serve import flags
 
 # Start-up waits keep generous bounds: a hold is taken once a replica starts the render.
 HOLD_TIMEOUT_S = 300.0
@@ -19,7 +19,7 @@ def wait_held(kind: str = "render", timeout: float = HOLD_TIMEOUT_S) -> tuple[st
     ("render" or "chunk") is waiting at its hold."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for holder, record in signals.held().items():
+        for holder, record in flags.held().items():
             if record["waiting"] and holder.startswith("chunk/") == (kind == "chunk"):
                 return holder, record
         time.sleep(0.05)

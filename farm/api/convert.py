@@ -7,8 +7,7 @@ import datetime as dt
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from farm.config import ModelConfig, Task
-from farm.jobs.records import BudgetStatus, EventRecord, RenderRecord
-from farm.jobs.spec import (
+from farm.domain.spec import (
     ColorReference,
     EncoderSettings,
     PostprocessSpec,
@@ -16,7 +15,8 @@ from farm.jobs.spec import (
     ResolvedPostprocess,
     ResolvedSpec,
 )
-from farm.jobs.states import RenderState, Stage
+from farm.domain.states import RenderState, Stage
+from farm.jobs.records import BudgetStatus, EventRecord, RenderRecord
 from farm.metering.cost import to_dollars
 from farm.v1 import render_pb2 as pb
 
@@ -24,7 +24,9 @@ TASK_TO_PB = {Task.TEXT_TO_VIDEO: pb.TASK_TEXT_TO_VIDEO, Task.IMAGE_TO_VIDEO: pb
 TASK_FROM_PB = {v: k for k, v in TASK_TO_PB.items()}
 STATE_TO_PB = {s: pb.RenderState.Value(f"RENDER_STATE_{s.value}") for s in RenderState}
 STATE_FROM_PB = {v: k for k, v in STATE_TO_PB.items()}
-STAGE_TO_PB = {s: (pb.Stage.Value(f"STAGE_{s.value}") if s.value else pb.STAGE_UNSPECIFIED) for s in Stage}
+STAGE_TO_PB = {s: (pb.Stage.Value(f"STAGE_{s.value}") if s.value else pb.STAGE_UNSPECIFIED)
+               for s in Stage if s is not Stage.ENCODING}
+STAGE_TO_PB[Stage.ENCODING] = pb.STAGE_WRITING  # a phase of the WRITING stage
 
 
 def spec_from_pb(message: pb.RenderSpec) -> RenderSpec:

@@ -23,7 +23,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from farm.api.ratelimit import Admission, RateLimiter
-from farm.errors import (
+from farm.domain.errors import (
     DeadlineExceeded,
     FarmError,
     FieldViolation,

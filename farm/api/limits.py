@@ -12,7 +12,7 @@ from grpc_status import rpc_status
 
 from farm.api.interceptors import error_status
 from farm.config import FarmConfig
-from farm.errors import ResourceExhausted
+from farm.domain.errors import ResourceExhausted
 
 # Every field of a RenderSpec but the image and the two prompts, at its largest: 32 labels
 # of a 63-character key and a 256-character value (4 bytes a character in UTF-8, plus

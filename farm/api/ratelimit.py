@@ -52,7 +52,7 @@ from typing import TypeVar
 from prometheus_client import CollectorRegistry, Counter
 
 from farm.config import FailedAuthLimits, RateLimit, RateLimitsConfig
-from farm.errors import QuotaViolation, ResourceExhausted, Unauthenticated
+from farm.domain.errors import QuotaViolation, ResourceExhausted, Unauthenticated
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

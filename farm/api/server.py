@@ -24,7 +24,7 @@ from farm.api.ratelimit import RateLimiter
 from farm.api.servicer import RenderServicer
 from farm.api.watch import EventHub
 from farm.config import FarmConfig, GatewayConfig
-from farm.errors import AlreadyExists
+from farm.domain.errors import AlreadyExists
 from farm.jobs.schema import utcnow
 from farm.jobs.store import JobStore
 from farm.v1 import render_pb2, render_pb2_grpc

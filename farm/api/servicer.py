@@ -18,14 +18,26 @@ from farm.api.interceptors import DEADLINE_SLACK_S, current_tenant
 from farm.api.metrics import GatewayMetrics
 from farm.api.watch import EventHub
 from farm.config import FarmConfig
-from farm.engines.memory import MemoryPlanner
-from farm.errors import DeadlineExceeded, FailedPrecondition, NotFound, invalid, quoted
+from farm.domain.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    invalid,
+    quoted,
+)
+from farm.domain.spec import MAX_REFERENCE_ID_CHARS, RenderSpec, ResolvedSpec
+from farm.domain.states import RenderState
+from farm.jobs.validation import resolve_spec
+from farm.jobs.cost_models import measured_samples
 from farm.jobs.schema import utcnow
-from farm.jobs.spec import MAX_REFERENCE_ID_CHARS, RenderSpec, ResolvedSpec, resolve_spec
-from farm.jobs.states import RenderState
 from farm.jobs.store import JobStore
-from farm.metering.calibrate import measured_samples
-from farm.metering.estimate import Estimate, TimingModel, estimate_cost, fit_timing_model
+from farm.planning.estimate import (
+    Estimate,
+    TimingModel,
+    estimate_cost,
+    fit_timing_model,
+)
+from farm.planning.memory import MemoryPlanner
 from farm.storage.artifacts import ArtifactStore
 from farm.v1 import render_pb2 as pb
 from farm.v1 import render_pb2_grpc

@@ -1,4 +1,4 @@
-"""Engines: diffusers pipelines behind the small `Engine` protocol of `farm.engines.base`.
+"""Engines: diffusers pipelines behind the small `Engine` protocol of `farm.domain.engine`.
 
 One module per model family says which pipeline class serves which task and how a
 request drives it; `DiffusersEngine` (in `pipeline_engine`) does the rest for every

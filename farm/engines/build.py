@@ -45,7 +45,7 @@ from farm.engines.backends.shapes import ShapeBucket, parse_shape
 if TYPE_CHECKING:
     import torch
 
-    from farm.engines.backends.base import Backend, CallSignature
+    from farm.engines.backends.backend import Backend, CallSignature
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class BuildRecord:
         )
 
     def call_signature(self) -> "CallSignature":
-        from farm.engines.backends.base import CallSignature
+        from farm.engines.backends.backend import CallSignature
 
         return CallSignature.from_json(self.signature)
 
@@ -107,7 +107,7 @@ class BuildRecord:
         inference tensors (what a render passes)."""
         import torch
 
-        from farm.engines.backends.base import as_inference_tensors
+        from farm.engines.backends.backend import as_inference_tensors
 
         return as_inference_tensors(torch.load(self.directory / SAMPLE_CALL_FILE, weights_only=True), device)
 
@@ -138,7 +138,7 @@ def engine_key_fields(
     """Every key field but the shape: what a replica matches builds against at start."""
     import diffusers
 
-    from farm.engines.backends.base import dtype_name
+    from farm.engines.backends.backend import dtype_name
 
     fields = backend.key_fields()
     versions = dict(fields.pop("versions", {}))
@@ -228,7 +228,7 @@ def build_engine(
 
     from farm.engines import family_module
     from farm.engines.backends import create_backend
-    from farm.engines.backends.base import CallSignature, complete_arguments
+    from farm.engines.backends.backend import CallSignature, complete_arguments
     from farm.engines.hf_progress import no_progress_bars
     from farm.engines.pipeline_engine import (
         load_pipelines,
@@ -325,8 +325,12 @@ def _capture_with_reference(pipe, family, model: ModelConfig, task: Task, shape:
     import torch
     from PIL import Image
 
-    from farm.engines.backends.base import capture_transformer_call, class_forward, first_output
-    from farm.engines.base import EngineRequest
+    from farm.domain.engine import EngineRequest
+    from farm.engines.backends.backend import (
+        capture_transformer_call,
+        class_forward,
+        first_output,
+    )
 
     guidance = 1.0
     if shape.guided:
@@ -356,7 +360,7 @@ def _build_one(backend: "Backend", transformer, arguments: dict[str, Any], refer
                staging: Path) -> None:
     import torch
 
-    from farm.engines.backends.base import arguments_to
+    from farm.engines.backends.backend import arguments_to
 
     with _cache_context(transformer):
         backend.build(transformer, arguments, reference, staging)
@@ -369,7 +373,11 @@ def _verify(backend: "Backend", transformer, signature: "CallSignature", argumen
     """Loads the artifact as a replica would, runs the sample call, and checks it against eager."""
     import torch
 
-    from farm.engines.backends.base import as_inference_tensors, first_output, relative_error
+    from farm.engines.backends.backend import (
+        as_inference_tensors,
+        first_output,
+        relative_error,
+    )
     from farm.engines.backends.first_block_cache import reset_first_block_cache
 
     runner = backend.load(transformer, signature, staging)

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from farm.engines.base import CheckpointError, DenoiseCheckpoint, EngineRequest
+from farm.domain.engine import CheckpointError, DenoiseCheckpoint, EngineRequest
 
 # Scheduler class name -> what it carries between steps outside itself.
 _STEP_INDEXED = "step-indexed"  # reads sigmas[step_index]; needs its begin index set

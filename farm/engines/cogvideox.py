@@ -31,7 +31,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 
 from farm.config import Family, Task
-from farm.engines.base import EngineRequest
+from farm.domain.engine import EngineRequest
 
 FAMILY = Family.COGVIDEOX
 

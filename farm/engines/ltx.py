@@ -28,7 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from farm.config import Family, Task
-from farm.engines.base import EngineRequest
+from farm.domain.engine import EngineRequest
 
 FAMILY = Family.LTX_VIDEO
 

@@ -2,10 +2,10 @@
 
 A render runs in three phases, each timed on the device that ran it:
 
-- ENCODING_PROMPT: the family's `encode_prompt` (the pipeline's own text encoding);
-- DENOISING: the pipeline call with those embeddings and ``output_type="latent"``
+- Stage.ENCODING_PROMPT: the family's `encode_prompt` (the pipeline's own text encoding);
+- Stage.DENOISING: the pipeline call with those embeddings and ``output_type="latent"``
   (this includes the pipeline's set-up, e.g. encoding the conditioning image);
-- DECODING: the family's `decode_latents` (what the pipeline does after its loop)
+- Stage.DECODING: the family's `decode_latents` (what the pipeline does after its loop)
   and the conversion to uint8 frames (`video_to_uint8_frames`: the bits the pipeline's
   video processor would give, without its clip-sized float copies).
 
@@ -53,8 +53,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import numpy as np
@@ -65,19 +65,7 @@ from packaging.version import Version
 from PIL import Image, UnidentifiedImageError
 
 from farm.config import ModelConfig, Task
-from farm.engines import family_module
-from farm.engines.backends import ShapeBucket, create_backend
-from farm.engines.backends.base import (
-    Runner,
-    TransformerRouter,
-    first_output,
-    relative_error,
-)
-from farm.engines.backends.first_block_cache import apply_first_block_cache, reset_first_block_cache
-from farm.engines.base import (
-    DECODING,
-    DENOISING,
-    ENCODING_PROMPT,
+from farm.domain.engine import (
     CheckpointError,
     DenoiseCheckpoint,
     EngineRequest,
@@ -87,8 +75,31 @@ from farm.engines.base import (
     RenderOutput,
     RenderPreempted,
 )
-from farm.engines.build import BuildRecord, EngineBuildMissing, engine_key_fields, find_builds
-from farm.engines.checkpoint import ResumableDenoising, checkpoint_spec, checkpoint_support, verify_resumable
+from farm.domain.states import Stage
+from farm.engines import family_module
+from farm.engines.backends import ShapeBucket, create_backend
+from farm.engines.backends.backend import (
+    Runner,
+    TransformerRouter,
+    first_output,
+    relative_error,
+)
+from farm.engines.backends.first_block_cache import (
+    apply_first_block_cache,
+    reset_first_block_cache,
+)
+from farm.engines.build import (
+    BuildRecord,
+    EngineBuildMissing,
+    engine_key_fields,
+    find_builds,
+)
+from farm.engines.checkpoint import (
+    ResumableDenoising,
+    checkpoint_spec,
+    checkpoint_support,
+    verify_resumable,
+)
 from farm.engines.hf_progress import no_progress_bars
 
 log = logging.getLogger(__name__)
@@ -409,14 +420,14 @@ class DiffusersEngine:
             if should_stop():
                 raise RenderCancelled(timings, 0)
 
-            on_progress(Progress(ENCODING_PROMPT))
-            with self._timed(ENCODING_PROMPT, timings):
+            on_progress(Progress(Stage.ENCODING_PROMPT))
+            with self._timed(Stage.ENCODING_PROMPT, timings):
                 prompt_kwargs = self.family.encode_prompt(pipe, request, self.device)
             if should_stop():
                 raise RenderCancelled(timings, 0)
 
             total_steps = request.num_inference_steps
-            on_progress(Progress(DENOISING, 0, total_steps))
+            on_progress(Progress(Stage.DENOISING, 0, total_steps))
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
             # Installed only when a checkpoint may be taken or is resumed; it wraps the scheduler for this call.
             denoising = ResumableDenoising(pipe, generator, total_steps, resume) if spec is not None else None
@@ -433,7 +444,7 @@ class DiffusersEngine:
                 nonlocal stopped_after_step, checkpoint, last_step_end
                 step = first_step + index + 1
                 now = self._clock()
-                on_progress(Progress(DENOISING, step, total_steps, now - last_step_end))
+                on_progress(Progress(Stage.DENOISING, step, total_steps, now - last_step_end))
                 last_step_end = now
                 if stopped_after_step is not None or checkpoint is not None:
                     return {}
@@ -460,7 +471,7 @@ class DiffusersEngine:
                                if should_preempt is not None and runner is None else contextlib.nullcontext())
             try:
                 with (
-                    self._timed(DENOISING, timings),
+                    self._timed(Stage.DENOISING, timings),
                     router.routed_to(runner),
                     denoising if denoising is not None else contextlib.nullcontext(),
                     mid_step_checks,
@@ -476,7 +487,7 @@ class DiffusersEngine:
                     )[0]
             except PreemptedMidStep:
                 # The unfinished step is dropped, not charged: denoising counts to the boundary.
-                timings.append(PhaseTiming(DENOISING, self.device_kind, boundary["at"] - denoising_started))
+                timings.append(PhaseTiming(Stage.DENOISING, self.device_kind, boundary["at"] - denoising_started))
                 checkpoint = denoising.checkpoint(
                     boundary["step"], boundary["latents"], spec=spec, model=self.model_name,
                     device_kind=self.device_kind, backend=backend_used, cpu_threads=threads,
@@ -486,8 +497,8 @@ class DiffusersEngine:
             if checkpoint is not None:
                 raise RenderPreempted(timings, checkpoint.step, checkpoint)
 
-            on_progress(Progress(DECODING))
-            with self._timed(DECODING, timings):
+            on_progress(Progress(Stage.DECODING))
+            with self._timed(Stage.DECODING, timings):
                 video = self.family.decode_latents(pipe, latents, request, generator)
                 frames = video_to_uint8_frames(video, pipe.video_processor.config.do_normalize)
             peak_memory = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None

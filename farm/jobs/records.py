@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 
-from farm.jobs.spec import ResolvedSpec
-from farm.jobs.states import RenderState, Stage
+from farm.domain.spec import ResolvedSpec
+from farm.domain.states import RenderState, Stage
 
 
 @dataclasses.dataclass(frozen=True)

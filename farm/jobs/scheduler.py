@@ -19,19 +19,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from farm.config import FarmConfig
-from farm.engines.base import EngineRequest, PhaseTiming
-from farm.engines.memory import fits, pool_capacity
-from farm.errors import EngineLost, RenderRejected
+from farm.domain.engine import EngineRequest, PhaseTiming
+from farm.domain.errors import EngineLost, RenderRejected
+from farm.domain.spec import ResolvedSpec
+from farm.domain.states import AttemptOutcome, Stage
 from farm.jobs.autoscale import PoolLoad, assign_backlog, wanted_replicas
 from farm.jobs.outages import store_unreachable
 from farm.jobs.quarantine import NodeQuarantine
 from farm.jobs.records import ClaimedRender, PoolStatus, ProgressUpdate
 from farm.jobs.schema import utcnow
-from farm.jobs.spec import ResolvedSpec
-from farm.jobs.states import AttemptOutcome, Stage
 from farm.jobs.store import JobStore
 from farm.metering.cost import price_timings
-from farm.metering.estimate import TimingModel
+from farm.planning.estimate import TimingModel
+from farm.planning.memory import fits, pool_capacity
 
 log = logging.getLogger(__name__)
 # Where the store announces submits (a doorbell, NOTIFY), the scheduler still looks

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from farm.errors import (
+from farm.domain.errors import (
     AlreadyExists,
     FailedPrecondition,
     NotFound,
@@ -30,9 +30,11 @@ from farm.errors import (
     Unauthenticated,
     invalid,
 )
+from farm.domain.spec import RenderSpec, ResolvedSpec
+from farm.domain.states import AttemptOutcome, RenderState, Stage, check_transition
 from farm.jobs import doorbell
-from farm.jobs.fairshare import Candidate, pick_fair
 from farm.jobs import schema as t
+from farm.jobs.fairshare import Candidate, pick_fair
 from farm.jobs.records import (
     BudgetStatus,
     ChargeRecord,
@@ -46,8 +48,6 @@ from farm.jobs.records import (
     TenantRecord,
     UsageRow,
 )
-from farm.jobs.spec import RenderSpec, ResolvedSpec
-from farm.jobs.states import AttemptOutcome, RenderState, Stage, check_transition
 from farm.metering.cost import Charge
 
 KEY_PREFIX = "farm"

@@ -10,7 +10,7 @@ engine, on the threads post-processing leaves it: `_render_threads`). When the
 caller cancels the request, Serve raises CancelledError here; the stop flag makes the
 pipeline return at its next step boundary, before decoding.
 
-Preemption: the scheduler raises a flag for the attempt (`farm.serve.signals`); while
+Preemption: the scheduler raises a flag for the attempt (`farm.serve.flags`); while
 the render's first candidate (its own seed) denoises, a thread of the replica looks for
 the flag every PREEMPT_CHECK_INTERVAL_S and the engine asks that thread at step
 boundaries and between an eager transformer's layers; when it is up, it stops with a
@@ -41,12 +41,7 @@ from typing import TYPE_CHECKING, Any
 from ray import serve
 
 from farm.config import ModelConfig, PoolConfig, PostprocConfig
-from farm.errors import RenderRejected
-from farm.engines.base import (
-    DECODING,
-    DENOISING,
-    POSTPROCESSING,
-    WRITING,
+from farm.domain.engine import (
     CheckpointError,
     DenoiseCheckpoint,
     EngineRequest,
@@ -55,14 +50,16 @@ from farm.engines.base import (
     RenderOutput,
     RenderPreempted,
 )
-from farm.jobs.spec import MAX_SEED, ResolvedPostprocess
+from farm.domain.errors import RenderRejected
+from farm.domain.spec import MAX_SEED, ResolvedPostprocess
+from farm.domain.states import Stage
 from farm.postproc.quality import gate_failures
 from farm.serve.allocator import allocator_env
-from farm.serve.signals import HOLDS_ENV
+from farm.serve.flags import HOLDS_ENV
 from farm.storage.artifacts import ArtifactStore
 
 if TYPE_CHECKING:
-    from farm.serve.signals import Hold
+    from farm.serve.flags import Hold
 
 log = logging.getLogger(__name__)
 CPU = "CPU"
@@ -234,7 +231,7 @@ class EngineServer:
                 return  # the attempt ends with its checkpoint; the scheduler queues the render again
             chosen, scored = await self._choose(candidates)
             while True:
-                yield [{"kind": "progress", "stage": POSTPROCESSING}]
+                yield [{"kind": "progress", "stage": Stage.POSTPROCESSING}]
                 stored = chosen.scoring.result()[0] if chosen.scoring else None
                 clip = await self._postprocess(request, post, chosen.output, stored)
                 clip_timings += clip.timings
@@ -254,10 +251,10 @@ class EngineServer:
                     chosen = candidates[-1]
                     continue
                 # Charge what ran; then fail the render with the scores.
-                yield [{"kind": "progress", "stage": POSTPROCESSING, "finished_phases": list(clip_timings)}]
+                yield [{"kind": "progress", "stage": Stage.POSTPROCESSING, "finished_phases": list(clip_timings)}]
                 tried = f" after {len(retries)} retries with new seeds" if retries else ""
                 raise QualityRejected(f"quality below the farm's thresholds{tried}: {'; '.join(failures)}")
-            yield [{"kind": "progress", "stage": WRITING}]
+            yield [{"kind": "progress", "stage": Stage.WRITING}]
             yield [await self._finish(request, post, candidates, chosen, scored, clip, clip_timings, retries)]
         except asyncio.CancelledError:
             stop.set()
@@ -382,7 +379,7 @@ class EngineServer:
                                   output.backend, output.notes, postprocess=report, cpu_threads=output.cpu_threads)
         artifact_uri, manifest_uri = await asyncio.to_thread(
             self.artifacts.write, request.render_id, request.attempt, clip.video, manifest)
-        timings.append((WRITING, CPU, time.perf_counter() - started))
+        timings.append((Stage.WRITING, CPU, time.perf_counter() - started))
         return {
             "kind": "done", "artifact_uri": artifact_uri, "manifest_uri": manifest_uri, "timings": timings,
             "device_kind": self.engine.device_kind, "node": self.node, "frames": clip.num_frames,
@@ -436,7 +433,7 @@ class EngineServer:
                     output = self.engine.render(candidate, on_progress, stop.is_set, cpu_threads=threads)
                 emit({"kind": "candidate", "seed": seed, "output": output})
             previous = stage_started["stage"]
-            event: dict[str, Any] = {"kind": "progress", "stage": POSTPROCESSING, "node": self.node}
+            event: dict[str, Any] = {"kind": "progress", "stage": Stage.POSTPROCESSING, "node": self.node}
             if previous and previous != "DENOISING":
                 event["finished_phases"] = [(previous, device, time.perf_counter() - stage_started["at"])]
             # Counted before "rendered" reaches the event loop: the next render may start
@@ -459,14 +456,14 @@ class EngineServer:
                             threads: int | None, hold: Hold | None = None) -> RenderOutput:
         """The engine's render, preemptible, and resumed from `resume_from` when the request
         has one; a drill's `hold` stops it after a step until released, cancelled or preempted."""
-        from farm.serve.signals import PreemptionWatch
+        from farm.serve.flags import PreemptionWatch
 
         if not self.engine.supports_checkpoint:
             return self._render_resumed(request, held(on_progress, hold, stop.is_set), stop, None, threads)
         with PreemptionWatch(request.render_id, request.attempt, PREEMPT_CHECK_INTERVAL_S) as watch:
 
             def progress(event: Progress) -> None:
-                if event.stage == DECODING:
+                if event.stage == Stage.DECODING:
                     watch.stop()  # past the last preemption point: no more GCS reads
                 on_progress(event)
 
@@ -478,7 +475,7 @@ class EngineServer:
     def _claim_hold(self, request: EngineRequest) -> Hold | None:
         if not self.holds_enabled:
             return None
-        from farm.serve.signals import Hold
+        from farm.serve.flags import Hold
 
         try:
             return Hold.claim_render(self.model.name, self.model.device_kind, request.render_id, self.node)
@@ -505,7 +502,7 @@ class EngineServer:
 
     def _preempted(self, request: EngineRequest, preempted: RenderPreempted, emit) -> None:
         """Writes the checkpoint, lowers the flag, and ends the stream with a "preempted" event."""
-        from farm.serve.signals import clear_preemption
+        from farm.serve.flags import clear_preemption
 
         started = time.perf_counter()
         try:
@@ -542,7 +539,7 @@ def held(on_progress, hold: Hold | None, interrupted):
 
     def progress(event: Progress) -> None:
         on_progress(event)
-        if event.stage == DENOISING and event.step == hold.step:
+        if event.stage == Stage.DENOISING and event.step == hold.step:
             log.info("render %s: held after step %d by a drill", hold.holder, hold.step)
             outcome = hold.wait(interrupted)
             log.info("render %s: hold after step %d ended (%s)", hold.holder, hold.step, outcome)

@@ -5,7 +5,13 @@ endpoint covers the whole application however many engine replicas there are."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 from farm.jobs.records import ClaimedRender
 from farm.metering.cost import Charge

@@ -33,7 +33,7 @@ from farm.postproc.pipeline import (
     warm_up,
 )
 from farm.serve.allocator import allocator_env
-from farm.serve.signals import HOLDS_ENV
+from farm.serve.flags import HOLDS_ENV
 
 log = logging.getLogger(__name__)
 DEPLOYMENT_NAME = "postproc"
@@ -124,7 +124,7 @@ class PostprocServer:
 
     def _take_hold(self) -> None:
         """A drill's hold on the next chunk: waits until released (or this replica is killed)."""
-        from farm.serve.signals import Hold
+        from farm.serve.flags import Hold
 
         try:
             hold = Hold.claim_chunk(self.name)

@@ -20,9 +20,14 @@ import logging
 import time
 from typing import Any
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    FIFOMixin,
+    PendingRequest,
+    RequestRouter,
+    RunningReplica,
+)
 
-from farm.serve.signals import fenced_here, fenced_nodes, node_id_prefix, on_fenced_node
+from farm.serve.flags import fenced_here, fenced_nodes, node_id_prefix, on_fenced_node
 
 log = logging.getLogger(__name__)
 # The quarantine list is a GCS read; routing looks at it at most this often.

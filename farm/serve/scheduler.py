@@ -15,12 +15,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from farm.config import FarmConfig, ModelConfig, PoolConfig
-from farm.engines.base import EngineRequest
-from farm.errors import EngineLost
+from farm.domain.engine import EngineRequest
+from farm.domain.errors import EngineLost
 from farm.jobs.scheduler import Scheduler
 from farm.jobs.store import JobStore
+from farm.serve.flags import ServeNodeFence
 from farm.serve.metrics import ServeMetrics
-from farm.serve.signals import ServeNodeFence
 
 log = logging.getLogger(__name__)
 # Seconds assumed for a new replica to load its model and warm up, until one is measured.
@@ -68,7 +68,7 @@ def _read_replicas() -> tuple[dict[tuple[str, str], list[str | None]], dict[str,
     schema took 10-20% of a core on an idle 2-core node, once a second."""
     from ray.serve.context import _get_global_client
 
-    from farm.serve.signals import fenced_nodes
+    from farm.serve.flags import fenced_nodes
 
     def running(replica: dict) -> bool:
         state = replica.get("state")
@@ -128,12 +128,12 @@ class ServePool:
         return _ServeStream(self.handle, request)
 
     def preempt(self, render_id: str, attempt: int) -> None:
-        from farm.serve.signals import request_preemption
+        from farm.serve.flags import request_preemption
 
         request_preemption(render_id, attempt)
 
     async def refresh(self) -> None:
-        from farm.serve.signals import on_fenced_node
+        from farm.serve.flags import on_fenced_node
 
         replicas, fenced = await _serve_replicas()
         nodes = replicas.get((self.app_name, self.deployment))

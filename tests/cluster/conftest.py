@@ -10,7 +10,7 @@ import secrets
 import pytest
 
 from farm.config import PoolConfig
-from farm.serve.signals import clear_holds
+from farm.serve.flags import clear_holds
 from tests.cluster.sim import cluster_farm as start_cluster_farm
 from tests.cluster.sim import tiny_ltx
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import sqlalchemy
 
 from farm.config import FarmConfig, ModelConfig, PoolConfig, Task
+from farm.domain.spec import RenderSpec
+from farm.jobs.validation import resolve_spec
 from farm.jobs.records import RenderRecord
-from farm.jobs.spec import RenderSpec, resolve_spec
 from farm.jobs.store import JobStore
-from farm.serve.signals import HOLDS_ENV
+from farm.serve.flags import HOLDS_ENV
 
 POSTGRES_URL = os.environ.get("FARM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 APP = "farm-cluster"
@@ -103,7 +104,7 @@ def cluster_farm(models: list[ModelConfig], gpu_nodes: dict[str, str], scheduler
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from farm.embedded import QUIET_RAY_ENV
+    from farm.cli.embedded import QUIET_RAY_ENV
     from farm.serve import build_app
 
     for name, value in QUIET_RAY_ENV.items():

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import sqlalchemy
 
+from farm.domain.states import RenderState
 from farm.jobs import schema as t
 from farm.jobs.records import RenderRecord
-from farm.jobs.states import RenderState
+from farm.serve.flags import hold_next_render, release
 from farm.storage.artifacts import ArtifactStore
-from farm.serve.signals import hold_next_render, release
 from tests.cluster.conftest import TIMEOUT_S
 from tests.cluster.sim import wait_for
 from tests.holds import wait_held

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from farm.client import FarmClient
+from farm.cli.client import FarmClient
 from farm.config import FarmConfig
-from farm.serve.signals import HOLDS_ENV, clear_holds
+from farm.serve.flags import HOLDS_ENV, clear_holds
 
 STARTUP_TIMEOUT_S = 300
 
@@ -91,7 +91,11 @@ def farm_config() -> tuple[FarmConfig, Path]:
 
 @pytest.fixture(scope="session")
 def inference_plane(farm_config):
-    from farm.embedded import prepare_home, start_inference_plane, stop_inference_plane
+    from farm.cli.embedded import (
+        prepare_home,
+        start_inference_plane,
+        stop_inference_plane,
+    )
 
     config, _ = farm_config
     prepare_home(config)

@@ -14,7 +14,8 @@ import secrets
 import time
 
 from farm.config import Task
-from farm.jobs.spec import RenderSpec, resolve_spec
+from farm.domain.spec import RenderSpec
+from farm.jobs.validation import resolve_spec
 from farm.jobs.store import JobStore
 from farm.v1 import render_pb2 as pb
 from tests.integration.test_render_path import small_spec

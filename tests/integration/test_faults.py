@@ -7,7 +7,7 @@ import os
 import signal
 
 from farm.jobs.store import JobStore
-from farm.serve.signals import hold_next_render
+from farm.serve.flags import hold_next_render
 from farm.v1 import render_pb2 as pb
 from tests.integration.test_render_path import small_spec
 

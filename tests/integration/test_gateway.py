@@ -8,10 +8,10 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from farm.client import FarmClient
-from farm.demo import first_frame_png
+from farm.cli.client import FarmClient
+from farm.cli.demo import first_frame_png
 from farm.jobs.store import JobStore
-from farm.serve.signals import hold_next_render, release
+from farm.serve.flags import hold_next_render, release
 from farm.v1 import render_pb2 as pb
 from tests.gateway import bad_request_fields
 from tests.integration.test_render_path import I2V, small_spec

@@ -15,10 +15,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from farm.client import FarmClient
-from farm.jobs.states import RenderState
+from farm.cli.client import FarmClient
+from farm.domain.states import RenderState
 from farm.jobs.store import JobStore
-from farm.serve.signals import hold_next_render, release
+from farm.serve.flags import hold_next_render, release
 from farm.v1 import render_pb2 as pb
 from tests.holds import wait_held
 from tests.integration.test_faults import kill_engine_replica

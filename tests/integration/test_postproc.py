@@ -12,10 +12,10 @@ import grpc
 import pytest
 
 from farm.postproc.encode import probe_mp4
-from farm.serve.signals import hold_next_chunk, hold_next_render
+from farm.serve.flags import hold_next_chunk, hold_next_render
 from farm.v1 import render_pb2 as pb
-from tests.holds import wait_held
 from tests.gateway import bad_request_fields
+from tests.holds import wait_held
 from tests.integration.test_render_path import small_spec
 
 

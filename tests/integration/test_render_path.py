@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from farm.demo import first_frame_png
+from farm.cli.demo import first_frame_png
 from farm.postproc.encode import probe_mp4
-from farm.serve.signals import hold_next_render
+from farm.serve.flags import hold_next_render
 from farm.v1 import render_pb2 as pb
 
 T2V, I2V = pb.TASK_TEXT_TO_VIDEO, pb.TASK_IMAGE_TO_VIDEO

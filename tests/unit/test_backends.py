@@ -32,9 +32,10 @@ from diffusers import (
 from pydantic import ValidationError
 
 from farm.config import BackendConfig, Family, ModelConfig, Task
+from farm.domain.engine import EngineRequest
 from farm.engines import load_engine
 from farm.engines.backends import ShapeBucket, create_backend, parse_shape
-from farm.engines.backends.base import (
+from farm.engines.backends.backend import (
     BackendUnavailable,
     CallMismatch,
     CallSignature,
@@ -42,9 +43,12 @@ from farm.engines.backends.base import (
     first_output,
     relative_error,
 )
-from farm.engines.backends.fp8 import Float8Linear, fp8_layer_names, quantize_linear_layers
+from farm.engines.backends.fp8 import (
+    Float8Linear,
+    fp8_layer_names,
+    quantize_linear_layers,
+)
 from farm.engines.backends.onnx import ONNX_FILE, OnnxBackend
-from farm.engines.base import EngineRequest
 from farm.engines.build import (
     REFERENCE_OUTPUT_FILE,
     BuildRecord,

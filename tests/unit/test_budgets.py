@@ -9,9 +9,15 @@ import datetime as dt
 import pytest
 
 from farm.config import PriceConfig, Task
-from farm.errors import InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
-from farm.jobs.spec import RenderSpec, resolve_spec
-from farm.jobs.states import AttemptOutcome, RenderState
+from farm.domain.errors import (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from farm.domain.spec import RenderSpec
+from farm.domain.states import AttemptOutcome, RenderState
+from farm.jobs.validation import resolve_spec
 from farm.metering.cost import price_timings
 from tests.conftest import sample_models
 

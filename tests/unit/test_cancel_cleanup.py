@@ -14,7 +14,7 @@ from farm.api.metrics import GatewayMetrics
 from farm.api.servicer import RenderServicer
 from farm.api.watch import EventHub
 from farm.config import FarmConfig
-from farm.jobs.states import RenderState
+from farm.domain.states import RenderState
 from farm.storage.artifacts import ArtifactStore
 from farm.v1 import render_pb2 as pb
 from tests.unit.test_pools import OWNER, submit

@@ -11,7 +11,6 @@ import pytest
 
 from farm.jobs import doorbell
 from farm.jobs.store import JobStore
-
 from tests.unit.test_pools import submit
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract sockets are Linux's")
@@ -123,8 +122,8 @@ def test_a_watcher_hears_of_an_event_written_through_another_store_by_the_bell(s
     import asyncio
 
     from farm.api.watch import EventHub
+    from farm.domain.states import Stage
     from farm.jobs.records import ProgressUpdate
-    from farm.jobs.states import Stage
 
     tenant, _ = sqlite_store.create_tenant("acme")
     render = submit(sqlite_store, tenant.id)

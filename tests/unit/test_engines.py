@@ -16,9 +16,17 @@ from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, LTXPipel
 from PIL import Image
 
 from farm.config import FAMILY_LIMITS, Family, ModelConfig, Task
+from farm.domain.engine import (
+    EngineRequest,
+    RenderCancelled,
+)
+from farm.domain.states import Stage
 from farm.engines import load_engine
-from farm.engines.base import DECODING, DENOISING, ENCODING_PROMPT, EngineRequest, RenderCancelled
-from farm.engines.pipeline_engine import DiffusersEngine, frames_to_uint8, video_to_uint8_frames
+from farm.engines.pipeline_engine import (
+    DiffusersEngine,
+    frames_to_uint8,
+    video_to_uint8_frames,
+)
 from farm.engines.tiny import make_tiny_models, tiny_model_configs
 from tests.unit.conftest import FAMILIES_AND_TASKS
 
@@ -181,13 +189,13 @@ def test_render_gives_frames_progress_and_timings(engines, image_bytes, model_na
     assert output.frames.dtype == np.uint8
     assert output.frames.std() > 0
 
-    steps = [e for e in events if e.stage == DENOISING and e.step > 0]
+    steps = [e for e in events if e.stage == Stage.DENOISING and e.step > 0]
     assert [e.step for e in steps] == list(range(1, request.num_inference_steps + 1))
     assert all(e.total_steps == request.num_inference_steps and e.step_seconds > 0 for e in steps)
     stage_changes = [e.stage for e in events if e.step == 0]
-    assert stage_changes == [ENCODING_PROMPT, DENOISING, DECODING]
+    assert stage_changes == [Stage.ENCODING_PROMPT, Stage.DENOISING, Stage.DECODING]
 
-    assert [t.phase for t in output.timings] == [ENCODING_PROMPT, DENOISING, DECODING]
+    assert [t.phase for t in output.timings] == [Stage.ENCODING_PROMPT, Stage.DENOISING, Stage.DECODING]
     assert all(t.seconds > 0 and t.device_kind == "CPU" for t in output.timings)
     assert output.peak_memory_bytes is None  # only measured on CUDA
 
@@ -276,7 +284,7 @@ def test_cancel_at_step_two_raises_and_never_decodes(engines, image_bytes, model
     events = []
 
     def stop_after_two_steps() -> bool:
-        return any(e.stage == DENOISING and e.step == 2 for e in events)
+        return any(e.stage == Stage.DENOISING and e.step == 2 for e in events)
 
     request = small_request(engine, Task.TEXT_TO_VIDEO, image_bytes, num_inference_steps=6)
     with pytest.raises(RenderCancelled) as cancelled:
@@ -284,9 +292,9 @@ def test_cancel_at_step_two_raises_and_never_decodes(engines, image_bytes, model
 
     assert cancelled.value.step == 2
     assert decode_calls == []
-    assert [e.step for e in events if e.stage == DENOISING and e.step > 0] == [1, 2]
-    assert DECODING not in [e.stage for e in events]
-    assert [t.phase for t in cancelled.value.timings] == [ENCODING_PROMPT, DENOISING]
+    assert [e.step for e in events if e.stage == Stage.DENOISING and e.step > 0] == [1, 2]
+    assert Stage.DECODING not in [e.stage for e in events]
+    assert [t.phase for t in cancelled.value.timings] == [Stage.ENCODING_PROMPT, Stage.DENOISING]
 
     # The counter does see decodes, and a cancelled render leaves the engine usable.
     output = engine.render(request, lambda progress: None, never_stop)
@@ -336,7 +344,7 @@ def test_cogvideox_refuses_frame_counts_its_vae_cannot_return(engines):
 def test_the_familys_fewest_steps_render_and_one_fewer_is_why_the_limit_exists(engines, image_bytes, model_name,
                                                                                task):
     """`limits.min_steps` is the engines' real minimum: the gateway refuses fewer
-    (farm.jobs.spec). LTX-Video's scheduler (shift_terminal) cannot take one step: should
+    (farm.domain.spec). LTX-Video's scheduler (shift_terminal) cannot take one step: should
     this start rendering after a diffusers upgrade, LTX-Video's min_steps can go down."""
     engine = engines[model_name]
     fewest = engine.model.limits.min_steps

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from farm.config import PriceConfig, Task
-from farm.jobs.spec import ColorReference, PostprocessSpec, RenderSpec, ResolvedSpec, resolve_spec
+from farm.domain.spec import ColorReference, PostprocessSpec, RenderSpec, ResolvedSpec
+from farm.jobs.validation import resolve_spec
 from farm.metering.cost import price_timings
-from farm.metering.estimate import (
+from farm.planning.estimate import (
     ANALYSIS_MAX_SIDE,
     INTERPOLATION_FLOW_MAX_SIDE,
     MIN_FLOW_SIDE,
@@ -230,7 +231,7 @@ def test_fit_recovers_what_each_kind_of_post_processing_costs():
 
 
 def test_calibration_measures_every_kind_of_post_processing_twice():
-    from farm.metering.calibrate import postprocess_calibration_specs
+    from farm.planning.calibrate import postprocess_calibration_specs
 
     specs = postprocess_calibration_specs(MODEL)
     asked = [next(iter(fields["postprocess"])) for fields in specs]
@@ -298,8 +299,9 @@ def test_no_samples_is_an_error():
 
 def test_estimates_count_every_candidate_and_the_delivered_pixels():
     from farm.config import Task
-    from farm.jobs.spec import PostprocessSpec, RenderSpec, resolve_spec
-    from farm.metering.estimate import TimingModel
+    from farm.domain.spec import PostprocessSpec, RenderSpec
+    from farm.jobs.validation import resolve_spec
+    from farm.planning.estimate import TimingModel
     from tests.conftest import sample_models
 
     models = sample_models()

@@ -85,7 +85,7 @@ def test_what_was_measured_is_positive(smoke):
                 assert row["ms_per_step"] > 0 and row["tflops"] > 0 and 0 < row["fraction_of_matmul"]
         assert all(row["seconds"] > 0 for row in model["decode"].values())
         assert model["render"]["seconds"] > 0 and model["render"]["steps"] == gpu_check.SMOKE_STEPS
-        # Each estimate is farm.engines.memory's, for the pipeline that ran.
+        # Each estimate is farm.planning.memory's, for the pipeline that ran.
         for path, row in rows(model):
             if "memory" in row:
                 assert row["memory"]["estimate_bytes"] > 0, path

@@ -16,12 +16,18 @@ import grpc
 import pytest
 
 from farm.config import GIB, Family, FarmConfig, ModelConfig, PoolConfig, Task
-from farm.engines import memory
-from farm.engines.memory import MemoryPlanner, estimate_memory, pool_capacity, read_footprint
-from farm.errors import InvalidArgument
+from farm.domain.errors import InvalidArgument
+from farm.domain.spec import RenderSpec
+from farm.planning import memory
+from farm.jobs.validation import resolve_spec
 from farm.jobs.records import ClaimedRender
 from farm.jobs.schema import utcnow
-from farm.jobs.spec import RenderSpec, resolve_spec
+from farm.planning.memory import (
+    MemoryPlanner,
+    estimate_memory,
+    pool_capacity,
+    read_footprint,
+)
 
 T2V = Task.TEXT_TO_VIDEO
 

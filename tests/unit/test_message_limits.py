@@ -19,7 +19,7 @@ from PIL import Image
 
 from farm.api.limits import OTHER_FIELDS_BYTES, largest_request_bytes, max_receive_bytes
 from farm.config import Family, FarmConfig, ModelConfig, Task
-from farm.jobs.spec import (
+from farm.domain.spec import (
     MAX_DEVICE_KIND_CHARS,
     MAX_IDEMPOTENCY_KEY_CHARS,
     MAX_LABEL_VALUE_CHARS,

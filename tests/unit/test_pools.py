@@ -7,13 +7,21 @@ import secrets
 
 import pytest
 
-from farm.config import Family, FarmConfig, ModelConfig, PoolConfig, SchedulerConfig, Task
-from farm.errors import InvalidArgument
+from farm.config import (
+    Family,
+    FarmConfig,
+    ModelConfig,
+    PoolConfig,
+    SchedulerConfig,
+    Task,
+)
+from farm.domain.errors import InvalidArgument
+from farm.domain.spec import RenderSpec
+from farm.domain.states import AttemptOutcome, RenderState
+from farm.jobs.validation import resolve_spec
 from farm.jobs.autoscale import PoolLoad, assign_backlog, wanted_replicas
 from farm.jobs.records import PoolRecord, PoolStatus
 from farm.jobs.schema import utcnow
-from farm.jobs.spec import RenderSpec, resolve_spec
-from farm.jobs.states import AttemptOutcome, RenderState
 from farm.metering.cost import price_timings
 
 OWNER = "scheduler-test"

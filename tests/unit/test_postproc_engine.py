@@ -12,9 +12,9 @@ import fsspec
 import pytest
 
 from farm.config import PostprocConfig, QualityGate, Task
-from farm.engines.base import EngineRequest
+from farm.domain.engine import EngineRequest
+from farm.domain.spec import ResolvedPostprocess
 from farm.engines.tiny import tiny_model_configs
-from farm.jobs.spec import ResolvedPostprocess
 from farm.postproc.encode import probe_mp4
 from farm.serve.engine import EngineServer, QualityRejected
 

@@ -19,22 +19,20 @@ import torch
 from PIL import Image
 
 from farm.config import Task
-from tests.unit.conftest import FAMILIES_AND_TASKS
-from farm.engines import load_engine
-from farm.engines.base import (
-    DECODING,
-    DENOISING,
-    ENCODING_PROMPT,
+from farm.domain.engine import (
     CheckpointError,
     DenoiseCheckpoint,
     EngineRequest,
     RenderCancelled,
     RenderPreempted,
 )
+from farm.domain.states import Stage
+from farm.engines import load_engine
 from farm.engines.pipeline_engine import DiffusersEngine
 from farm.engines.tiny import tiny_model_configs
 from farm.storage.artifacts import ArtifactStore
 from tests.holds import wait_held
+from tests.unit.conftest import FAMILIES_AND_TASKS
 
 STEPS = 4
 
@@ -69,14 +67,14 @@ class Run:
         self.events.append(progress)
 
     def last_step(self) -> int:
-        return max((e.step for e in self.events if e.stage == DENOISING), default=0)
+        return max((e.step for e in self.events if e.stage == Stage.DENOISING), default=0)
 
     def should_preempt(self) -> bool:
         self.preempt_checks.append(self.last_step())
         return self.preempt_after is not None and self.last_step() >= self.preempt_after
 
     def steps(self) -> list[int]:
-        return [e.step for e in self.events if e.stage == DENOISING and e.step > 0]
+        return [e.step for e in self.events if e.stage == Stage.DENOISING and e.step > 0]
 
     def stages(self) -> list[str]:
         return [e.stage for e in self.events if e.step == 0]
@@ -123,9 +121,9 @@ def test_preempted_render_resumes_to_the_uninterrupted_frames_bitwise(engines, d
         engine.render(request, run.on_progress, never, should_preempt=run.should_preempt)
     preempted = raised.value
     assert preempted.step == 2 and preempted.checkpoint.step == 2 and preempted.checkpoint.total_steps == STEPS
-    assert run.steps() == [1, 2] and run.stages() == [ENCODING_PROMPT, DENOISING]
+    assert run.steps() == [1, 2] and run.stages() == [Stage.ENCODING_PROMPT, Stage.DENOISING]
     assert len(decoded_latents) == 1  # nothing decoded
-    assert [t.phase for t in preempted.timings] == [ENCODING_PROMPT, DENOISING]
+    assert [t.phase for t in preempted.timings] == [Stage.ENCODING_PROMPT, Stage.DENOISING]
     assert all(t.seconds > 0 and t.device_kind == "CPU" for t in preempted.timings)
 
     data = preempted.checkpoint.to_bytes()
@@ -138,12 +136,12 @@ def test_preempted_render_resumes_to_the_uninterrupted_frames_bitwise(engines, d
     resumed_run = Run()
     resumed = engine.render(request, resumed_run.on_progress, never, resume=checkpoint)
     assert resumed_run.steps() == [3, 4]
-    assert all(e.total_steps == STEPS for e in resumed_run.events if e.stage == DENOISING)
-    assert resumed_run.stages() == [ENCODING_PROMPT, DENOISING, DECODING]
+    assert all(e.total_steps == STEPS for e in resumed_run.events if e.stage == Stage.DENOISING)
+    assert resumed_run.stages() == [Stage.ENCODING_PROMPT, Stage.DENOISING, Stage.DECODING]
     assert torch.equal(decoded_latents[1], decoded_latents[0])  # bitwise, not just close
     np.testing.assert_array_equal(resumed.frames, uninterrupted.frames)
     assert any("resumed after step 2 of 4" in note for note in resumed.notes)
-    assert [t.phase for t in resumed.timings] == [ENCODING_PROMPT, DENOISING, DECODING]
+    assert [t.phase for t in resumed.timings] == [Stage.ENCODING_PROMPT, Stage.DENOISING, Stage.DECODING]
 
 
 @pytest.mark.parametrize("model_name, task", FAMILIES_AND_TASKS)
@@ -166,7 +164,7 @@ def test_preempted_in_the_middle_of_a_step_resumes_from_the_step_before_bitwise(
     preempted = raised.value
     assert asked == [1, 1] and run.steps() == [1]  # step 2 was left unfinished
     assert preempted.step == 1 and preempted.checkpoint.step == 1
-    assert [t.phase for t in preempted.timings] == [ENCODING_PROMPT, DENOISING]
+    assert [t.phase for t in preempted.timings] == [Stage.ENCODING_PROMPT, Stage.DENOISING]
     assert len(decoded_latents) == 1  # nothing decoded
 
     resumed_run = Run()
@@ -207,7 +205,7 @@ def test_the_last_step_is_never_a_preemption_point(engines, decoded_latents):
     assert output.frames.shape == (9, 64, 64, 3)
     # Asked after steps 1..N-1 and between the layers of steps 2..N, never after N.
     assert sorted(set(run.preempt_checks)) == [1, 2, 3] and run.preempt_checks.count(3) > 1
-    assert run.stages() == [ENCODING_PROMPT, DENOISING, DECODING]
+    assert run.stages() == [Stage.ENCODING_PROMPT, Stage.DENOISING, Stage.DECODING]
 
     checkpoint = preempt(engine, request, after=1).checkpoint
     for step in (0, STEPS):
@@ -455,15 +453,15 @@ def test_a_failed_checkpoint_write_leaves_no_checkpoint(artifact_store, monkeypa
 def server(models_dir, tmp_path, monkeypatch):
     """The Serve deployment's class on the tiny LTX-Video, with the scheduler's flags in a set
     (Ray's KV is not running here)."""
-    from farm.serve import signals
+    from farm.serve import flags
     from farm.serve.engine import EngineServer
 
-    flags: set[tuple[str, int]] = set()
-    monkeypatch.setattr(signals, "preemption_requested", lambda render_id, attempt: (render_id, attempt) in flags)
-    monkeypatch.setattr(signals, "clear_preemption", lambda render_id, attempt: flags.discard((render_id, attempt)))
+    raised: set[tuple[str, int]] = set()
+    monkeypatch.setattr(flags, "preemption_requested", lambda render_id, attempt: (render_id, attempt) in raised)
+    monkeypatch.setattr(flags, "clear_preemption", lambda render_id, attempt: raised.discard((render_id, attempt)))
     model = next(m for m in tiny_model_configs(models_dir) if m.name == "ltx-video-tiny")
     engine_server = EngineServer(model.model_dump_json(), str(tmp_path / "artifacts"))
-    engine_server.flags = flags
+    engine_server.flags = raised
     yield engine_server
     engine_server._executor.shutdown(wait=True)
 
@@ -495,7 +493,7 @@ def test_server_preempts_writes_the_checkpoint_and_resumes_from_it(server):
     assert set(preempted) == {"kind", "checkpoint_uri", "step", "total_steps", "timings", "checkpoint_seconds",
                               "device_kind", "node"}
     assert (preempted["step"], preempted["total_steps"]) == (1, STEPS)  # the flag was up from the start
-    assert [phase for phase, _, _ in preempted["timings"]] == [ENCODING_PROMPT, DENOISING]
+    assert [phase for phase, _, _ in preempted["timings"]] == [Stage.ENCODING_PROMPT, Stage.DENOISING]
     assert preempted["checkpoint_seconds"] > 0 and preempted["device_kind"] == "CPU"
     assert server.flags == set()  # lowered once the checkpoint is written
     assert "DECODING" not in [e.get("stage") for e in events]
@@ -519,16 +517,16 @@ def test_server_preempts_writes_the_checkpoint_and_resumes_from_it(server):
 @pytest.fixture
 def held_server(server, monkeypatch):
     """The deployment taking drills' holds, with Ray's KV in memory."""
-    from farm.serve import signals
+    from farm.serve import flags
 
-    monkeypatch.setattr(signals, "kv", signals.MemoryKV())
+    monkeypatch.setattr(flags, "kv", flags.MemoryKV())
     server.holds_enabled = True
     return server
 
 
 def start_held(server, request: EngineRequest, step: int, stop: threading.Event):
     """Renders `request` in a thread of its own, held after `step`; returns once it waits there."""
-    from farm.serve.signals import hold_next_render
+    from farm.serve.flags import hold_next_render
 
     hold_next_render(server.model.name, step)
     events: list[dict] = []
@@ -544,7 +542,7 @@ def steps_of(events: list[dict]) -> list[int]:
 
 
 def test_a_held_render_waits_after_its_step_until_released(held_server):
-    from farm.serve.signals import held, release
+    from farm.serve.flags import held, release
 
     request = make_request(held_server.engine, Task.TEXT_TO_VIDEO, render_id="r-held")
     thread, events = start_held(held_server, request, 2, threading.Event())

@@ -7,7 +7,7 @@ import pytest
 
 from farm.config import SchedulerConfig
 from farm.jobs.quarantine import NodeQuarantine
-from farm.serve.signals import node_id_prefix, on_fenced_node
+from farm.serve.flags import node_id_prefix, on_fenced_node
 
 
 class Clock:

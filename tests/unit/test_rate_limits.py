@@ -18,9 +18,9 @@ from grpc_status import rpc_status
 
 from farm.api import ratelimit
 from farm.api.ratelimit import RateLimiter, method_class, peer_address
-from farm.client import FarmClient
+from farm.cli.client import FarmClient
 from farm.config import Family, FarmConfig, ModelConfig, RateLimitsConfig, Task
-from farm.errors import ResourceExhausted, Unauthenticated
+from farm.domain.errors import ResourceExhausted, Unauthenticated
 from farm.v1 import render_pb2 as pb
 from tests.gateway import serving
 

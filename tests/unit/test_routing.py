@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+from ray.serve._private.common import (
+    DeploymentHandleSource,
+    DeploymentID,
+    RequestMetadata,
+)
 from ray.serve._private.request_router.common import PendingRequest
 
 from farm.serve.routing import ChunkRouter, least_assigned_in_turn
@@ -136,8 +140,8 @@ def test_a_retried_render_goes_to_a_node_it_has_not_failed_on_and_never_waits_fo
     """The engine router ranks replicas on the nodes where the render failed (its request's
     `avoid_nodes`, as the engine names nodes: host/<Ray node id prefix>) after all others;
     with no replica elsewhere it takes them rather than wait."""
-    from farm.engines.base import EngineRequest
     from farm.config import Task
+    from farm.domain.engine import EngineRequest
     from farm.serve.routing import EngineRouter
 
     good, bad = "1f2e3d4c5b6a" + "0" * 44, "a3f0c2d1e4b5" + "9" * 44

@@ -10,9 +10,10 @@ import asyncio
 import sqlalchemy
 
 from farm.config import Family, FarmConfig, ModelConfig, PoolConfig, Task
+from farm.domain.spec import RenderSpec
+from farm.domain.states import RenderState
+from farm.jobs.validation import resolve_spec
 from farm.jobs.scheduler import Scheduler
-from farm.jobs.spec import RenderSpec, resolve_spec
-from farm.jobs.states import RenderState
 from tests.unit.test_memory import Metrics
 from tests.unit.test_pools import Fence, OneNodePool
 

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from farm.config import Task
-from farm.errors import InvalidArgument
-from farm.jobs.spec import MAX_SEED, RenderSpec, ResolvedSpec, resolve_spec
+from farm.domain.errors import InvalidArgument
+from farm.domain.spec import MAX_SEED, RenderSpec, ResolvedSpec
+from farm.jobs.validation import resolve_spec
 from tests.conftest import sample_models
 
 MODELS = sample_models()
@@ -159,7 +160,12 @@ def test_fingerprint_is_of_the_request_as_sent():
 
 # --------------------------------------------------------------------------- post-processing
 
-from farm.jobs.spec import ColorReference, EncoderSettings, PostprocessSpec, ResolvedPostprocess  # noqa: E402
+from farm.domain.spec import (  # noqa: E402
+    ColorReference,
+    EncoderSettings,
+    PostprocessSpec,
+    ResolvedPostprocess,
+)
 
 
 def post_violations(**fields) -> dict[str, str]:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from farm.jobs.states import FINAL_STATES, IllegalTransition, RenderState, check_transition
+from farm.domain.states import (
+    FINAL_STATES,
+    IllegalTransition,
+    RenderState,
+    check_transition,
+)
 
 
 @pytest.mark.parametrize("current,new", [

@@ -10,11 +10,18 @@ import time
 import pytest
 
 from farm.config import PriceConfig, Task
-from farm.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
+from farm.domain.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
+from farm.domain.spec import RenderSpec
+from farm.domain.states import AttemptOutcome, RenderState, Stage
 from farm.jobs import schema
+from farm.jobs.validation import resolve_spec
 from farm.jobs.records import ProgressUpdate
-from farm.jobs.spec import RenderSpec, resolve_spec
-from farm.jobs.states import AttemptOutcome, RenderState, Stage
 from farm.metering.cost import price_timings
 from tests.conftest import sample_models
 

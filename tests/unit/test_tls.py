@@ -26,8 +26,15 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from farm.api.server import CertificateFiles, Gateway
-from farm.client import FarmClient
-from farm.config import Family, FarmConfig, GatewayConfig, ModelConfig, Task, is_loopback
+from farm.cli.client import FarmClient
+from farm.config import (
+    Family,
+    FarmConfig,
+    GatewayConfig,
+    ModelConfig,
+    Task,
+    is_loopback,
+)
 from tests.gateway import serving
 
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
@@ -226,7 +233,7 @@ def test_a_client_that_trusts_another_ca_refuses_the_gateway(tls_gateway, pki):
 
 
 def test_the_cli_speaks_tls_from_flags_and_environment(tls_gateway, pki, monkeypatch):
-    from farm.cli import app
+    from farm.cli.commands import app
 
     local, key = tls_gateway
     runner = CliRunner()
@@ -275,7 +282,7 @@ def test_mtls_refuses_a_certificate_of_another_ca(mtls_gateway, pki):
 
 
 def test_the_cli_presents_a_client_certificate(mtls_gateway, pki):
-    from farm.cli import app
+    from farm.cli.commands import app
 
     local, key = mtls_gateway
     cert, cert_key = pki.client_files(pki.ca, "cli")

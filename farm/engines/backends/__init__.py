@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from farm.config import BackendConfig
-    from farm.engines.backends.base import Backend
+    from farm.engines.backends.backend import Backend
 
 BACKEND_CLASSES: dict[str, str] = {
     "eager": "farm.engines.backends.eager:EagerBackend",

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from farm.engines.backends.base import (
+from farm.engines.backends.backend import (
     Backend,
     BackendUnavailable,
     CallSignature,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from farm.engines.backends.base import Backend
+from farm.engines.backends.backend import Backend
 
 
 class EagerBackend(Backend):

@@ -21,7 +21,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from farm.engines.backends.base import FP8_RELATIVE_TOLERANCE, BackendUnavailable, dtype_name
+from farm.engines.backends.backend import (
+    FP8_RELATIVE_TOLERANCE,
+    BackendUnavailable,
+    dtype_name,
+)
 from farm.engines.backends.compile import CompileBackend
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -101,7 +105,12 @@ def quantize_linear_layers(transformer: torch.nn.Module, granularity: str, imple
     """
     names = fp8_layer_names(transformer)
     if implementation == "torchao":
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            PerTensor,
+            quantize_,
+        )
 
         scales = PerRow() if granularity == "row" else PerTensor()
         config = Float8DynamicActivationFloat8WeightConfig(granularity=scales)

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from farm.engines.backends.base import (
+from farm.engines.backends.backend import (
     RELATIVE_TOLERANCE,
     Backend,
     BackendUnavailable,

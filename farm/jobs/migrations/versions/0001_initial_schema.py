@@ -4,10 +4,10 @@ Revision ID: 0001
 Revises: 
 Create Date: 2026-11-21 08:18:11.347486
 """
-from alembic import op
 import sqlalchemy as sa
-import farm.jobs.schema
+from alembic import op
 
+import farm.jobs.schema
 
 revision = '0001'
 down_revision = None

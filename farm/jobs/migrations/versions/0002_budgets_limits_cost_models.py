@@ -4,10 +4,10 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-21 09:20:55.275787
 """
-from alembic import op
 import sqlalchemy as sa
-import farm.jobs.schema
+from alembic import op
 
+import farm.jobs.schema
 
 revision = '0002'
 down_revision = '0001'

@@ -4,10 +4,10 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-21 12:00:00
 """
-from alembic import op
 import sqlalchemy as sa
-import farm.jobs.schema
+from alembic import op
 
+import farm.jobs.schema
 
 revision = '0003'
 down_revision = '0002'

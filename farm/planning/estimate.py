@@ -50,7 +50,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from farm.config import Family, ModelConfig, PostprocConfig, PriceConfig
-from farm.jobs.spec import ResolvedSpec
+from farm.domain.spec import ResolvedSpec
 from farm.metering.cost import price_timings
 from farm.postproc.chunks import plan_chunks
 

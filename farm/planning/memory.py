@@ -59,9 +59,9 @@ import time
 from pathlib import Path
 
 from farm.config import GIB, DeviceConfig, Family, FarmConfig, ModelConfig, Task
-from farm.errors import FieldViolation, InvalidArgument
-from farm.jobs.spec import ResolvedSpec
-from farm.metering.estimate import TEMPORAL_COMPRESSION
+from farm.domain.errors import FieldViolation, InvalidArgument
+from farm.domain.spec import ResolvedSpec
+from farm.planning.estimate import TEMPORAL_COMPRESSION
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,10 @@ def check_transition(current: RenderState, new: RenderState) -> None:
         raise IllegalTransition(f"a render cannot go from {current.value} to {new.value}")
 
 
-class Stage(str, enum.Enum):
+class Stage(enum.StrEnum):
+    """Where a render is (the proto's Stage enum without its prefix), and the phases of
+    an attempt that metering times and prices: every stage but NONE, and ENCODING."""
+
     NONE = ""
     LOADING = "LOADING"
     ENCODING_PROMPT = "ENCODING_PROMPT"
@@ -48,6 +51,8 @@ class Stage(str, enum.Enum):
     DECODING = "DECODING"
     POSTPROCESSING = "POSTPROCESSING"
     WRITING = "WRITING"
+    ENCODING = "ENCODING"
+    """The MP4 encode: a metering phase within the WRITING stage, never a render's stage."""
 
 
 class AttemptOutcome(str, enum.Enum):

@@ -7,9 +7,8 @@ import itertools
 import random
 
 from farm.config import ModelConfig
-from farm.jobs.spec import ResolvedSpec
-from farm.jobs.store import JobStore
-from farm.metering.estimate import DEFAULT_CHUNK_FRAMES, TimingModel, fit_timing_model
+from farm.domain.spec import ResolvedSpec
+from farm.domain.states import Stage
 
 # Up to this size the grid spans the model's allowed range; beyond it a calibration
 # render would take minutes on a CPU pool. GPU pools may raise it (--max-size).
@@ -115,20 +114,8 @@ def postprocess_calibration_specs(model: ModelConfig, max_size: int = DEFAULT_MA
     return picked
 
 
-def measured_samples(store: JobStore, model: ModelConfig, device_kind: str,
-                     limit: int = 500) -> list[tuple[ResolvedSpec, list[tuple[str, str, float]]]]:
-    """Recent succeeded renders of the model whose denoising ran on `device_kind`."""
-    return [(spec, timings) for spec, timings in store.recent_timings(model.name, limit)
-            if any(phase == "DENOISING" and kind == device_kind for phase, kind, _ in timings)]
-
-
-def fit_and_store(store: JobStore, model: ModelConfig, device_kind: str,
-                  samples: list[tuple[ResolvedSpec, list[tuple[str, str, float]]]] | None = None,
-                  chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> TimingModel:
-    """Fits the (model, device kind) timing model from `samples`, by default the recent
-    measured renders, and stores it. chunk_frames: the farm's postproc.chunk_frames."""
-    if samples is None:
-        samples = measured_samples(store, model, device_kind)
-    timing = fit_timing_model(samples, model, chunk_frames)
-    store.save_cost_model(model.name, device_kind, timing.to_json(), timing.samples)
-    return timing
+def samples_on(device_kind: str, samples: list[tuple[ResolvedSpec, list[tuple[str, str, float]]]]
+               ) -> list[tuple[ResolvedSpec, list[tuple[str, str, float]]]]:
+    """The samples whose denoising ran on `device_kind` (what that kind's timing model is fitted from)."""
+    return [(spec, timings) for spec, timings in samples
+            if any(phase == Stage.DENOISING and kind == device_kind for phase, kind, _ in timings)]

@@ -57,7 +57,7 @@ def _options(
 
 
 def _client(target: str, api_key: Optional[str], config_path: Optional[Path] = None):
-    from farm.client import FarmClient, find_api_key
+    from farm.cli.client import FarmClient, find_api_key
 
     home = load_config(config_path).home if api_key is None else None
     if (_tls.get("tls_cert_file") is None) != (_tls.get("tls_key_file") is None):
@@ -77,7 +77,7 @@ def _logging(config) -> None:
 def serve(config_path: Optional[Path] = ConfigOption,
           ready_file: Optional[Path] = typer.Option(None, help="Write the gateway's port here once it serves.")):
     """Run the whole farm here: Ray Serve application and gateway."""
-    from farm.embedded import run_embedded
+    from farm.cli.embedded import run_embedded
 
     config = load_config(config_path)
     _logging(config)
@@ -101,7 +101,7 @@ def gateway(config_path: Optional[Path] = ConfigOption,
 def demo(config_path: Optional[Path] = ConfigOption,
          output_dir: Optional[Path] = typer.Option(None, help="Where the MP4s go (default $FARM_HOME/demo).")):
     """Start farm on its embedded defaults, render with both model families, stop."""
-    from farm.demo import run_demo
+    from farm.cli.demo import run_demo
 
     raise typer.Exit(run_demo(load_config(config_path), output_dir, console))
 
@@ -125,8 +125,8 @@ def submit(
 ):
     """Submit a render; by default follow its progress and save the MP4."""
     from farm.api.convert import TASK_TO_PB
+    from farm.cli.progress import follow_renders
     from farm.config import Task
-    from farm.progress import follow_renders
     from farm.v1 import render_pb2 as pb
 
     if task not in TASKS:
@@ -180,7 +180,7 @@ def get(render_id: str, target: str = TargetOption, api_key: Optional[str] = Key
 @app.command()
 def watch(render_id: str, target: str = TargetOption, api_key: Optional[str] = KeyOption):
     """Follow a render's progress until it ends."""
-    from farm.progress import follow_renders
+    from farm.cli.progress import follow_renders
 
     with _client(target, api_key) as client:
         follow_renders(client, {render_id: render_id}, console)
@@ -331,7 +331,7 @@ def usage(
     import csv
     import datetime as dt
 
-    from farm.errors import invalid
+    from farm.domain.errors import invalid
 
     def parse(value: str, field: str) -> dt.datetime:
         try:
@@ -388,7 +388,8 @@ def calibrate(model: str = typer.Option(..., "--model", "-m"),
               target: str = TargetOption, api_key: Optional[str] = KeyOption,
               config_path: Optional[Path] = ConfigOption):
     """Measure a grid of renders on the farm, fit the model's timing model, store it."""
-    from farm.metering.calibrate import calibration_specs, fit_and_store, postprocess_calibration_specs
+    from farm.jobs.cost_models import fit_and_store
+    from farm.planning.calibrate import calibration_specs, postprocess_calibration_specs
     from farm.v1 import render_pb2 as pb
 
     config, store = _store(config_path)
@@ -422,9 +423,9 @@ def engines_build(model: str = typer.Option(..., "--model", "-m"),
                   force: bool = typer.Option(False, help="Rebuild even if the cache has it."),
                   config_path: Optional[Path] = ConfigOption):
     """Export or compile a model's transformer ahead of time into the engine cache."""
+    from farm.domain.errors import invalid
     from farm.engines.backends.shapes import parse_shape
     from farm.engines.build import build_engine
-    from farm.errors import invalid
 
     config = load_config(config_path)
     model_config = config.model(model)
@@ -463,7 +464,7 @@ def _print_render(render) -> None:
 
 
 def main() -> None:
-    from farm.errors import FarmError
+    from farm.domain.errors import FarmError
 
     try:
         app()

@@ -19,22 +19,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from farm.config import Task
-from farm.jobs.spec import ResolvedPostprocess
+from farm.domain.events import PhaseTiming
+from farm.domain.spec import ResolvedPostprocess, Task
 
 if TYPE_CHECKING:
     import torch
-
-# Stage names; the same strings as the proto's Stage enum without the prefix.
-LOADING = "LOADING"
-ENCODING_PROMPT = "ENCODING_PROMPT"
-DENOISING = "DENOISING"
-DECODING = "DECODING"
-POSTPROCESSING = "POSTPROCESSING"
-WRITING = "WRITING"
-# Metering phase for MP4 encoding (part of the WRITING stage).
-ENCODING = "ENCODING"
-
 
 @dataclasses.dataclass(frozen=True)
 class EngineRequest:
@@ -58,20 +47,11 @@ class EngineRequest:
     resume_from: str | None = None
     """URI of a denoising checkpoint left by a preempted attempt: resume after its step."""
     estimated_memory_bytes: int | None = None
-    """The GPU memory the gateway estimated for it (`farm.engines.memory`); the manifest
+    """The GPU memory the gateway estimated for it (`farm.planning.memory`); the manifest
     puts it beside the measured peak, so each GPU render checks the estimate."""
     avoid_nodes: tuple[str, ...] = ()
     """Nodes on which an engine failed the render's earlier attempts: the engine router
     (`farm.serve.routing`) sends it to a replica elsewhere when the pool has one."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PhaseTiming:
-    """Seconds one phase of one attempt ran on one kind of device."""
-
-    phase: str
-    device_kind: str
-    seconds: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +77,14 @@ class RenderOutput:
     """Warnings for the manifest, e.g. that the render fell back to eager and why."""
     cpu_threads: int | None = None
     """The CPU threads the render ran with (CPU devices); goes into the manifest."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Candidate:
+    """One seed's rendered frames, handed from the render thread to the attempt."""
+
+    seed: int
+    output: RenderOutput
 
 
 class RenderCancelled(Exception):

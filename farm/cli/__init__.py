@@ -1,0 +1,2 @@
+"""What a person runs: the `farm` commands, their progress bars, the embedded farm,
+the demo, and the client SDK other programs use."""
