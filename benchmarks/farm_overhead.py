@@ -57,7 +57,7 @@ class BareEngine:
 
     def render(self, index: int) -> float:
         from farm.postproc.pipeline import postprocess_clip, store_clip
-        from farm.serve.engine import build_manifest
+        from farm.render.manifest import build_manifest
 
         request = EngineRequest(render_id=f"bare{index}", attempt=1, task=Task.TEXT_TO_VIDEO, prompt="a harbor at dusk",
                                 negative_prompt="", image=None, seed=index, **SHAPE)

@@ -443,7 +443,7 @@ class ModelRun:
 
     @property
     def family(self):
-        from farm.config import Family
+        from farm.families import Family
 
         return Family(self.spec.family)
 
@@ -524,11 +524,11 @@ class ModelCheck:
         import torch
 
         from benchmarks import engine_step
-        from farm.config import Family
         from farm.engines.backends.backend import (
             as_inference_tensors,
             capture_transformer_call,
         )
+        from farm.families import Family
 
         kwargs = {**engine_step.pipeline_kwargs(run.spec, run.shape, 2), "output_type": "latent"}
         with torch.no_grad():
@@ -620,8 +620,8 @@ class ModelCheck:
         import torch
 
         from benchmarks import engine_step
-        from farm.engines import family_module
         from farm.engines.pipeline_engine import video_to_uint8_frames
+        from farm.families import family_module
 
         family = family_module(run.family)
         request = engine_request(run.shape.width, run.shape.height, run.shape.num_frames, run.spec.fps, 2,

@@ -6,7 +6,7 @@ work: 2x interpolation (optical flow) then H.264 encoding, plus the quality
 measurements every render gets, chunk by chunk on the post-processing deployment
 (`farm.serve.postproc`), joined without re-encoding. This process plays the engine
 replica: it puts the chunks into Ray's object store, fans them out through the
-deployment's handle and joins the segments, exactly as `EngineServer` does.
+deployment's handle and joins the segments, exactly as a render attempt (`farm.render.attempt.AttemptRunner`) does.
 
 Each replica is single-threaded (OpenCV, x264), so 1 replica uses one core and 2
 replicas two. The same run deploys both (two Serve applications, one of 1 replica

@@ -8,7 +8,6 @@ Every field has a docstring: it is the reference documentation.
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import os
 from pathlib import Path
@@ -22,12 +21,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from farm.domain.limits import ModelLimits, RenderDefaults
 from farm.domain.spec import Task
-
-
-class Family(str, enum.Enum):
-    LTX_VIDEO = "ltx-video"
-    COGVIDEOX = "cogvideox"
+from farm.families import Family, family_facts, tiny_models
 
 
 class _Section(BaseModel):
@@ -274,101 +270,6 @@ class SchedulerConfig(_Section):
         return sum(1 for c in self.priority_classes if c.min_priority <= priority) - 1
 
 
-class PostprocessLimits(_Section):
-    """What a spec's `postprocess` may ask of a model's renders."""
-
-    max_interpolation_factor: int = Field(8, ge=2, le=16)
-    """Largest frame interpolation factor (the smallest is 2)."""
-    max_output_fps: int = Field(120, ge=1)
-    """Highest frame rate after interpolation (by factor or target_fps)."""
-    max_upscale_factor: int = Field(4, ge=2, le=8)
-    """Largest upscale factor (the smallest is 2)."""
-    max_output_pixels: int = Field(3840 * 2160, ge=1)
-    """Largest output frame after upscaling, width x height."""
-    max_output_frames: int = Field(2049, ge=1)
-    """Most frames after interpolation."""
-    max_candidates: int = Field(8, ge=1, le=64)
-    """Most candidates (seeds rendered and scored, the best kept) one render may ask for."""
-
-
-class ModelLimits(_Section):
-    size_multiple: int = Field(32, ge=1)
-    """Width and height must be multiples of this (VAE compression times patch size)."""
-    min_size: int = Field(32, ge=1)
-    """Smallest width or height."""
-    max_width: int = Field(1280, ge=1)
-    """Largest width in pixels."""
-    max_height: int = Field(1280, ge=1)
-    """Largest height in pixels."""
-    frame_step: int = Field(8, ge=1)
-    """Frame counts must be frame_step * k + 1 (the VAE's temporal compression)."""
-    min_frames: int = Field(9, ge=1)
-    """Fewest frames a render may ask for."""
-    max_frames: int = Field(257, ge=1)
-    """Most frames a render may ask for."""
-    min_steps: int = Field(1, ge=1)
-    """Fewest denoising steps (a family whose scheduler cannot denoise in fewer says so)."""
-    max_steps: int = Field(200, ge=1)
-    """Most denoising steps."""
-    max_prompt_chars: int = Field(4000, ge=1)
-    """Longest prompt or negative prompt in characters."""
-    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
-    """Largest conditioning image, encoded."""
-    max_image_pixels: int = Field(4096 * 4096, ge=1)
-    """Largest conditioning image, decoded (width x height)."""
-    max_fps: int = Field(60, ge=1)
-    """Highest output frame rate."""
-    max_guidance_scale: float = Field(30.0, ge=0)
-    """Highest classifier-free guidance scale."""
-    postprocess: PostprocessLimits = Field(default_factory=PostprocessLimits)
-    """Limits of post-processing (interpolation, upscaling, candidates)."""
-
-    @model_validator(mode="after")
-    def _check_steps(self) -> "ModelLimits":
-        if self.min_steps > self.max_steps:
-            raise ValueError(f"limits: min_steps {self.min_steps} > max_steps {self.max_steps}")
-        return self
-
-
-class RenderDefaults(_Section):
-    width: int = 768
-    """Width used when a spec leaves it 0."""
-    height: int = 512
-    """Height used when a spec leaves it 0."""
-    num_frames: int = 121
-    """Frame count used when a spec leaves it 0."""
-    fps: int = 24
-    """Frame rate used when a spec leaves it 0."""
-    num_inference_steps: int = 40
-    """Denoising steps used when a spec leaves it 0."""
-    guidance_scale: float = 3.0
-    """Guidance scale used when a spec leaves it unset."""
-
-
-FAMILY_LIMITS: dict[Family, ModelLimits] = {
-    # LTX-Video's FlowMatchEulerDiscreteScheduler has `shift_terminal` set: it stretches its
-    # sigmas so that the last one lands on that terminal value, dividing by 1 - the last
-    # sigma; with one step the last sigma is the first, 1.0, so the timesteps are NaN and the
-    # pipeline fails with an IndexError. CogVideoX's DDIM and DPM schedulers take one step.
-    Family.LTX_VIDEO: ModelLimits(size_multiple=32, frame_step=8, min_frames=9, max_frames=257, min_steps=2),
-    # CogVideoX's VAE decodes latent frames in pairs: with an odd count of latent
-    # frames it returns 3 extra frames (zai-org/CogVideo#786), so only 8k+1 are exact.
-    Family.COGVIDEOX: ModelLimits(
-        size_multiple=16, frame_step=8, min_frames=9, max_frames=49, max_width=1360, max_height=768
-    ),
-}
-# Why a family needs more than one denoising step, for the refusal of a spec with fewer.
-FAMILY_MIN_STEPS_REASONS: dict[Family, str] = {
-    Family.LTX_VIDEO: "LTX-Video's scheduler stretches its timesteps to a terminal value, which takes two",
-}
-FAMILY_DEFAULTS: dict[Family, RenderDefaults] = {
-    Family.LTX_VIDEO: RenderDefaults(),
-    Family.COGVIDEOX: RenderDefaults(
-        width=720, height=480, num_frames=49, fps=8, num_inference_steps=50, guidance_scale=6.0
-    ),
-}
-
-
 class BackendConfig(_Section):
     """How a model's transformer runs: the backend, its ahead-of-time builds, step caching, VAE tiling."""
 
@@ -457,8 +358,8 @@ class ModelConfig(_Section):
     family: Family
     """Which engine wraps it (selects the diffusers pipeline classes)."""
     sources: dict[Task, str]
-    """Per task, a hub id or a local directory for `from_pretrained`. A family whose
-    tasks share weights (LTX-Video) names the same source twice and loads it once."""
+    """Per task, a hub id or a local directory for `from_pretrained`. A model whose tasks
+    share weights (as its family module says) names the same source twice and loads it once."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) for hub ids."""
     dtype: str = "auto"
@@ -494,10 +395,11 @@ class ModelConfig(_Section):
     def _fill_family_values(self) -> "ModelConfig":
         if not self.sources:
             raise ValueError(f"model {self.name}: sources must name at least one task")
+        facts = family_facts(self.family)
         if self.limits is None:
-            self.limits = FAMILY_LIMITS[self.family].model_copy()
+            self.limits = facts.limits.model_copy()
         if self.defaults is None:
-            self.defaults = FAMILY_DEFAULTS[self.family].model_copy()
+            self.defaults = facts.defaults.model_copy()
         return self
 
     @property
@@ -759,12 +661,28 @@ class FarmConfig(BaseSettings):
     def served_models(self) -> list[ModelConfig]:
         if self.models is not None:
             return self.models
-        from farm.engines.tiny import tiny_model_configs
-
         return tiny_model_configs(self.models_dir)
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.served_models() if m.name == name), None)
+
+
+def tiny_model_configs(models_dir: Path) -> list[ModelConfig]:
+    """The models a farm serves when its config names none: each family's tiny one under
+    models_dir (written by `farm.engines.tiny.make_tiny_models`).
+
+    They take their family's limits unchanged and small defaults for a quick demo.
+    """
+    models_dir = Path(models_dir)
+    return [
+        ModelConfig(
+            name=tiny.name,
+            family=family,
+            sources={task: str(models_dir / directory) for task, directory in tiny.directories.items()},
+            defaults=tiny.defaults.model_copy(),
+        )
+        for family, tiny in tiny_models()
+    ]
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> FarmConfig:

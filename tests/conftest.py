@@ -8,7 +8,8 @@ import secrets
 
 import pytest
 
-from farm.config import Family, ModelConfig, Task
+from farm.config import ModelConfig, Task
+from farm.families import Family
 
 POSTGRES_URL = os.environ.get("FARM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 

@@ -15,9 +15,11 @@ from farm.domain.spec import (
     ResolvedPostprocess,
     ResolvedSpec,
 )
+from farm.domain.errors import invalid
 from farm.domain.states import RenderState, Stage
-from farm.jobs.records import BudgetStatus, EventRecord, RenderRecord
+from farm.jobs.records import BudgetStatus, EventRecord, RenderRecord, UsageRow
 from farm.metering.cost import to_dollars
+from farm.planning.estimate import Estimate
 from farm.v1 import render_pb2 as pb
 
 TASK_TO_PB = {Task.TEXT_TO_VIDEO: pb.TASK_TEXT_TO_VIDEO, Task.IMAGE_TO_VIDEO: pb.TASK_IMAGE_TO_VIDEO}
@@ -27,6 +29,9 @@ STATE_FROM_PB = {v: k for k, v in STATE_TO_PB.items()}
 STAGE_TO_PB = {s: (pb.Stage.Value(f"STAGE_{s.value}") if s.value else pb.STAGE_UNSPECIFIED)
                for s in Stage if s is not Stage.ENCODING}
 STAGE_TO_PB[Stage.ENCODING] = pb.STAGE_WRITING  # a phase of the WRITING stage
+USAGE_GROUP_FROM_PB = {pb.USAGE_GROUPING_MODEL: "model", pb.USAGE_GROUPING_DEVICE: "device",
+                       pb.USAGE_GROUPING_DAY: "day", pb.USAGE_GROUPING_PHASE: "phase"}
+ARTIFACT_CONTENT_TYPES = {pb.ARTIFACT_KIND_VIDEO: "video/mp4", pb.ARTIFACT_KIND_MANIFEST: "application/json"}
 
 
 def spec_from_pb(message: pb.RenderSpec) -> RenderSpec:
@@ -131,6 +136,19 @@ def spec_to_pb(spec: ResolvedSpec, with_image: bool = False) -> pb.RenderSpec:
     return message
 
 
+def time_from_pb(request, field: str) -> dt.datetime:
+    """A required Timestamp field as a UTC datetime; INVALID_ARGUMENT when it is unset
+    or outside what a Timestamp may hold (years 1..9999, nanos 0..999,999,999)."""
+    if not request.HasField(field):
+        raise invalid(field, "is required")
+    value = getattr(request, field)
+    try:
+        return value.ToDatetime(tzinfo=dt.timezone.utc)
+    except (ValueError, OverflowError):
+        raise invalid(field, f"seconds {value.seconds} and nanos {value.nanos} are not a time between "
+                             f"0001-01-01 and 9999-12-31 UTC") from None
+
+
 def timestamp(value: dt.datetime | None) -> Timestamp | None:
     if value is None:
         return None
@@ -201,3 +219,21 @@ def budget_to_pb(status: BudgetStatus) -> pb.Budget:
                      spent_dollars=to_dollars(status.spent_nanodollars),
                      reserved_dollars=to_dollars(status.reserved_nanodollars),
                      left_dollars=to_dollars(status.left_nanodollars))
+
+
+def usage_to_pb(rows: list[UsageRow], budget: BudgetStatus | None) -> pb.UsageReport:
+    total = sum(row.nanodollars for row in rows)
+    report = pb.UsageReport(
+        rows=[pb.UsageRow(key=r.key, renders=r.renders, device_seconds=r.device_seconds,
+                          dollars=r.nanodollars / 1e9, nanodollars=r.nanodollars) for r in rows],
+        total_dollars=total / 1e9, total_nanodollars=total)
+    if budget is not None:
+        report.budget.CopyFrom(budget_to_pb(budget))
+    return report
+
+
+def estimate_to_pb(estimate: Estimate) -> pb.CostEstimate:
+    phases = [pb.PhaseCost(phase=phase, device_kind=estimate.device_kind, device_seconds=seconds)
+              for phase, seconds in sorted(estimate.phases.items())]
+    return pb.CostEstimate(dollars=estimate.nanodollars / 1e9, device_seconds=estimate.device_seconds,
+                           device_kind=estimate.device_kind, calibrated=estimate.calibrated, phases=phases)

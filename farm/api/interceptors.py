@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from farm.api.ratelimit import Admission, RateLimiter
+from farm.api.ratelimit import LimitedCall, RateLimiter
 from farm.domain.errors import (
     DeadlineExceeded,
     FarmError,
@@ -241,26 +241,26 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         metadata = dict(details.invocation_metadata or ())
 
         def around(behavior, streaming):
-            async def resolve(admission: Admission) -> TenantRecord:
+            async def resolve(limited: LimitedCall) -> TenantRecord:
                 header = metadata.get("authorization", "")
                 if not header:
                     raise Unauthenticated("missing `authorization: Bearer <API key>` metadata")
                 scheme, _, key = header.partition(" ")
                 if scheme.lower() != "bearer" or not key.strip():
                     raise Unauthenticated("authorization metadata must be `Bearer <API key>`")
-                return admission.admit(await admission.authenticate(self.authenticate, key.strip()))
+                return limited.admit(await limited.authenticate(self.authenticate, key.strip()))
 
             if streaming:
                 async def stream_wrapper(request, context):
-                    with self.limiter.call(details.method, context.peer()) as admission:
-                        CURRENT_TENANT.set(await resolve(admission))
+                    with self.limiter.call(details.method, context.peer()) as limited:
+                        CURRENT_TENANT.set(await resolve(limited))
                         async for item in behavior(request, context):
                             yield item
                 return stream_wrapper
 
             async def unary_wrapper(request, context):
-                with self.limiter.call(details.method, context.peer()) as admission:
-                    CURRENT_TENANT.set(await resolve(admission))
+                with self.limiter.call(details.method, context.peer()) as limited:
+                    CURRENT_TENANT.set(await resolve(limited))
                 return await behavior(request, context)
             return unary_wrapper
 

@@ -25,7 +25,7 @@ UTF8_MAX_BYTES = 4
 # The largest answer the gateway sends. FetchArtifact streams chunks of at most 4 MiB
 # (`gateway.fetch_chunk_bytes`), so its answers never come near this; a ListRenders page
 # (up to 1000 renders, each carrying its spec's prompts and labels) can reach tens of MiB in
-# the extreme. This is FarmClient's receive limit (farm/client.py), so the farm's own client
+# the extreme. This is FarmClient's receive limit (farm/cli/client.py), so the farm's own client
 # reads every answer the gateway is willing to send.
 MAX_SEND_BYTES = 64 * 1024 * 1024
 # What a refused large request is told to wait: a submit with an image takes well under a second.

@@ -130,7 +130,7 @@ class _Failures:
 
 class RateLimiter:
     """The limits of one gateway process. `call()` admits a call from a client address (or
-    refuses it) and returns its `Admission`, through which the key is checked and the
+    refuses it) and returns its `LimitedCall`, through which the key is checked and the
     tenant's limits are applied."""
 
     def __init__(self, config: RateLimitsConfig, metrics=None, clock: Callable[[], float] = time.monotonic):
@@ -154,14 +154,14 @@ class RateLimiter:
 
     # -- what the auth interceptor calls -------------------------------------------------
 
-    def call(self, method: str, peer: str | None) -> Admission:
+    def call(self, method: str, peer: str | None) -> LimitedCall:
         """Admits a call of `method` from gRPC peer `peer`, or raises ResourceExhausted:
         the address is throttled for refused keys, or over its limit of the call's class."""
         now = self.clock()
         self._sweep(now)
         address = peer_address(peer)
         call_class = method_class(method)
-        admission = Admission(self, call_class, address)
+        limited = LimitedCall(self, call_class, address)
         failures = self._failures.get(address)
         if failures is not None and now + TIME_SLACK_S < failures.blocked_until:
             self._refuse_failed_auth(address, failures, now)
@@ -169,8 +169,8 @@ class RateLimiter:
                        WATCHES: self.config.peer_reads}
         self._take(PEER, call_class, address, peer_limits[call_class], now)
         if call_class == WATCHES:
-            admission._hold(PEER, address, self.config.peer_watches)
-        return admission
+            limited._hold(PEER, address, self.config.peer_watches)
+        return limited
 
     def open_watches(self, scope: str, who: str) -> int:
         """WatchRender streams open for a tenant (by name) or a client address."""
@@ -297,7 +297,7 @@ class RateLimiter:
             del table[next(iter(table))]
 
 
-class Admission:
+class LimitedCall:
     """One call's way through the limits, made by `RateLimiter.call` once the client address
     passed its own. A context manager: leaving it gives back the watch slots the call held."""
 
@@ -332,7 +332,7 @@ class Admission:
         while self._held:
             self.limiter._close(*self._held.pop())
 
-    def __enter__(self) -> Admission:
+    def __enter__(self) -> LimitedCall:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,10 +1,11 @@
-"""The event hub behind WatchRender: one store query per tick tells every watcher
-whether its render has new events, however many watchers there are. On SQLite every
-commit rings a doorbell (farm.jobs.doorbell), so the hub queries the moment events
-are written and otherwise sleeps; where it cannot hear the bell it looks every few
-milliseconds whether anything was committed at all (`PRAGMA data_version`,
-microseconds) and queries only then. Either way a watcher hears of a final state
-within milliseconds without the gateway querying the store 200 times a second."""
+"""WatchRender's stream of a render's events (`watch_events`), and the event hub that
+wakes it: one store query per tick tells every watcher whether its render has new
+events, however many watchers there are. On SQLite every commit rings a doorbell
+(farm.jobs.doorbell), so the hub queries the moment events are written and otherwise
+sleeps; where it cannot hear the bell it looks every few milliseconds whether anything
+was committed at all (`PRAGMA data_version`, far cheaper than a query) and queries only
+then. Either way a watcher hears of a final state within milliseconds without the
+gateway querying the store at every look."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from farm.jobs import doorbell
+from farm.jobs.records import EventRecord
 from farm.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -22,8 +26,8 @@ log = logging.getLogger(__name__)
 # How often the hub checks SQLite's commit counter.
 COMMIT_CHECK_INTERVAL_S = 0.005
 # Where every commit rings the bell, the hub still queries this often: a ring lost costs
-# at most this much. Querying at the usual interval instead cost the gateway 25 wake-ups
-# and queries a second per watched farm, beside the engines it shares the cores with.
+# at most this much. Querying at the usual interval instead woke the gateway and queried
+# the store many times a second per watched farm, beside the engines it shares the cores with.
 PUSHED_FALLBACK_S = 1.0
 
 
@@ -93,3 +97,31 @@ class EventHub:
         if self._commits is not None:
             self._commits.close()
 
+
+
+async def watch_events(store: JobStore, hub: EventHub, tenant_id: str, render_id: str, after_sequence: int,
+                       run: Callable[..., Awaitable[Any]] = asyncio.to_thread) -> AsyncIterator[EventRecord]:
+    """The render's events after `after_sequence`, as they are written, until its final
+    one. `run(fn, *args)` runs each store call off the event loop."""
+    # Ownership check first: another tenant's render is NOT_FOUND.
+    record = await run(store.get, tenant_id, render_id)
+    seq, newest, final = after_sequence, record.event_seq, record.state.is_final
+    while True:
+        events = await run(store.events_after, render_id, seq)
+        for event in events:
+            yield event
+            seq = newest = event.seq
+            if event.state.is_final:
+                return
+        if events:
+            continue
+        # Nothing after `seq` of a final render: a client reconnecting after the final
+        # event (or naming a sequence past it) has seen the end.
+        if final:
+            return
+        # A client may name a sequence the render has not reached: wake at its next
+        # event all the same, and learn from the render whether it ended.
+        await hub.wait_for_events_after(render_id, min(seq, newest))
+        if seq > newest:
+            record = await run(store.get, tenant_id, render_id)
+            newest, final = record.event_seq, record.state.is_final

@@ -388,7 +388,7 @@ def calibrate(model: str = typer.Option(..., "--model", "-m"),
               target: str = TargetOption, api_key: Optional[str] = KeyOption,
               config_path: Optional[Path] = ConfigOption):
     """Measure a grid of renders on the farm, fit the model's timing model, store it."""
-    from farm.jobs.cost_models import fit_and_store
+    from farm.jobs.estimates import fit_and_store
     from farm.planning.calibrate import calibration_specs, postprocess_calibration_specs
     from farm.v1 import render_pb2 as pb
 

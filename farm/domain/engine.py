@@ -126,10 +126,10 @@ class DenoiseCheckpoint:
     fingerprint: str
     spec: dict[str, Any]
     latents: torch.Tensor
-    """The latents after step `step`, as the pipeline holds them (packed for LTX-Video), on the CPU."""
+    """The latents after step `step`, as the pipeline holds them (packed, where the family's pipeline packs them), on the CPU."""
     scheduler_state: dict[str, Any]
     """The scheduler's class, its full timestep (and sigma) schedule, and any state it carries
-    between steps (e.g. CogVideoX DPM's previous x0 prediction); tensors on the CPU."""
+    between steps (e.g. a DPM scheduler's previous x0 prediction); tensors on the CPU."""
     generator_state: torch.Tensor
     """`torch.Generator.get_state()` after step `step` (the noise of later steps and of the decode)."""
     generator_device: str

@@ -39,7 +39,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from farm.config import ModelConfig, Task
+from farm.config import ModelConfig
+from farm.domain.spec import Task
 from farm.engines.backends.shapes import ShapeBucket, parse_shape
 
 if TYPE_CHECKING:
@@ -226,17 +227,17 @@ def build_engine(
     the key's directory. Existing builds are kept (a cache hit) unless `force`."""
     import torch
 
-    from farm.engines import family_module
     from farm.engines.backends import create_backend
     from farm.engines.backends.backend import CallSignature, complete_arguments
     from farm.engines.hf_progress import no_progress_bars
-    from farm.engines.pipeline_engine import (
+    from farm.engines.loading import (
         load_pipelines,
         local_model_dir,
         resolve_device,
         resolve_dtype,
         weights_sha256,
     )
+    from farm.families import family_module
 
     if isinstance(shape, str):
         shape = parse_shape(shape)
@@ -271,7 +272,7 @@ def build_engine(
         pipelines = load_pipelines(model, device, dtype)
     key_dir.mkdir(parents=True, exist_ok=True)
     # Every reference comes from the eager model, so capture them all before any backend
-    # changes a transformer (LTX-Video's tasks share one).
+    # changes a transformer (a family's tasks may share one).
     calls = {task: _capture_with_reference(pipelines[task], family, model, task, shape, device) for task in missing}
     for transformer in {id(pipelines[task].transformer): pipelines[task].transformer for task in missing}.values():
         backend.prepare(transformer)

@@ -7,29 +7,29 @@ engine does not copy those loops; for one call, `ResumableDenoising` wraps two m
 of that call's scheduler instance (and removes the wrappers afterwards):
 
 - ``set_timesteps`` runs unchanged - the pipeline passes the same arguments as in the
-  first attempt (sigmas and LTX-Video's ``mu`` come from the spec alone), so it computes
-  the same schedule, which is compared bitwise with the one kept in the checkpoint -
-  and then, on resume, keeps only the last N - k timesteps and sets the scheduler's
-  begin index to k. The pipeline's loop then runs exactly the remaining timesteps, and
-  the scheduler reads the same sigmas at each of them as the uninterrupted run did.
+  first attempt (sigmas and any shift come from the spec alone), so it computes the
+  same schedule, which is compared bitwise with the one kept in the checkpoint - and
+  then, on resume, keeps only the last N - k timesteps and sets the scheduler's begin
+  index to k. The pipeline's loop then runs exactly the remaining timesteps, and the
+  scheduler reads the same sigmas at each of them as the uninterrupted run did.
 - ``step``, at its first call on resume, puts back the random generator's state as it
-  was after step k - the draws after the pipeline's set-up (CogVideoX's DPM noise,
-  LTX-Video's decode noise) continue where the interrupted run stopped - and gives the
-  scheduler what the pipeline's loop carries for it between steps rather than the
-  scheduler itself: CogVideoX DPM's previous x0 prediction and previous timestep. On
+  was after step k - the draws after the pipeline's set-up (a scheduler's per-step
+  noise, a VAE's decode noise) continue where the interrupted run stopped - and gives
+  the scheduler what the pipeline's loop carries for it between steps rather than the
+  scheduler itself (a DPM scheduler's previous x0 prediction and previous timestep). On
   every call it keeps that carried state, for a checkpoint after any step.
 
 The set-up before the first step is redone on resume and must draw the same values or
 none: the pipelines take the given latents as they are (times the scheduler's
-``init_noise_sigma``, which must be 1) and draw no noise for them; CogVideoX
-image-to-video re-encodes its image with the generator fresh from the seed, its first
-draw in the first attempt too. Which pipeline classes meet this is stated by each
-family module (``RESUMABLE_PIPELINES``).
+``init_noise_sigma``, which must be 1) and draw no noise for them; an image-to-video
+pipeline that encodes its image with the generator does so fresh from the seed, its
+first draw in the first attempt too. Which pipeline classes meet this is stated by each
+family module (``resumable_pipelines()``, `farm.families`).
 
-Schedulers (`checkpoint_support`): FlowMatchEulerDiscreteScheduler (LTX-Video; not
-with ``stochastic_sampling``, whose noise comes from torch's global generator),
-CogVideoXDPMScheduler (CogVideoX-5B and the tiny CogVideoX), CogVideoXDDIMScheduler
-(CogVideoX-2B). Any other scheduler makes the engine not preemptible.
+Schedulers (`checkpoint_support`): those the family modules name in
+``FACTS.checkpoint_schedulers``, with what each carries between steps (`StepCarry`),
+and none with ``stochastic_sampling``, whose noise comes from torch's global
+generator. Any other scheduler makes the engine not preemptible.
 """
 
 from __future__ import annotations
@@ -44,22 +44,16 @@ from typing import Any
 import torch
 
 from farm.domain.engine import CheckpointError, DenoiseCheckpoint, EngineRequest
+from farm.families import StepCarry, checkpoint_schedulers
 
 # Scheduler class name -> what it carries between steps outside itself.
-_STEP_INDEXED = "step-indexed"  # reads sigmas[step_index]; needs its begin index set
-_DPM_CARRY = "dpm-carry"  # the pipeline passes the previous x0 prediction and timestep
-_STATELESS = "stateless"  # each step depends on its timestep alone
-SCHEDULER_KINDS = {
-    "FlowMatchEulerDiscreteScheduler": _STEP_INDEXED,
-    "CogVideoXDPMScheduler": _DPM_CARRY,
-    "CogVideoXDDIMScheduler": _STATELESS,
-}
+SCHEDULER_KINDS: dict[str, StepCarry] = checkpoint_schedulers()
 
 
 def checkpoint_support(pipeline) -> str | None:
     """Why a pipeline's scheduler state cannot be checkpointed and restored exactly, or None when it can.
 
-    Whether the pipeline's own loop allows a resume is the family module's word (``RESUMABLE_PIPELINES``).
+    Whether the pipeline's own loop allows a resume is the family module's word (``resumable_pipelines()``).
     """
     scheduler = pipeline.scheduler
     name = type(scheduler).__name__
@@ -71,7 +65,7 @@ def checkpoint_support(pipeline) -> str | None:
         return f"its pipeline scales given latents by the scheduler's init_noise_sigma {scheduler.init_noise_sigma}"
     if scheduler.config.get("stochastic_sampling", False):
         return f"its scheduler {name} samples noise from torch's global generator (stochastic_sampling)"
-    if SCHEDULER_KINDS[name] == _STEP_INDEXED and not hasattr(scheduler, "set_begin_index"):
+    if SCHEDULER_KINDS[name] == StepCarry.STEP_INDEXED and not hasattr(scheduler, "set_begin_index"):
         return f"its scheduler {name} cannot start at a later step (no set_begin_index)"
     return None
 
@@ -173,7 +167,7 @@ class ResumableDenoising:
                 args, kwargs = self._restore_before_first_step(step_signature, args, kwargs)
             self._steps_called += 1
             output = original_step(*args, **kwargs)
-            if self.kind == _DPM_CARRY:
+            if self.kind == StepCarry.DPM_CARRY:
                 self._carried_x0 = output[1]
             return output
 
@@ -213,14 +207,14 @@ class ResumableDenoising:
                 )
         k = self.start_step
         self.scheduler.timesteps = timesteps[k:]
-        if self.kind == _STEP_INDEXED:
+        if self.kind == StepCarry.STEP_INDEXED:
             self.scheduler.set_begin_index(k)
 
     def _restore_before_first_step(self, signature: inspect.Signature, args: tuple, kwargs: dict):
         if self._full_timesteps is None:
             raise CheckpointError("the pipeline stepped its scheduler before setting its timesteps")
         self.generator.set_state(self.resume.generator_state)
-        if self.kind != _DPM_CARRY:
+        if self.kind != StepCarry.DPM_CARRY:
             return args, kwargs
         bound = signature.bind(*args, **kwargs)
         sample = bound.arguments["sample"]
@@ -244,7 +238,7 @@ class ResumableDenoising:
             "timesteps": _cpu_copy(self._full_timesteps),
             "sigmas": _cpu_copy(self._full_sigmas),
         }
-        if self.kind == _DPM_CARRY:
+        if self.kind == StepCarry.DPM_CARRY:
             state["old_pred_original_sample"] = _cpu_copy(self._carried_x0)
         return DenoiseCheckpoint(
             step=step,

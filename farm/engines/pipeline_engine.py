@@ -46,14 +46,12 @@ a checkpoint: the scheduler must not preempt it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import diffusers
@@ -61,10 +59,9 @@ import numpy as np
 import torch
 import transformers
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from packaging.version import Version
 from PIL import Image, UnidentifiedImageError
 
-from farm.config import ModelConfig, Task
+from farm.config import ModelConfig
 from farm.domain.engine import (
     CheckpointError,
     DenoiseCheckpoint,
@@ -75,8 +72,8 @@ from farm.domain.engine import (
     RenderOutput,
     RenderPreempted,
 )
+from farm.domain.spec import Task
 from farm.domain.states import Stage
-from farm.engines import family_module
 from farm.engines.backends import ShapeBucket, create_backend
 from farm.engines.backends.backend import (
     Runner,
@@ -101,48 +98,18 @@ from farm.engines.checkpoint import (
     verify_resumable,
 )
 from farm.engines.hf_progress import no_progress_bars
+from farm.engines.loading import (
+    detect_device_kind,
+    enable_vae_tiling,
+    load_pipelines,
+    local_model_dir,
+    resolve_device,
+    resolve_dtype,
+    weights_sha256,
+)
+from farm.families import family_module
 
 log = logging.getLogger(__name__)
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-# Price-table kinds by a substring of the CUDA device name; longer names first so
-# that "A100" is not read as "A10", nor "L40S" as "L4".
-_GPU_KINDS = ("GH200", "H200", "H100", "B200", "A100", "A10G", "A10", "L40S", "L40", "L4", "A6000", "V100", "T4")
-
-# diffusers renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns).
-_DTYPE_KWARG = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
-
-
-def resolve_device(device: str) -> torch.device:
-    """The torch device of a config value; auto means cuda when present, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The torch dtype of a config value; auto means bfloat16 on a GPU, float32 on CPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}") from None
-
-
-def detect_device_kind(device: torch.device) -> str:
-    """The price-table kind of a device: H100, A100, L40S, ... from the GPU name, or CPU."""
-    if device.type != "cuda":
-        return "CPU"
-    name = torch.cuda.get_device_name(device)
-    upper = name.upper()
-    for kind in _GPU_KINDS:
-        if kind in upper:
-            return kind
-    return name.removeprefix("NVIDIA ").strip()
 
 
 def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -169,66 +136,6 @@ def video_to_uint8_frames(video: torch.Tensor, denormalize: bool = True) -> np.n
         frame = frame.float().clamp(0, 1).mul(255).round_()
         frames[index] = frame.permute(1, 2, 0)
     return frames.cpu().numpy()
-
-
-def weights_sha256(model_dirs: list[Path]) -> str:
-    """sha256 over every weight file of the given directories, in sorted order, names included."""
-    digest = hashlib.sha256()
-    for model_dir in model_dirs:
-        files = sorted(p for p in model_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-        for path in files:
-            digest.update(path.relative_to(model_dir).as_posix().encode() + b"\0")
-            with open(path, "rb") as f:
-                while chunk := f.read(8 * 1024 * 1024):
-                    digest.update(chunk)
-    return digest.hexdigest()
-
-
-def pipeline_class_for(model: ModelConfig, task: Task) -> type[DiffusionPipeline]:
-    """The diffusers pipeline class that serves one task of a model's family."""
-    family = family_module(model.family)
-    try:
-        return family.PIPELINE_CLASSES[Task(task)]
-    except (KeyError, ValueError):
-        served = [t.value for t in family.PIPELINE_CLASSES]
-        raise ValueError(
-            f"model {model.name} ({model.family.value}) cannot serve task {task!r}; its family serves {served}"
-        ) from None
-
-
-def load_pipelines(model: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict[Task, DiffusionPipeline]:
-    """Loads each distinct source once; tasks sharing a source share its components."""
-    loaded: dict[str, DiffusionPipeline] = {}
-    pipelines: dict[Task, DiffusionPipeline] = {}
-    for task, source in model.sources.items():
-        pipeline_class = pipeline_class_for(model, task)
-        if source in loaded:
-            shared = loaded[source]
-            pipe = shared if type(shared) is pipeline_class else pipeline_class(**shared.components)
-        else:
-            pipe = pipeline_class.from_pretrained(source, revision=model.revision, **{_DTYPE_KWARG: dtype}).to(device)
-            loaded[source] = pipe
-        pipe.set_progress_bar_config(disable=True)
-        pipelines[task] = pipe
-    return pipelines
-
-
-def enable_vae_tiling(vae: torch.nn.Module) -> None:
-    """Spatial tiles, and temporal ones where the VAE has them (LTX-Video's framewise decoding;
-    CogVideoX's VAE already decodes a few latent frames at a time)."""
-    vae.enable_tiling()
-    if hasattr(vae, "use_framewise_decoding"):
-        vae.use_framewise_decoding = True
-
-
-def local_model_dir(source: str, revision: str | None) -> Path:
-    """Where a source's files are: the directory itself, or a hub id's snapshot in the local cache."""
-    if Path(source).is_dir():
-        return Path(source)
-    from huggingface_hub import snapshot_download
-
-    # Only reads the cache that from_pretrained has just filled; never downloads.
-    return Path(snapshot_download(source, revision=revision, local_files_only=True))
 
 
 class DiffusersEngine:
@@ -265,7 +172,7 @@ class DiffusersEngine:
         self._render_lock = threading.Lock()
 
     def _apply_backend(self) -> None:
-        """Prepares each distinct transformer once (LTX-Video's tasks share one) and routes its calls."""
+        """Prepares each distinct transformer once (a family's tasks may share one) and routes its calls."""
         config = self.model.backend
         transformers = {id(pipe.transformer): pipe.transformer for pipe in self.pipelines.values()}
         if config.vae_tiling:
@@ -280,7 +187,7 @@ class DiffusersEngine:
 
     def _checkpoint_unsupported(self) -> str | None:
         """Why this engine cannot checkpoint and resume a render exactly, or None when it can."""
-        resumable = getattr(self.family, "RESUMABLE_PIPELINES", ())
+        resumable = self.family.resumable_pipelines()
         for task, pipe in self.pipelines.items():
             if type(pipe) not in resumable:
                 return f"{type(pipe).__name__} ({task.value}) is not a pipeline whose loop farm can resume"

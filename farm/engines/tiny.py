@@ -1,78 +1,37 @@
 """Tiny random-weight models, written offline in the real diffusers format.
 
-`make_tiny_models` builds small LTX-Video and CogVideoX pipelines in code and writes
-them with `save_pretrained`, so tests and the demo load them through the same
-`from_pretrained` path as real checkpoints. They keep the real models' compression
-(VAE spatial and temporal factors, transformer patch sizes), so the real families'
-limits hold for them unchanged; only the widths and depths are tiny.
+`make_tiny_models` builds each family's tiny pipelines in code (the family module's
+`build_tiny_pipelines`, into the directories of its `FACTS.tiny`) and writes them with
+`save_pretrained`, so tests and the demo load them through the same `from_pretrained`
+path as real checkpoints. They keep the real models' compression (VAE spatial and
+temporal factors, transformer patch sizes), so the real families' limits hold for them
+unchanged; only the widths and depths are tiny.
 
 Nothing is downloaded: the T5 tokenizer is a Unigram vocabulary made here from a
 built-in English word list (whole words, with single characters as the fallback).
 
-`tiny_model_configs` is imported by the gateway's config, so this module imports
-torch and diffusers only inside `make_tiny_models`.
+The configs of the models a farm serves by default (`tiny_model_configs`) come from
+`farm.config`, which reads them from the families' registry; this module imports torch
+and diffusers only inside `make_tiny_models`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 
-from farm.config import Family, ModelConfig, RenderDefaults, Task
+from farm.config import tiny_model_configs
+from farm.domain.spec import Task
+from farm.families import Family, TinyModel, family_module, tiny_models
 
 # Bump when the tiny architectures change, so that older directories get rebuilt.
 TINY_FORMAT_VERSION = 1
 # Written last into a finished model directory; its presence (with our version) means complete.
 COMPLETE_MARKER = "farm-tiny.json"
 TINY_SEED = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class TinyModel:
-    name: str
-    family: Family
-    directories: dict[Task, str]
-    """Per task, the directory (under models_dir) of its pipeline; tasks may share one."""
-    defaults: RenderDefaults
-
-
-TINY_MODELS: tuple[TinyModel, ...] = (
-    TinyModel(
-        name="ltx-video-tiny",
-        family=Family.LTX_VIDEO,
-        directories={Task.TEXT_TO_VIDEO: "ltx-video-tiny", Task.IMAGE_TO_VIDEO: "ltx-video-tiny"},
-        defaults=RenderDefaults(
-            width=256, height=256, num_frames=17, fps=24, num_inference_steps=8, guidance_scale=3.0
-        ),
-    ),
-    TinyModel(
-        name="cogvideox-tiny",
-        family=Family.COGVIDEOX,
-        directories={Task.TEXT_TO_VIDEO: "cogvideox-tiny", Task.IMAGE_TO_VIDEO: "cogvideox-i2v-tiny"},
-        defaults=RenderDefaults(width=256, height=160, num_frames=17, fps=8, num_inference_steps=8, guidance_scale=6.0),
-    ),
-)
-
-
-def tiny_model_configs(models_dir: Path) -> list[ModelConfig]:
-    """The models a farm serves when its config names none: the tiny ones under models_dir.
-
-    They take their family's limits unchanged and small defaults for a quick demo.
-    """
-    models_dir = Path(models_dir)
-    return [
-        ModelConfig(
-            name=tiny.name,
-            family=tiny.family,
-            sources={task: str(models_dir / directory) for task, directory in tiny.directories.items()},
-            defaults=tiny.defaults.model_copy(),
-        )
-        for tiny in TINY_MODELS
-    ]
 
 
 def make_tiny_models(models_dir: Path, force: bool = False) -> list[Path]:
@@ -84,10 +43,10 @@ def make_tiny_models(models_dir: Path, force: bool = False) -> list[Path]:
     """
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
-    wanted: dict[str, tuple[TinyModel, Task]] = {}
-    for tiny in TINY_MODELS:
+    wanted: dict[str, tuple[Family, TinyModel, Task]] = {}
+    for family, tiny in tiny_models():
         for task, directory in tiny.directories.items():
-            wanted.setdefault(directory, (tiny, task))
+            wanted.setdefault(directory, (family, tiny, task))
     missing = {d: spec for d, spec in wanted.items() if force or not is_complete(models_dir / d)}
     if missing:
         _write_pipelines(models_dir, missing)
@@ -103,19 +62,16 @@ def is_complete(model_dir: Path) -> bool:
     return marker.get("format_version") == TINY_FORMAT_VERSION and (Path(model_dir) / "model_index.json").is_file()
 
 
-def _write_pipelines(models_dir: Path, missing: dict[str, tuple[TinyModel, Task]]) -> None:
-    from farm.engines import family_module
+def _write_pipelines(models_dir: Path, missing: dict[str, tuple[Family, TinyModel, Task]]) -> None:
     from farm.engines.hf_progress import no_progress_bars
 
     with no_progress_bars():
         text_encoder, tokenizer = build_tiny_text_encoder()
         pipelines_by_family = {}
-        for directory, (tiny, task) in missing.items():
-            if tiny.family not in pipelines_by_family:
-                pipelines_by_family[tiny.family] = family_module(tiny.family).build_tiny_pipelines(
-                    text_encoder, tokenizer
-                )
-            pipeline = pipelines_by_family[tiny.family][task]
+        for directory, (family, tiny, task) in missing.items():
+            if family not in pipelines_by_family:
+                pipelines_by_family[family] = family_module(family).build_tiny_pipelines(text_encoder, tokenizer)
+            pipeline = pipelines_by_family[family][task]
             staging = models_dir / f".{directory}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
                 pipeline.save_pretrained(staging)
@@ -166,7 +122,7 @@ def build_tiny_text_encoder():
         num_heads=4,
         relative_attention_num_buckets=8,
         relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",  # as in T5 v1.1, which LTX-Video and CogVideoX use
+        feed_forward_proj="gated-gelu",  # as in T5 v1.1, which the families' text encoders are
         dropout_rate=0.0,
         pad_token_id=0,
         eos_token_id=1,
@@ -220,3 +176,6 @@ cinematic realistic photorealistic detailed high quality lighting scene backgrou
 style film video frame 4k hd animation cartoon anime painting watercolor oil sketch
 one two three four five many some every each first last
 """.strip()
+
+
+__all__ = ["build_tiny_text_encoder", "is_complete", "make_tiny_models", "tiny_model_configs"]

@@ -1,9 +1,9 @@
 """Doorbells: how processes sharing one SQLite file wake each other. SQLite has no
-NOTIFY, so without a bell a scheduler must look for queued renders every few
-milliseconds, and that polling costs an idle farm a tenth of a core and slows every
-render on a small node. A bell is a Unix datagram socket in Linux's abstract
-namespace, named after the database file and a channel: ringing sends one empty
-datagram, and one process per channel listens in a thread that sleeps until then.
+NOTIFY, so without a bell a scheduler must keep looking for queued renders, and that
+polling keeps an idle farm's CPU busy and slows every render on a small node (the
+figures are in benchmarks/RESULTS.md). A bell is a Unix datagram socket in Linux's
+abstract namespace, named after the database file and a channel: ringing sends one
+empty datagram, and one process per channel listens in a thread that sleeps until then.
 Elsewhere (no abstract namespace), or when another process already listens on the
 channel, `listening` is False and the caller polls as before."""
 

@@ -7,7 +7,7 @@ import io
 import math
 import secrets
 
-from farm.config import FAMILY_LIMITS, FAMILY_MIN_STEPS_REASONS, ModelConfig
+from farm.config import ModelConfig
 from farm.domain.errors import FieldViolation, InvalidArgument, quoted
 from farm.domain.spec import (
     CODECS,
@@ -40,6 +40,7 @@ from farm.domain.spec import (
     ResolvedSpec,
     Task,
 )
+from farm.families import family_facts
 
 
 def resolve_spec(spec: RenderSpec, models: dict[str, ModelConfig]) -> ResolvedSpec:
@@ -138,7 +139,8 @@ def resolve_spec(spec: RenderSpec, models: dict[str, ModelConfig]) -> ResolvedSp
 def _too_few_steps(model: ModelConfig, steps: int) -> str:
     minimum = model.limits.min_steps
     # The family's reason holds for the family's minimum; a model's own limits give none.
-    reason = FAMILY_MIN_STEPS_REASONS.get(model.family) if minimum == FAMILY_LIMITS[model.family].min_steps else None
+    family = family_facts(model.family)
+    reason = family.min_steps_reason if minimum == family.limits.min_steps else None
     because = f": {reason}" if reason else ""
     return f"{model.name} needs at least {minimum} denoising steps{because}; got {steps}"
 

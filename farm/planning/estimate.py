@@ -49,8 +49,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from farm.config import Family, ModelConfig, PostprocConfig, PriceConfig
+from farm.config import ModelConfig, PostprocConfig, PriceConfig
 from farm.domain.spec import ResolvedSpec
+from farm.domain.states import Stage
+from farm.families import family_facts
 from farm.metering.cost import price_timings
 from farm.postproc.chunks import plan_chunks
 
@@ -60,7 +62,6 @@ VERSION = 3
 # Versions whose stored models this code reads: 1 (converted), 2 (terms of this module
 # without "flowed" and "delivered_rows"), 3.
 READABLE_VERSIONS = (1, 2, 3)
-TEMPORAL_COMPRESSION = {Family.LTX_VIDEO: 8, Family.COGVIDEOX: 4}
 # farm.postproc.quality analyses frames shrunk to this longer side (at least 8 px a side).
 ANALYSIS_MAX_SIDE = 256
 # farm.postproc.interpolate pads images to at least this side for the optical flow,
@@ -70,10 +71,10 @@ INTERPOLATION_FLOW_MAX_SIDE = 512
 DEFAULT_CHUNK_FRAMES = PostprocConfig.model_fields["chunk_frames"].default
 # Phases that run once per candidate (each candidate is a whole render); the others
 # run on the one delivered clip (POSTPROCESSING also scores every candidate).
-PER_CANDIDATE_PHASES = ("ENCODING_PROMPT", "DENOISING", "DECODING")
+PER_CANDIDATE_PHASES = (Stage.ENCODING_PROMPT, Stage.DENOISING, Stage.DECODING)
 # Phases charged on CPU cores when a model does not say where they were measured
 # (version 1 models, the fallback).
-CPU_PHASES = ("ENCODING", "WRITING", "POSTPROCESSING")
+CPU_PHASES = (Stage.ENCODING, Stage.WRITING, Stage.POSTPROCESSING)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +121,7 @@ TERMS: dict[str, Callable[[Work, float], float]] = {
     "pixels": lambda w, b: w.pixels,
     "pixels_below_break": lambda w, b: w.pixels if w.frames_height < b else 0.0,
     # Cost per pixel that grows slowly with the clip's size (activations outgrowing the
-    # caches, fresh memory for them): the tiny LTX-Video's VAE on 2 CPU cores took 60 ns
-    # a pixel at 3 Mpx and 95 ns at 30 Mpx.
+    # caches, fresh memory for them; benchmarks/RESULTS.md has the measurement).
     "pixels_log": lambda w, b: w.pixels * math.log2(1.0 + w.pixels / 1e6),
     "chunks": lambda w, b: w.chunks,
     "analysed": lambda w, b: w.analysed,
@@ -135,16 +135,16 @@ TERMS: dict[str, Callable[[Work, float], float]] = {
     "colored_pixels": lambda w, b: w.colored_pixels,
 }
 PHASE_TERMS: dict[str, tuple[str, ...]] = {
-    "ENCODING_PROMPT": ("one",),
-    "DENOISING": ("one", "steps", "step_tokens", "step_tokens2"),
-    "DECODING": ("one", "frames", "pixels", "pixels_below_break", "pixels_log"),
-    "POSTPROCESSING": ("one", "chunks", "delivered_frames", "flowed", "delivered_pixels", "interpolation_flowed",
+    Stage.ENCODING_PROMPT: ("one",),
+    Stage.DENOISING: ("one", "steps", "step_tokens", "step_tokens2"),
+    Stage.DECODING: ("one", "frames", "pixels", "pixels_below_break", "pixels_log"),
+    Stage.POSTPROCESSING: ("one", "chunks", "delivered_frames", "flowed", "delivered_pixels", "interpolation_flowed",
                        "interpolated_pixels", "upscaled_pixels", "colored_pixels"),
-    "ENCODING": ("one", "chunks", "delivered_frames", "delivered_pixels", "delivered_rows"),
-    "WRITING": ("one", "delivered_pixels"),
+    Stage.ENCODING: ("one", "chunks", "delivered_frames", "delivered_pixels", "delivered_rows"),
+    Stage.WRITING: ("one", "delivered_pixels"),
 }
 # Phases whose fit looks for a frames x height where the cost per pixel changes.
-BREAK_PHASES = ("DECODING",)
+BREAK_PHASES = (Stage.DECODING,)
 MAX_BREAK_CANDIDATES = 24
 # Relative improvement of the fit's loss a break must bring to be kept.
 BREAK_GAIN = 0.05
@@ -153,17 +153,17 @@ EXACT_FIT_LOSS = 1e-9
 # Before any measurement: deliberately pessimistic seconds per unit, so a budget is
 # never under-reserved (CPU-scale numbers; GPU pools fit their own model quickly).
 FALLBACK: dict[str, dict[str, float]] = {
-    "ENCODING_PROMPT": {"one": 0.05},
-    "DENOISING": {"one": 0.5, "step_tokens": 2e-4},
-    "DECODING": {"one": 0.05, "pixels": 2e-7},
-    "ENCODING": {"one": 0.05, "delivered_pixels": 2e-7},
+    Stage.ENCODING_PROMPT: {"one": 0.05},
+    Stage.DENOISING: {"one": 0.5, "step_tokens": 2e-4},
+    Stage.DECODING: {"one": 0.05, "pixels": 2e-7},
+    Stage.ENCODING: {"one": 0.05, "delivered_pixels": 2e-7},
 }
 
 
 def latent_tokens(spec: ResolvedSpec, model: ModelConfig) -> float:
     """Tokens the transformer sees per pass, times the guidance batch."""
     multiple = model.limits.size_multiple
-    latent_frames = (spec.num_frames - 1) // TEMPORAL_COMPRESSION[model.family] + 1
+    latent_frames = family_facts(model.family).compression.latent_frames(spec.num_frames)
     batch = 2 if spec.guidance_scale > 1 else 1
     return latent_frames * (spec.height / multiple) * (spec.width / multiple) * batch
 
@@ -275,10 +275,10 @@ class TimingModel:
     @classmethod
     def _from_version_1(cls, data: dict) -> "TimingModel":
         k, c0, c1, c2 = (float(v) for v in data["denoise"])
-        phases = {"DENOISING": {"one": k, "steps": c0, "step_tokens": c1, "step_tokens2": c2},
-                  "ENCODING_PROMPT": {"one": float(data["prompt_seconds"])}}
+        phases = {Stage.DENOISING: {"one": k, "steps": c0, "step_tokens": c1, "step_tokens2": c2},
+                  Stage.ENCODING_PROMPT: {"one": float(data["prompt_seconds"])}}
         for phase, (p0, p1) in data["per_pixel"].items():
-            phases[phase] = {"one": float(p0), "pixels" if phase == "DECODING" else "delivered_pixels": float(p1)}
+            phases[phase] = {"one": float(p0), "pixels" if phase == Stage.DECODING else "delivered_pixels": float(p1)}
         return cls(phases, {}, int(data["samples"]))
 
     @classmethod

@@ -19,19 +19,19 @@ denoising
     ``tokens x hidden x (ACTIVATION_WIDTHS x dtype bytes + FLOAT32_WIDTHS x 4)``: the
     activations of one transformer pass. ``tokens`` are the latent tokens (latent frames x
     latent height x latent width, after the transformer's patches), twice with classifier-free
-    guidance (both halves run as one batch), plus the text tokens that CogVideoX attends
-    to jointly. Inference keeps no activations for a backward pass, so only one block's
-    are alive at a time, and attention is memory-efficient (PyTorch's SDPA kernels), so
-    nothing grows with tokens squared: the working set is linear in tokens.
+    guidance (both halves run as one batch), plus the text tokens a family's transformer
+    attends to jointly with them, if any. Inference keeps no activations for a backward
+    pass, so only one block's are alive at a time, and attention is memory-efficient
+    (PyTorch's SDPA kernels), so nothing grows with tokens squared: the working set is
+    linear in tokens.
 decoding
-    ``VAE_WIDTHS x channels x tile frames x tile pixels / patch² x dtype bytes`` for the
+    ``vae_widths x channels x tile frames x tile pixels / patch² x dtype bytes`` for the
     VAE decoder's last stage (full resolution, the widest in memory) over one tile, plus
     ``VIDEO_COPIES x 3 x frames x height x width x dtype bytes`` for the decoded video
-    (tiles are blended into a whole video, which is then rescaled). A tile: with
-    ``backend.vae_tiling``, LTX-Video decodes 17 frames of 512 x 512 at a time and
-    CogVideoX 9 frames of half its sample size (240 x 360); without it, LTX-Video decodes
-    the whole video at once and CogVideoX 9 frames of the whole frame (its VAE always
-    decodes a few latent frames at a time).
+    (tiles are blended into a whole video, which is then rescaled). A tile: the frames the
+    family's VAE decodes at once, with ``backend.vae_tiling`` or without it, over the
+    spatial tile of its tiled decode or the whole frame (the family module's
+    ``FACTS.memory`` and ``vae_decode_tile``).
 
 A device holds the render when ``peak x (1 + devices.memory_margin) + CUDA_CONTEXT_BYTES``
 is at most its memory (`farm.config.DeviceConfig`); that figure is the render's
@@ -42,7 +42,7 @@ formula to them). A GPU adds what that leaves out: the caching allocator's round
 and fragmentation, and kernel workspaces (hence the margin).
 
 When the model's files cannot be read where this runs (a hub id not in the local cache),
-the family's published model stands in: LTX-Video 2B and CogVideoX-5B, each with T5-XXL.
+the family's published model stands in (``FACTS.memory.published``).
 Engine backends are not modelled: FP8 layers (smaller weights) and a TensorRT engine
 (which holds weights of its own) are estimated as eager.
 """
@@ -58,34 +58,24 @@ import threading
 import time
 from pathlib import Path
 
-from farm.config import GIB, DeviceConfig, Family, FarmConfig, ModelConfig, Task
+from farm.config import GIB, DeviceConfig, FarmConfig, ModelConfig
 from farm.domain.errors import FieldViolation, InvalidArgument
-from farm.domain.spec import ResolvedSpec
-from farm.planning.estimate import TEMPORAL_COMPRESSION
+from farm.domain.spec import ResolvedSpec, Task
+from farm.families import Family, PipelineSizes, family_facts, family_module
 
 log = logging.getLogger(__name__)
 
 # Hidden-state widths alive at the peak of a transformer block, in the model's dtype:
 # the residual stream, the normed input, q, k, v, the attention output and the MLP's
-# 4x-wide hidden layer, less what is freed on the way (counted: 12.1 for LTX-Video,
-# 11.2 for CogVideoX; rounded up).
+# 4x-wide hidden layer, less what is freed on the way (counted for each family's
+# published transformer, as its module says, and rounded up over them).
 ACTIVATION_WIDTHS = 13
-# ... and in float32: LTX-Video's rotary tables, cos and sin for every token (counted:
-# 2.0 for LTX-Video, 0.9 for CogVideoX, whose tables are per position, not per width).
+# ... and in float32: rotary tables, cos and sin for every token (counted likewise).
 FLOAT32_WIDTHS = 2
-# Copies of the VAE decoder's last stage alive at its peak (counted: about 6 for
-# LTX-Video's decoder, about 20 for CogVideoX's).
-VAE_WIDTHS = {Family.LTX_VIDEO: 6, Family.COGVIDEOX: 20}
 # Copies of the decoded video alive while it is blended and rescaled (counted: 3).
 VIDEO_COPIES = 3
 # What the CUDA context, cuBLAS and cuDNN take outside the caching allocator.
 CUDA_CONTEXT_BYTES = 1 * GIB
-# Pixels per side of one transformer token (VAE compression x transformer patch).
-TOKEN_PIXELS = {Family.LTX_VIDEO: 32, Family.COGVIDEOX: 16}
-# LTX-Video's tiled decode (diffusers' defaults): 512 x 512 pixels, 16 + 1 frames.
-LTX_TILE = (17, 512, 512)
-# CogVideoX decodes 2 latent frames at a time, 3 the first time: 9 frames at most.
-COGVIDEOX_DECODE_FRAMES = 9
 DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
 _WEIGHTS = re.compile(r"^(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.safetensors$")
 _OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
@@ -94,39 +84,8 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 REREAD_ASSUMED_S = 60.0
 
 
-@dataclasses.dataclass(frozen=True)
-class PipelineSizes:
-    """What the estimate needs to know of one pipeline."""
-
-    parameters: dict[str, int]
-    """Parameters per component (transformer, text_encoder, vae)."""
-    hidden_size: int
-    """The transformer's width (attention heads x head dimension)."""
-    joint_text_tokens: int
-    """Text tokens the transformer attends to together with the video's (CogVideoX); 0
-    when text comes in through cross-attention (LTX-Video)."""
-    vae_channels: int
-    """Channels of the VAE decoder's last, full-resolution stage."""
-    vae_patch_size: int
-    """Pixels per side that one position of that stage unpacks into (LTX-Video: 4)."""
-    vae_tile: tuple[int, int]
-    """(height, width) of a spatial tile of the tiled decode."""
-    described_by: str
-    """Where these sizes come from: the directory read, or the published model assumed."""
-
-
-# Parameters counted from the published configs (benchmarks/engine_step.py) built on
-# torch's meta device with diffusers 0.42 and transformers.
-PUBLISHED = {
-    Family.LTX_VIDEO: PipelineSizes(
-        parameters={"transformer": 1_923_385_472, "text_encoder": 4_762_310_656, "vae": 419_193_649},
-        hidden_size=2048, joint_text_tokens=0, vae_channels=128, vae_patch_size=4, vae_tile=LTX_TILE[1:],
-        described_by="the published LTX-Video 2B with T5-XXL (assumed)"),
-    Family.COGVIDEOX: PipelineSizes(
-        parameters={"transformer": 5_570_283_072, "text_encoder": 4_762_310_656, "vae": 215_583_907},
-        hidden_size=3072, joint_text_tokens=226, vae_channels=128, vae_patch_size=1, vae_tile=(240, 360),
-        described_by="the published CogVideoX-5B with T5-XXL (assumed)"),
-}
+# Each family's published model, which stands in where a model's files cannot be read.
+PUBLISHED: dict[Family, PipelineSizes] = {family: family_facts(family).memory.published for family in Family}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,15 +148,13 @@ def read_pipeline_sizes(directory: Path, family: Family) -> PipelineSizes:
         if count:
             parameters[component] = count
     published = PUBLISHED[family]
+    module = family_module(family)
     transformer = _config(directory / "transformer")
     vae = _config(directory / "vae")
     hidden = transformer.get("num_attention_heads", 0) * transformer.get("attention_head_dim", 0)
     channels = vae.get("decoder_block_out_channels") or vae.get("block_out_channels") or [published.vae_channels]
-    joint = transformer.get("max_text_seq_length", published.joint_text_tokens) if family is Family.COGVIDEOX else 0
-    tile = published.vae_tile
-    if family is Family.COGVIDEOX:
-        # diffusers' CogVideoX VAE tiles at half its sample size.
-        tile = (vae.get("sample_height", 480) // 2, vae.get("sample_width", 720) // 2)
+    joint = module.joint_text_tokens(transformer)
+    tile = module.vae_decode_tile(vae)
     return PipelineSizes(
         parameters=parameters, hidden_size=hidden or published.hidden_size, joint_text_tokens=int(joint),
         vae_channels=int(channels[0]), vae_patch_size=int(vae.get("patch_size", 1) or 1), vae_tile=tile,
@@ -249,14 +206,15 @@ def estimate_memory(spec: ResolvedSpec, model: ModelConfig, footprint: ModelFoot
     dtype_bytes = DTYPE_BYTES.get(model.dtype, 4)
     weights = footprint.parameters() * dtype_bytes
     batch = 2 if spec.guidance_scale > 1 else 1
-    pixels = TOKEN_PIXELS[model.family]
-    latent_frames = (spec.num_frames - 1) // TEMPORAL_COMPRESSION[model.family] + 1
+    family = family_facts(model.family)
+    pixels = family.compression.token_pixels
+    latent_frames = family.compression.latent_frames(spec.num_frames)
     tokens = batch * (latent_frames * math.ceil(spec.height / pixels) * math.ceil(spec.width / pixels)
                       + sizes.joint_text_tokens)
     denoising = tokens * sizes.hidden_size * (ACTIVATION_WIDTHS * dtype_bytes + FLOAT32_WIDTHS * 4)
     frames, height, width = _decode_tile(spec, model, sizes)
     patch = sizes.vae_patch_size
-    decoding = (VAE_WIDTHS[model.family] * sizes.vae_channels * frames * math.ceil(height / patch) * math.ceil(width / patch)
+    decoding = (family.memory.vae_widths * sizes.vae_channels * frames * math.ceil(height / patch) * math.ceil(width / patch)
                 + VIDEO_COPIES * 3 * spec.num_frames * spec.height * spec.width) * dtype_bytes
     peak = weights + max(denoising, decoding)
     return MemoryEstimate(weights, denoising, decoding, peak, int(peak * (1 + margin)) + CUDA_CONTEXT_BYTES)
@@ -265,10 +223,9 @@ def estimate_memory(spec: ResolvedSpec, model: ModelConfig, footprint: ModelFoot
 def _decode_tile(spec: ResolvedSpec, model: ModelConfig, sizes: PipelineSizes) -> tuple[int, int, int]:
     """(frames, height, width) the VAE decoder's last stage works on at once."""
     tiled = model.backend.vae_tiling
-    if model.family is Family.LTX_VIDEO:
-        frames = min(spec.num_frames, LTX_TILE[0]) if tiled else spec.num_frames
-    else:
-        frames = min(spec.num_frames, COGVIDEOX_DECODE_FRAMES)
+    memory = family_facts(model.family).memory
+    at_once = memory.tiled_decode_frames if tiled else memory.decode_frames
+    frames = spec.num_frames if at_once is None else min(spec.num_frames, at_once)
     if not tiled:
         return frames, spec.height, spec.width
     return frames, min(spec.height, sizes.vae_tile[0]), min(spec.width, sizes.vae_tile[1])

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from farm.domain.states import Stage
 from farm.postproc.chunks import Chunk, plan_chunks
 from farm.postproc.color import ColorStats, lab_statistics, match_color
 from farm.postproc.interpolate import interpolate
@@ -48,8 +49,6 @@ from farm.postproc.quality import PairMeasurements, QualityScores, measure_pairs
 from farm.postproc.segments import concat_segments, encode_segment
 from farm.postproc.upscale import upscale
 
-POSTPROCESSING = "POSTPROCESSING"
-ENCODING = "ENCODING"
 CPU = "CPU"
 # Lab statistics (color references, and the clip statistics a color match starts
 # from) are taken on frames shrunk to this longer side: the mean is unchanged and
@@ -210,7 +209,7 @@ def device_seconds_by_phase(seconds: dict[str, float], scale: float) -> dict[str
     """Stage seconds -> device-seconds of the POSTPROCESSING and ENCODING phases."""
     phases: dict[str, float] = {}
     for stage, value in seconds.items():
-        phase = ENCODING if stage in ENCODING_STAGES else POSTPROCESSING
+        phase = Stage.ENCODING if stage in ENCODING_STAGES else Stage.POSTPROCESSING
         phases[phase] = phases.get(phase, 0.0) + value * scale
     return phases
 
@@ -369,7 +368,7 @@ async def postprocess_clip(
         raise RuntimeError(f"post-processing delivered {delivered} frames, expected {expected}")
 
     timings = [(phase, r.device_kind, s) for r in results for phase, s in r.device_seconds.items()]
-    timings += [(POSTPROCESSING, r.device_kind, r.device_seconds) for r in statistics_results]
+    timings += [(Stage.POSTPROCESSING, r.device_kind, r.device_seconds) for r in statistics_results]
     video = None
     report = _report(results, statistics_results)
     if encode:
@@ -377,7 +376,7 @@ async def postprocess_clip(
         video = await asyncio.to_thread(concat_segments, [r.segment for r in results], out_fps)
         joined = time.perf_counter() - started
         # The join runs on the caller's CPU, one core.
-        timings.append((ENCODING, CPU, joined))
+        timings.append((Stage.ENCODING, CPU, joined))
         report["join_seconds"] = round(joined, 4)
     quality = score(PairMeasurements.concatenate(r.measurements for r in results))
     statistics = ColorStats.combine(r.statistics for r in results) if all(r.statistics for r in results) else None

@@ -4,10 +4,8 @@ glibc serves a large allocation (past its mmap threshold, at most 32 MiB) with f
 pages from the kernel and returns them when it is freed, and a thread other than the
 main one allocates from an arena whose heaps are unmapped once empty. A CPU engine
 allocates and frees activations of tens of MiB at every layer, so every render faulted
-its working set in again, page by page, zeroed by the kernel: the tiny LTX-Video render
-of `benchmarks/farm_overhead.py`, in a render thread as in a replica, took 180,000 page
-faults and 750-990 ms; with these settings none and 330-455 ms (decoding 490-690 ms ->
-220-325 ms).
+its working set in again, page by page, zeroed by the kernel; with these settings it
+does not (measured with `benchmarks/farm_overhead.py`: benchmarks/RESULTS.md).
 
 The settings are glibc tunables, read when a process starts, so they travel in the
 replica's environment: one arena, no mmap for large blocks, no trimming of the heap. The

@@ -14,7 +14,7 @@ from farm.config import FarmConfig, load_config
 def build_app(args: FarmConfig | dict[str, Any] | None = None) -> Application:
     """`farm.serve:build_app`. A Serve config's `args` may hold `config_path` (a farm
     YAML file) and/or inline FarmConfig fields."""
-    from farm.serve.engine import engine_deployment
+    from farm.serve.render_replica import engine_deployment
     from farm.serve.postproc import postproc_deployment
     from farm.serve.scheduler import scheduler_deployment
 

@@ -3,11 +3,11 @@
 The scheduler knows the backlog (device-seconds of queued work per pool, from the
 cost model) and the replicas busy with renders; Serve knows only ongoing requests,
 which for a render farm say nothing about the queue in the store. So the scheduler
-computes each pool's wanted replica count (`farm.jobs.autoscale`) and publishes it
-in Ray's internal KV; `BacklogPolicy`, run by the Serve controller every control
-loop, hands it to Serve, which applies the pool's bounds and its up/down-scale
-delays. Serve drains a replica it removes (its renders finish first, up to the
-pool's drain timeout), and the wanted count never drops below the busy replicas.
+computes each pool's wanted replica count (`farm.jobs.scheduler.autoscale`) and
+publishes it in Ray's internal KV; `BacklogPolicy`, run by the Serve controller every
+control loop, hands it to Serve, which applies the pool's bounds and its up/down-scale
+delays. Serve drains a replica it removes (its renders finish first, up to the pool's
+drain timeout), and the wanted count never drops below the busy replicas.
 """
 
 from __future__ import annotations

@@ -142,10 +142,29 @@ def clear_preemption(render_id: str, attempt: int) -> None:
     kv.delete(_preempt_key(render_id, attempt))
 
 
-# -- node quarantine (see farm.jobs.quarantine) -------------------------------------------
+# The preemption flag is a GCS read, made this often while a preemptible render denoises:
+# an urgent render waits at most this (and a layer) longer for its engine.
+PREEMPT_CHECK_INTERVAL_S = 0.1
+
+
+class KVPreemption:
+    """The scheduler's preemption flags as a render attempt reads them
+    (`farm.render.signals.PreemptionSignal`)."""
+
+    def __init__(self, interval_s: float = PREEMPT_CHECK_INTERVAL_S):
+        self.interval_s = interval_s
+
+    def watch(self, render_id: str, attempt: int) -> PreemptionWatch:
+        return PreemptionWatch(render_id, attempt, self.interval_s)
+
+    def clear(self, render_id: str, attempt: int) -> None:
+        clear_preemption(render_id, attempt)
+
+
+# -- node quarantine (see farm.jobs.scheduler.quarantine) ---------------------------------
 # One key per quarantined node, holding when its quarantine ends, so that it outlives a
 # restarted scheduler and expires by itself. Nodes are named "<host>/<Ray node id
-# prefix>" (`farm.serve.engine.node_name`); routers match replicas by the id prefix.
+# prefix>" (`farm.serve.render_replica.node_name`); routers match replicas by the id prefix.
 _FENCE_PREFIX = "fenced/"
 # Fenced by this process (the scheduler's): its routers see them at once, not at their next read.
 _fenced_here: dict[str, float] = {}
@@ -289,3 +308,14 @@ class Hold:
             return "timed out"
         finally:
             release(self.holder)
+
+
+class RenderHolds:
+    """The drills' holds on the renders of one pool's replica on `node`, as a render
+    attempt claims them (`farm.render.signals.Holds`)."""
+
+    def __init__(self, model: str, device_kind: str | None, node: str):
+        self.model, self.device_kind, self.node = model, device_kind, node
+
+    def claim(self, render_id: str) -> Hold | None:
+        return Hold.claim_render(self.model, self.device_kind, render_id, self.node)

@@ -5,12 +5,12 @@ Ray Serve's default router probes two random replicas; a render farm has few rep
 and long requests, so both routers send each request to the replica with the fewest
 requests outstanding from this router (`_AssignedRequests`), which also keeps an
 urgent render from landing behind a busy replica while another is idle. EngineRouter
-gives replicas on a quarantined node (`farm.jobs.quarantine`) nothing; when every one is,
-the request waits (Serve retries with backoff) until the quarantine ends or the pool
-has grown replicas elsewhere. A render retried after an engine failed it goes to a replica
-on another node when the pool has one, and where it failed when it has not (it does not
-wait for one). That is a preference, not a promise: with several requests waiting at once,
-FIFOMixin hands the replica found for one of them to the oldest."""
+gives replicas on a quarantined node (`farm.jobs.scheduler.quarantine`) nothing; when
+every one is, the request waits (Serve retries with backoff) until the quarantine ends
+or the pool has grown replicas elsewhere. A render retried after an engine failed it
+goes to a replica on another node when the pool has one, and where it failed when it
+has not (it does not wait for one). That is a preference, not a promise: with several
+requests waiting at once, FIFOMixin hands the replica found for one of them to the oldest."""
 
 from __future__ import annotations
 
@@ -144,9 +144,9 @@ def split_by_failed_nodes(replicas: list, nodes: tuple[str, ...]) -> tuple[list,
 
 
 class ChunkRouter(_AssignedRequests):
-    """Post-processing chunks: a clip's chunks go to different replicas (in 3 to 5 of 10
-    idle renders of farm_overhead.py, Serve's own choice put its two long chunks on one
-    replica, doubling their post-processing)."""
+    """Post-processing chunks: a clip's chunks go to different replicas (Serve's own
+    choice often put a clip's two long chunks on one replica, doubling their
+    post-processing; see benchmarks/RESULTS.md)."""
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:

@@ -1,5 +1,6 @@
 """The scheduler deployment: a single replica running `farm.jobs.scheduler.Scheduler`
-over Serve handles of the engine deployments."""
+over Serve handles of the engine deployments, each wrapped as an `EnginePool` whose
+streams pass the replicas' typed events (`farm.domain.events`) through unchanged."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
@@ -17,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from farm.config import FarmConfig, ModelConfig, PoolConfig
 from farm.domain.engine import EngineRequest
 from farm.domain.errors import EngineLost
+from farm.domain.events import EngineEvent
 from farm.jobs.scheduler import Scheduler
 from farm.jobs.store import JobStore
 from farm.serve.flags import ServeNodeFence
@@ -40,7 +43,7 @@ class _ServeStream:
     def __init__(self, handle: DeploymentHandle, request: EngineRequest):
         self._response = handle.options(stream=True).render.remote(request)
 
-    async def __aiter__(self):
+    async def __aiter__(self) -> AsyncIterator[list[EngineEvent]]:
         try:
             async for event in self._response:
                 yield event
@@ -65,7 +68,7 @@ def _read_replicas() -> tuple[dict[tuple[str, str], list[str | None]], dict[str,
     """Node ids of the RUNNING replicas of every (app, deployment), and the quarantined
     nodes. The details are what `serve.status()` reads; it drops the replicas' nodes.
     They are read as the controller sends them: validating them into Serve's pydantic
-    schema took 10-20% of a core on an idle 2-core node, once a second."""
+    schema costs a noticeable share of a small node's CPU, every second."""
     from ray.serve.context import _get_global_client
 
     from farm.serve.flags import fenced_nodes
@@ -96,7 +99,7 @@ class ServePool:
 
     def __init__(self, model: ModelConfig, pool: PoolConfig, handle: DeploymentHandle, device_kind: str,
                  app_name: str, info: dict | None):
-        from farm.serve.engine import deployment_name
+        from farm.serve.render_replica import deployment_name
 
         self.model, self.handle, self.device_kind = model.name, handle, device_kind
         self.min_replicas, self.max_replicas = pool.min_replicas, pool.max_replicas
@@ -198,7 +201,7 @@ class SchedulerServer:
             "running": {rid: r.claimed.attempt for rid, r in self.scheduler.running.items()},
             "pools": {p.key: {"replicas": p.slots, "fenced_replicas": p._fenced_replicas, "wanted": p._wanted,
                               "cold_start_s": p.cold_start_s,
-                              "running": len(self.scheduler._on_pool(p))} for p in self.scheduler.all_pools()},
+                              "running": len(self.scheduler.running_on(p))} for p in self.scheduler.all_pools()},
         }
 
     async def __del__(self):

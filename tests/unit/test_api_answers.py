@@ -32,8 +32,9 @@ from farm.api.server import Gateway
 from farm.api.servicer import RenderServicer
 from farm.api.watch import EventHub
 from farm.cli.client import FarmClient
-from farm.config import Family, FarmConfig, ModelConfig, Task
+from farm.config import FarmConfig, ModelConfig, Task
 from farm.domain.states import AttemptOutcome
+from farm.families import Family
 from farm.jobs.store import JobStore
 from farm.storage.artifacts import ArtifactStore
 from farm.v1 import render_pb2 as pb

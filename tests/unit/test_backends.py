@@ -31,7 +31,7 @@ from diffusers import (
 )
 from pydantic import ValidationError
 
-from farm.config import BackendConfig, Family, ModelConfig, Task
+from farm.config import BackendConfig, ModelConfig, Task
 from farm.domain.engine import EngineRequest
 from farm.engines import load_engine
 from farm.engines.backends import ShapeBucket, create_backend, parse_shape
@@ -59,6 +59,7 @@ from farm.engines.build import (
 )
 from farm.engines.pipeline_engine import DiffusersEngine
 from farm.engines.tiny import tiny_model_configs
+from farm.families import Family
 
 ONNX_FLOAT32_TOLERANCE = 1e-3
 FP8_TOLERANCE = 1.5e-1
@@ -273,7 +274,7 @@ def test_build_key_changes_with_shape_and_backend_and_a_second_build_is_a_hit(on
         raise AssertionError("a cache hit loaded the pipeline or built again")
 
     # A hit hashes the weights only: no load, no export.
-    monkeypatch.setattr("farm.engines.pipeline_engine.load_pipelines", must_not_run)
+    monkeypatch.setattr("farm.engines.loading.load_pipelines", must_not_run)
     monkeypatch.setattr("farm.engines.build._build_one", must_not_run)
     again = build_engine(onnx_models["ltx-video-tiny"], "64x64x9", tasks=[Task.TEXT_TO_VIDEO])
     assert again == directory

@@ -15,7 +15,7 @@ import torch
 from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, LTXPipeline
 from PIL import Image
 
-from farm.config import FAMILY_LIMITS, Family, ModelConfig, Task
+from farm.config import ModelConfig, Task
 from farm.domain.engine import (
     EngineRequest,
     RenderCancelled,
@@ -28,6 +28,7 @@ from farm.engines.pipeline_engine import (
     video_to_uint8_frames,
 )
 from farm.engines.tiny import make_tiny_models, tiny_model_configs
+from farm.families import Family, family_facts
 from tests.unit.conftest import FAMILIES_AND_TASKS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -143,7 +144,7 @@ def test_tiny_model_configs_keep_family_limits(models_dir):
         Task.IMAGE_TO_VIDEO: str(models_dir / "cogvideox-i2v-tiny"),
     }
     for model in configs.values():
-        assert model.limits == FAMILY_LIMITS[model.family]
+        assert model.limits == family_facts(model.family).limits
         defaults = model.defaults
         assert defaults.width % model.limits.size_multiple == 0
         assert defaults.height % model.limits.size_multiple == 0

@@ -1,13 +1,10 @@
 """GPU memory: the estimate (how it grows, the sizes it reads from a pipeline's files,
 its widths against the bytes a full-size pass keeps alive on torch's meta device), the
-device table's validation, refusal at submit over gRPC, and routing and claiming only
-where a render fits. No Ray, no GPU."""
+device table's validation, and refusal at submit over gRPC (routing and claiming only
+where a render fits: tests/unit/test_scheduler.py). No Ray, no GPU."""
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import datetime as dt
 import math
 import re
 import weakref
@@ -15,13 +12,12 @@ import weakref
 import grpc
 import pytest
 
-from farm.config import GIB, Family, FarmConfig, ModelConfig, PoolConfig, Task
+from farm.config import GIB, FarmConfig, ModelConfig, PoolConfig, Task
 from farm.domain.errors import InvalidArgument
 from farm.domain.spec import RenderSpec
+from farm.families import Family
 from farm.planning import memory
 from farm.jobs.validation import resolve_spec
-from farm.jobs.records import ClaimedRender
-from farm.jobs.schema import utcnow
 from farm.planning.memory import (
     MemoryPlanner,
     estimate_memory,
@@ -429,112 +425,3 @@ def test_submit_and_estimate_refuse_over_grpc_with_the_field_and_leave_nothing(g
     render = client.submit(spec)
     record = store.get(tenant.id, render.id)
     assert 60 * GIB < record.spec.memory_bytes < 80 * GIB
-
-
-# Claiming and routing only where it fits --------------------------------------------------
-
-
-@dataclasses.dataclass
-class FakePool:
-    model: str
-    device_kind: str
-    slots: int = 1
-    min_replicas: int = 0
-    max_replicas: int = 4
-    backlog_target_s: float = 60.0
-    relative_speed: float = 1.0
-    preemptible: bool = True
-    cold_start_s: float = 0.0
-    asked: int | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.model}/{self.device_kind}"
-
-    async def refresh(self) -> None:
-        pass
-
-    def scale_to(self, replicas: int) -> None:
-        self.asked = replicas
-
-    def preempt(self, render_id: str, attempt: int) -> None:
-        self.preempted = [*getattr(self, "preempted", []), render_id]
-
-
-class Metrics:
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-def scheduler_for(config: FarmConfig, store=None, **slots):
-    from farm.jobs.scheduler import Scheduler
-
-    # The A100s are ten times faster: routing would send everything there if it could.
-    pools = [FakePool("ltx", "H100", slots=slots.get("H100", 1)),
-             FakePool("ltx", "A100", slots=slots.get("A100", 1), relative_speed=10.0)]
-    return Scheduler(store, {"ltx": pools}, config, "test-owner", Metrics()), {p.device_kind: p for p in pools}
-
-
-def claimed(spec) -> ClaimedRender:
-    return ClaimedRender(id="r1", tenant_id="t", tenant_name="t", attempt=1, spec=spec, created_at=utcnow(),
-                         claimed_at=utcnow())
-
-
-def placed(config: FarmConfig, **fields):
-    spec = resolved(config, **fields)
-    need, _ = MemoryPlanner(config).place(spec, config.served_models()[0], ["H100", "A100"])
-    return dataclasses.replace(spec, memory_bytes=need)
-
-
-def test_a_render_is_routed_only_to_pools_it_fits():
-    config = pooled_config()
-    scheduler, pools = scheduler_for(config)
-    small = placed(config, width=256, height=256, num_frames=17)
-    big = placed(config, width=1280, height=1280, num_frames=257)
-    assert scheduler._route(claimed(small)) is pools["A100"]  # the faster pool
-    assert scheduler._route(claimed(big)) is pools["H100"]
-    # Free memory for claiming: the largest pool with room.
-    assert scheduler._free_memory() == {"ltx": 80 * GIB}
-    pools["H100"].slots = 0
-    assert scheduler._free_memory() == {"ltx": 40 * GIB}
-    assert scheduler._route(claimed(big)) is pools["H100"]  # never to a pool too small, even with room
-    # A render stored before memory was estimated goes anywhere.
-    assert scheduler._route(claimed(dataclasses.replace(big, memory_bytes=None))) is pools["A100"]
-
-
-def test_a_render_that_fits_only_a_full_pool_stays_queued_and_scales_that_pool(store):
-    config = pooled_config()
-    tenant, _ = store.create_tenant("acme")
-    for fields in (dict(width=1280, height=1280, num_frames=257), dict(width=256, height=256, num_frames=17)):
-        store.submit(tenant.id, RenderSpec(model="ltx", task=T2V, prompt="x", **fields), placed(config, **fields))
-    scheduler, pools = scheduler_for(config, store, H100=0)
-    # Only the A100s have room: the small render is claimed, the big one waits.
-    [taken] = store.claim({"ltx": 2}, "test-owner", 30, scheduler._free_kinds(), scheduler._free_memory())
-    assert taken.spec.width == 256
-    assert store.claim({"ltx": 2}, "test-owner", 30, scheduler._free_kinds(), scheduler._free_memory()) == []
-    # Its backlog is the H100s' alone, though the A100s are ten times faster.
-    asyncio.run(scheduler._autoscale_once())
-    assert pools["H100"].asked >= 1 and pools["A100"].asked == 0
-    pools["H100"].slots = 1
-    [big] = store.claim({"ltx": 1}, "test-owner", 30, scheduler._free_kinds(), scheduler._free_memory())
-    assert big.spec.width == 1280 and scheduler._route(big) is pools["H100"]
-
-
-def test_an_urgent_render_preempts_only_on_a_pool_it_fits(store):
-    from farm.jobs.scheduler import _Running
-
-    config = pooled_config()
-    tenant, _ = store.create_tenant("acme")
-    fields = dict(width=1280, height=1280, num_frames=257, priority=90)
-    store.submit(tenant.id, RenderSpec(model="ltx", task=T2V, prompt="x", **fields), placed(config, **fields))
-    scheduler, pools = scheduler_for(config, store)
-    # Both pools busy with batch renders; the A100 one was claimed last, so it would be
-    # the victim if memory did not count.
-    for index, kind in enumerate(("H100", "A100")):
-        batch = claimed(placed(config, width=256, height=256, num_frames=17, priority=5))
-        batch = dataclasses.replace(batch, id=f"batch-{kind}", claimed_at=utcnow() + dt.timedelta(seconds=index))
-        scheduler.running[batch.id] = _Running(batch, pools[kind], stream=object(), engine_started=True)
-    asyncio.run(scheduler._preempt_for_waiting())
-    assert getattr(pools["H100"], "preempted", []) == ["batch-H100"]
-    assert not getattr(pools["A100"], "preempted", [])
-

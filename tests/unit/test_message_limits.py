@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 from PIL import Image
 
 from farm.api.limits import OTHER_FIELDS_BYTES, largest_request_bytes, max_receive_bytes
-from farm.config import Family, FarmConfig, ModelConfig, Task
+from farm.config import FarmConfig, ModelConfig, Task
 from farm.domain.spec import (
     MAX_DEVICE_KIND_CHARS,
     MAX_IDEMPOTENCY_KEY_CHARS,
@@ -26,6 +26,7 @@ from farm.domain.spec import (
     MAX_LABELS,
     MAX_REFERENCE_ID_CHARS,
 )
+from farm.families import Family
 from farm.v1 import render_pb2 as pb
 from tests.gateway import bad_request_fields, serving
 

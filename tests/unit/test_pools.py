@@ -1,5 +1,6 @@
 """Pools by device kind in the store (placement, preemption, retries on other nodes,
-losing the database connection) and the autoscaling arithmetic; no Ray."""
+losing the database connection) and the autoscaling arithmetic; no Ray. The scheduler's
+side of the same (routing, preempting, retrying) is in test_scheduler.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import secrets
 import pytest
 
 from farm.config import (
-    Family,
     FarmConfig,
     ModelConfig,
     PoolConfig,
@@ -18,8 +18,9 @@ from farm.config import (
 from farm.domain.errors import InvalidArgument
 from farm.domain.spec import RenderSpec
 from farm.domain.states import AttemptOutcome, RenderState
+from farm.families import Family
 from farm.jobs.validation import resolve_spec
-from farm.jobs.autoscale import PoolLoad, assign_backlog, wanted_replicas
+from farm.jobs.scheduler.autoscale import PoolLoad, assign_backlog, wanted_replicas
 from farm.jobs.records import PoolRecord, PoolStatus
 from farm.jobs.schema import utcnow
 from farm.metering.cost import price_timings
@@ -241,193 +242,3 @@ def test_a_submit_wakes_a_listening_scheduler_at_once(postgres_url):
     finally:
         detector.close()
         store.close()
-
-
-def test_an_engine_takes_the_next_render_while_its_last_one_is_post_processed(store):
-    """A render in POSTPROCESSING or WRITING no longer needs its replica's engine: the
-    pool has room for the next render, up to postprocessing_per_replica such renders
-    more per replica; it is neither counted busy nor preemptible; a quality-gate retry
-    takes it back into the engine."""
-    import asyncio
-    import dataclasses
-    import datetime as dt
-
-    from farm.jobs.scheduler import _Running
-    from tests.unit.test_memory import claimed, placed, pooled_config, scheduler_for
-
-    config = pooled_config()
-    assert (config.scheduler.prefetch_per_replica, config.scheduler.postprocessing_per_replica) == (1, 2)
-    scheduler, pools = scheduler_for(config, store, H100=1, A100=0)
-    pool = pools["H100"]
-
-    def dispatch(index: int) -> _Running:
-        spec = placed(config, width=256, height=256, num_frames=17, priority=5)
-        render = dataclasses.replace(claimed(spec), id=f"r{index}", claimed_at=utcnow() - dt.timedelta(seconds=index))
-        scheduler.running[render.id] = entry = _Running(render, pool, stream=object(), engine_started=True)
-        return entry
-
-    def stage(entry: _Running, name: str) -> None:
-        scheduler._on_progress(entry, pool, {"kind": "progress", "stage": name})
-
-    first, second = dispatch(1), dispatch(2)
-    assert scheduler._pool_room(pool) == 0  # rendering one, holding the next
-    stage(first, "POSTPROCESSING")
-    assert scheduler._pool_room(pool) == 1
-    third = dispatch(3)
-    stage(second, "WRITING")
-    fourth = dispatch(4)
-    stage(third, "POSTPROCESSING")
-    # Engine room for one more, but the replica holds its most: 1 + 1 prefetched + 2 post-processing.
-    assert scheduler._pool_room(pool) == 0
-    stage(first, "DENOISING")  # a quality-gate retry renders a new seed
-    assert not first.postprocessing and scheduler._pool_room(pool) == 0
-    stage(first, "POSTPROCESSING")
-    # Autoscaling sees one busy replica, not four renders' worth.
-    asyncio.run(scheduler._autoscale_once())
-    assert pool.asked == 1
-    assert [r.claimed.id for r in scheduler.running.values() if scheduler._needs_engine(r)] == [fourth.claimed.id]
-    # An urgent render preempts the one render on the engine, not those it has let go of.
-    tenant, _ = store.create_tenant("acme")
-    urgent = dict(width=256, height=256, num_frames=17, priority=90)
-    store.submit(tenant.id, RenderSpec(model="ltx", task=Task.TEXT_TO_VIDEO, prompt="x", **urgent),
-                 placed(config, **urgent))
-    asyncio.run(scheduler._preempt_for_waiting())
-    assert pool.preempted == [fourth.claimed.id]
-
-
-# A render that fails on every attempt, on a farm of one node ------------------------------
-
-NODE = "host-1/a3f0c2d1e4b5"
-
-
-class Fence:
-    """The scheduler's NodeFence; the pool below honours it as Serve's EngineRouter does."""
-
-    def __init__(self) -> None:
-        self.excluded: dict[str, float] = {}
-
-    def exclude(self, node: str, until: float) -> None:
-        self.excluded[node] = until
-
-    def closed(self, node: str) -> bool:
-        import time
-
-        return self.excluded.get(node, 0.0) > time.time()
-
-
-class OneNodePool:
-    """One engine replica on one node, as the scheduler sees it through Serve: a request
-    waits while the node is quarantined (the router has no replica to give it); a render
-    of one step fails after it started, as LTX-Video's scheduler did (IndexError); any
-    other render succeeds."""
-
-    model, device_kind, slots = "ltx", "CPU", 1
-    min_replicas = max_replicas = 1
-    backlog_target_s, relative_speed, preemptible, cold_start_s = 60.0, 1.0, False, 0.0
-    key = "ltx/CPU"
-
-    def __init__(self, fence: Fence) -> None:
-        self.fence = fence
-        self.requests = []
-
-    def render(self, request):
-        self.requests.append(request)
-        return OneNodeStream(self, request)
-
-    def preempt(self, render_id: str, attempt: int) -> None:
-        pass
-
-    async def refresh(self) -> None:
-        pass
-
-    def scale_to(self, replicas: int) -> None:
-        pass
-
-
-class OneNodeStream:
-    def __init__(self, pool: OneNodePool, request) -> None:
-        self.pool, self.request = pool, request
-
-    def __aiter__(self):
-        return self._events()
-
-    async def _events(self):
-        import asyncio
-        import time
-
-        while self.pool.fence.closed(NODE):
-            await asyncio.sleep(0.01)
-        yield [{"kind": "progress", "stage": "LOADING", "node": NODE, "at": time.time()}]
-        if self.request.num_inference_steps == 1:
-            raise IndexError("index 0 is out of bounds for dimension 0 with size 0")
-        yield [{"kind": "progress", "stage": "DENOISING", "step": 1, "total_steps": 1, "step_seconds": 0.01,
-                "at": time.time()}]
-        yield [{"kind": "done", "timings": [["DENOISING", "CPU", 0.01]], "artifact_uri": "file:///clip.mp4",
-                "manifest_uri": "file:///manifest.json", "device_kind": "CPU", "node": NODE}]
-
-    def cancel(self) -> None:
-        pass
-
-
-def test_a_render_failing_on_every_attempt_on_a_one_node_farm_fails_and_holds_up_no_one(store):
-    """SubmitRender{ltx, 1 step} wedged a one-node farm: each attempt failed on the only
-    node, the render was queued again for ever (it never failed on 3 *different* nodes),
-    and its third failure quarantined the node, so its fourth attempt, and every other
-    tenant's render, waited for the quarantine (300 s) to end. Now it fails after
-    `failed_node_limit` attempts, its repeated failures count once towards the node's
-    quarantine, and the other tenant's renders run."""
-    import asyncio
-    import dataclasses
-
-    from farm.jobs.scheduler import Scheduler
-    from tests.unit.test_memory import Metrics
-
-    config = FarmConfig(models=[ModelConfig(name="ltx", family=Family.LTX_VIDEO, sources={Task.TEXT_TO_VIDEO: "d"},
-                                            pools=[PoolConfig(device_kind="CPU")])],
-                        scheduler={"heartbeat_interval_s": 0.2, "poll_interval_s": 0.01})
-    models = {"ltx": config.served_models()[0]}
-    assert (config.scheduler.failed_node_limit, config.scheduler.quarantine_after_failures) == (3, 3)
-    studio_a, _ = store.create_tenant("studio-a")
-    studio_b, _ = store.create_tenant("studio-b")
-
-    def submit_render(tenant_id: str, steps: int):
-        request = RenderSpec(model="ltx", task=Task.TEXT_TO_VIDEO, prompt="a lighthouse", width=32, height=32,
-                             num_frames=9, num_inference_steps=max(steps, 2))
-        # One step is refused at submit now: this one was queued before the limit existed.
-        spec = dataclasses.replace(resolve_spec(request, models), num_inference_steps=steps)
-        return store.submit(tenant_id, request, spec)[0]
-
-    async def until_final(render_id: str, timeout_s: float = 60.0):
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while asyncio.get_running_loop().time() < deadline:
-            record = await asyncio.to_thread(store.get, None, render_id)
-            if record.state.is_final:
-                return record
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{render_id} is still {record.state.value} (attempt {record.attempt}, "
-                             f"stage {record.stage.value}) after {timeout_s:.0f} s")
-
-    async def scenario():
-        fence = Fence()
-        pool = OneNodePool(fence)
-        scheduler = Scheduler(store, {"ltx": [pool]}, config, OWNER, Metrics(), fence=fence)
-        bad = submit_render(studio_a.id, steps=1)
-        beside = submit_render(studio_b.id, steps=2)
-        scheduler.start()
-        try:
-            failed = await until_final(bad.id)
-            after = submit_render(studio_b.id, steps=2)
-            finished = [await until_final(beside.id), await until_final(after.id)]
-        finally:
-            await scheduler.stop()
-        return failed, finished, pool, fence
-
-    failed, finished, pool, fence = asyncio.run(scenario())
-    assert failed.state is RenderState.FAILED and failed.attempt == 3, failed
-    assert failed.error == (f"failed 3 times on 1 node: {NODE}: IndexError: index 0 is out of bounds for "
-                            f"dimension 0 with size 0 (3 times)")
-    assert [r.state for r in finished] == [RenderState.SUCCEEDED, RenderState.SUCCEEDED]
-    assert fence.excluded == {}  # one render's failures did not close the farm's only node
-    # Each retry was told where it had failed; with no other node it ran there at once.
-    tried = [(r.attempt, r.avoid_nodes) for r in pool.requests if r.render_id == failed.id]
-    assert tried == [(1, ()), (2, (NODE,)), (3, (NODE,))]

@@ -1,6 +1,8 @@
 """Preemption on the engine side: a render stopped at a denoising step boundary leaves a
 checkpoint, and a render resumed from it equals the uninterrupted one bitwise (CPU,
-float32); checkpoints of another spec are refused; the artifact store keeps them whole."""
+float32); checkpoints of another spec are refused; the artifact store keeps them whole; a
+render attempt, with the Serve replica's flags and holds, writes the checkpoint and resumes
+from it."""
 
 from __future__ import annotations
 
@@ -446,165 +448,188 @@ def test_a_failed_checkpoint_write_leaves_no_checkpoint(artifact_store, monkeypa
     assert artifact_store.fs.ls(artifact_store.checkpoint_prefix("r-8"), detail=False) == []
 
 
-# The engine deployment (its class, without Ray) ---------------------------------------------
+# One render attempt (farm.render.attempt), with the replica's flags ---------------------------
 
 
 @pytest.fixture
-def server(models_dir, tmp_path, monkeypatch):
-    """The Serve deployment's class on the tiny LTX-Video, with the scheduler's flags in a set
-    (Ray's KV is not running here)."""
+def attempts(engines, tmp_path, monkeypatch):
+    """Render attempts on the tiny LTX-Video, with the Serve replica's preemption flags and
+    drill holds, their key-value store in memory (Ray's is not running here)."""
+    from farm.postproc.pipeline import LocalChunkRunner
+    from farm.render.attempt import AttemptRunner
     from farm.serve import flags
-    from farm.serve.engine import EngineServer
 
-    raised: set[tuple[str, int]] = set()
-    monkeypatch.setattr(flags, "preemption_requested", lambda render_id, attempt: (render_id, attempt) in raised)
-    monkeypatch.setattr(flags, "clear_preemption", lambda render_id, attempt: raised.discard((render_id, attempt)))
-    model = next(m for m in tiny_model_configs(models_dir) if m.name == "ltx-video-tiny")
-    engine_server = EngineServer(model.model_dump_json(), str(tmp_path / "artifacts"))
-    engine_server.flags = raised
-    yield engine_server
-    engine_server._executor.shutdown(wait=True)
+    monkeypatch.setattr(flags, "kv", flags.MemoryKV())
+    runner = AttemptRunner(engines["ltx-video-tiny"], LocalChunkRunner(workers=1),
+                           ArtifactStore(str(tmp_path / "artifacts")), flags.KVPreemption())
+    yield runner
+    runner.render_thread.executor.shutdown(wait=True)
 
 
-def stream(server, request: EngineRequest) -> list[dict]:
+def stream(runner, request: EngineRequest) -> list:
     async def collect():
-        return [event async for batch in server.render(request) for event in batch]
+        return [event async for batch in runner.run(request) for event in batch]
 
     return asyncio.run(collect())
 
 
-def rendered_candidate(server, request: EngineRequest):
+def render_thread(runner, request: EngineRequest, stop: threading.Event, messages: list) -> None:
+    """The render thread's part of an attempt alone, its messages appended to `messages`."""
+    runner.render_thread.render(request, lambda message, flush=False: messages.append(message), stop)
+
+
+def rendered_candidate(runner, request: EngineRequest):
     """The render thread's part alone: its progress events and the engine's output."""
-    events = []
-    server._render_blocking(request, events.append, threading.Event())
-    kinds = [e["kind"] for e in events]
-    assert kinds[-1] == "rendered" and "candidate" in kinds, kinds
-    return events, next(e["output"] for e in events if e["kind"] == "candidate")
+    from farm.domain.engine import Candidate
+    from farm.render.render_thread import Rendered
+
+    messages = []
+    render_thread(runner, request, threading.Event(), messages)
+    assert isinstance(messages[-1], Rendered) and any(isinstance(m, Candidate) for m in messages), messages
+    return messages, next(m.output for m in messages if isinstance(m, Candidate))
 
 
-def test_server_preempts_writes_the_checkpoint_and_resumes_from_it(server):
-    request = make_request(server.engine, Task.TEXT_TO_VIDEO, render_id="r-s")
-    _, uninterrupted = rendered_candidate(server, request)
+def steps_of(messages: list) -> list[int]:
+    from farm.domain.events import RenderProgress
 
-    server.flags.add(("r-s", 1))
-    events = stream(server, request)
-    assert [e["kind"] for e in events if e["kind"] != "progress"] == ["preempted"]  # no "done", no error
+    return [m.step for m in messages if isinstance(m, RenderProgress) and m.step]
+
+
+def test_attempt_preempts_writes_the_checkpoint_and_resumes_from_it(attempts):
+    from farm.domain.events import Done, Preempted, RenderProgress
+    from farm.serve import flags
+
+    request = make_request(attempts.engine, Task.TEXT_TO_VIDEO, render_id="r-s")
+    _, uninterrupted = rendered_candidate(attempts, request)
+
+    flags.request_preemption("r-s", 1)
+    events = stream(attempts, request)
+    assert [type(e) for e in events if not isinstance(e, RenderProgress)] == [Preempted]  # no Done, no error
     preempted = events[-1]
-    assert set(preempted) == {"kind", "checkpoint_uri", "step", "total_steps", "timings", "checkpoint_seconds",
-                              "device_kind", "node"}
-    assert (preempted["step"], preempted["total_steps"]) == (1, STEPS)  # the flag was up from the start
-    assert [phase for phase, _, _ in preempted["timings"]] == [Stage.ENCODING_PROMPT, Stage.DENOISING]
-    assert preempted["checkpoint_seconds"] > 0 and preempted["device_kind"] == "CPU"
-    assert server.flags == set()  # lowered once the checkpoint is written
-    assert "DECODING" not in [e.get("stage") for e in events]
-    checkpoint = DenoiseCheckpoint.from_bytes(server.artifacts.read_checkpoint(preempted["checkpoint_uri"]))
+    assert {f.name for f in dataclasses.fields(preempted)} == {
+        "checkpoint_uri", "step", "total_steps", "timings", "checkpoint_seconds", "device_kind", "node"}
+    assert (preempted.step, preempted.total_steps) == (1, STEPS)  # the flag was up from the start
+    assert [phase for phase, _, _ in preempted.timings] == [Stage.ENCODING_PROMPT, Stage.DENOISING]
+    assert preempted.checkpoint_seconds > 0 and preempted.device_kind == "CPU"
+    assert not flags.preemption_requested("r-s", 1)  # lowered once the checkpoint is written
+    assert Stage.DECODING not in [e.stage for e in events if isinstance(e, RenderProgress)]
+    checkpoint = DenoiseCheckpoint.from_bytes(attempts.artifacts.read_checkpoint(preempted.checkpoint_uri))
     assert checkpoint.step == 1
 
-    resumed_request = dataclasses.replace(request, attempt=2, resume_from=preempted["checkpoint_uri"])
-    progress, resumed = rendered_candidate(server, resumed_request)
-    assert [e["step"] for e in progress if e["kind"] == "progress" and e.get("step")] == [2, 3, 4]
+    resumed_request = dataclasses.replace(request, attempt=2, resume_from=preempted.checkpoint_uri)
+    progress, resumed = rendered_candidate(attempts, resumed_request)
+    assert steps_of(progress) == [2, 3, 4]
     np.testing.assert_array_equal(resumed.frames, uninterrupted.frames)
 
     # The whole stream: post-processed, written, and the manifest says where it resumed.
-    events = stream(server, resumed_request)
+    events = stream(attempts, resumed_request)
     done = events[-1]
-    assert done["kind"] == "done"
-    with fsspec.open(done["manifest_uri"], "rb") as f:
+    assert isinstance(done, Done)
+    with fsspec.open(done.manifest_uri, "rb") as f:
         manifest = json.load(f)
     assert any("resumed after step 1 of 4" in note for note in manifest["notes"])
 
 
 @pytest.fixture
-def held_server(server, monkeypatch):
-    """The deployment taking drills' holds, with Ray's KV in memory."""
-    from farm.serve import flags
+def held_attempts(attempts, monkeypatch):
+    """Attempts taking the replica's drill holds (in the same in-memory store)."""
+    from farm.serve.flags import RenderHolds
 
-    monkeypatch.setattr(flags, "kv", flags.MemoryKV())
-    server.holds_enabled = True
-    return server
+    monkeypatch.setattr(attempts.render_thread, "holds", RenderHolds("ltx-video-tiny", None, "here"))
+    return attempts
 
 
-def start_held(server, request: EngineRequest, step: int, stop: threading.Event):
-    """Renders `request` in a thread of its own, held after `step`; returns once it waits there."""
+def start_held(runner, request: EngineRequest, step: int, stop: threading.Event):
+    """The render thread's part of `request` in a thread of its own, held after `step`;
+    returns once it waits there."""
     from farm.serve.flags import hold_next_render
 
-    hold_next_render(server.model.name, step)
-    events: list[dict] = []
-    thread = threading.Thread(target=server._render_blocking, args=(request, events.append, stop))
+    hold_next_render("ltx-video-tiny", step)
+    messages: list = []
+    thread = threading.Thread(target=render_thread, args=(runner, request, stop, messages))
     thread.start()
     holder, record = wait_held(timeout=120)
     assert (holder, record["step"]) == (request.render_id, step)
-    return thread, events
+    return thread, messages
 
 
-def steps_of(events: list[dict]) -> list[int]:
-    return [e["step"] for e in events if e["kind"] == "progress" and e.get("step")]
-
-
-def test_a_held_render_waits_after_its_step_until_released(held_server):
+def test_a_held_render_waits_after_its_step_until_released(held_attempts):
+    from farm.render.render_thread import Rendered
     from farm.serve.flags import held, release
 
-    request = make_request(held_server.engine, Task.TEXT_TO_VIDEO, render_id="r-held")
-    thread, events = start_held(held_server, request, 2, threading.Event())
-    assert thread.is_alive() and steps_of(events) == [1, 2]  # nothing past the held step
+    request = make_request(held_attempts.engine, Task.TEXT_TO_VIDEO, render_id="r-held")
+    thread, messages = start_held(held_attempts, request, 2, threading.Event())
+    assert thread.is_alive() and steps_of(messages) == [1, 2]  # nothing past the held step
     release("r-held")
     thread.join(timeout=120)
-    assert steps_of(events) == [1, 2, 3, 4] and events[-1]["kind"] == "rendered"
+    assert steps_of(messages) == [1, 2, 3, 4] and isinstance(messages[-1], Rendered)
     assert held() == {}
     # A hold is taken once: the next render runs through.
-    again: list[dict] = []
-    held_server._render_blocking(dataclasses.replace(request, render_id="r-next"), again.append, threading.Event())
+    again: list = []
+    render_thread(held_attempts, dataclasses.replace(request, render_id="r-next"), threading.Event(), again)
     assert steps_of(again) == [1, 2, 3, 4]
 
 
-def test_a_cancel_ends_a_hold_and_the_render_stops_at_the_held_step(held_server):
+def test_a_cancel_ends_a_hold_and_the_render_stops_at_the_held_step(held_attempts):
+    from farm.render.render_thread import Failed
+
     stop = threading.Event()
-    request = make_request(held_server.engine, Task.TEXT_TO_VIDEO, render_id="r-cancel")
-    thread, events = start_held(held_server, request, 2, stop)
+    request = make_request(held_attempts.engine, Task.TEXT_TO_VIDEO, render_id="r-cancel")
+    thread, messages = start_held(held_attempts, request, 2, stop)
     stop.set()
     thread.join(timeout=120)
-    assert events[-1]["kind"] == "error" and isinstance(events[-1]["error"], RenderCancelled)
-    assert events[-1]["error"].step == 2
+    assert isinstance(messages[-1], Failed) and isinstance(messages[-1].error, RenderCancelled)
+    assert messages[-1].error.step == 2
 
 
-def test_a_preemption_ends_a_hold_and_checkpoints_right_after_the_held_step(held_server):
-    request = make_request(held_server.engine, Task.TEXT_TO_VIDEO, render_id="r-pre")
-    thread, events = start_held(held_server, request, 2, threading.Event())
-    held_server.flags.add(("r-pre", 1))
+def test_a_preemption_ends_a_hold_and_checkpoints_right_after_the_held_step(held_attempts):
+    from farm.domain.events import Preempted
+    from farm.serve.flags import request_preemption
+
+    request = make_request(held_attempts.engine, Task.TEXT_TO_VIDEO, render_id="r-pre")
+    thread, messages = start_held(held_attempts, request, 2, threading.Event())
+    request_preemption("r-pre", 1)
     thread.join(timeout=120)
-    preempted = next(e for e in events if e["kind"] == "preempted")
-    assert (preempted["step"], preempted["total_steps"]) == (2, STEPS)
+    preempted = next(m for m in messages if isinstance(m, Preempted))
+    assert (preempted.step, preempted.total_steps) == (2, STEPS)
 
 
-def test_server_renders_from_step_zero_when_the_checkpoint_is_unusable(server, tmp_path):
-    request = make_request(server.engine, Task.TEXT_TO_VIDEO, render_id="r-u", attempt=2,
+def test_attempt_renders_from_step_zero_when_the_checkpoint_is_unusable(attempts, tmp_path):
+    request = make_request(attempts.engine, Task.TEXT_TO_VIDEO, render_id="r-u", attempt=2,
                            resume_from=str(tmp_path / "artifacts" / "gone.ckpt"))
-    progress, output = rendered_candidate(server, request)
-    assert [e["step"] for e in progress if e["kind"] == "progress" and e.get("step")] == [1, 2, 3, 4]
+    progress, output = rendered_candidate(attempts, request)
+    assert steps_of(progress) == [1, 2, 3, 4]
     assert any("was not used" in note and "step 0" in note for note in output.notes)
 
 
-def test_a_render_started_beside_post_processing_leaves_it_the_cores(server, torch_threads):
+def test_a_render_started_beside_post_processing_leaves_it_the_cores(attempts, torch_threads, monkeypatch):
     """While a render of the replica is being post-processed (its chunks on the same cores),
     the next one renders on the engine's threads less post-processing's; alone, on all of them."""
     from farm.config import PostprocConfig
+    from farm.domain.events import Done
+    from farm.serve.render_replica import threads_beside_postprocessing
 
-    server.engine.cpu_threads = 3
-    server.postproc_config = PostprocConfig(replicas=1, num_cpus=1)
-    first, _ = rendered_candidate(server, make_request(server.engine, Task.TEXT_TO_VIDEO, render_id="r-a"))
-    assert next(e["output"] for e in first if e["kind"] == "candidate").cpu_threads == 3
-    assert server._postprocessing == {"r-a"}  # handed over, and counted before the next render starts
+    engine = attempts.engine
+    monkeypatch.setattr(engine, "cpu_threads", 3)
+    beside_threads = threads_beside_postprocessing(engine, engine.model, PostprocConfig(replicas=1, num_cpus=1))
+    assert beside_threads == 2  # 3 - one post-processing replica of one thread
+    monkeypatch.setattr(attempts.render_thread, "threads_beside_postprocessing", beside_threads)
+    _, alone = rendered_candidate(attempts, make_request(engine, Task.TEXT_TO_VIDEO, render_id="r-a"))
+    assert alone.cpu_threads == 3
+    assert attempts.postprocessing == {"r-a"}  # handed over, and counted before the next render starts
 
-    _, beside = rendered_candidate(server, make_request(server.engine, Task.TEXT_TO_VIDEO, render_id="r-b"))
-    assert beside.cpu_threads == 2  # 3 - one post-processing replica of one thread
-    server.model = server.model.model_copy(update={"cpu_threads_beside_postprocessing": 1})
-    _, configured = rendered_candidate(server, make_request(server.engine, Task.TEXT_TO_VIDEO, render_id="r-c"))
+    _, beside = rendered_candidate(attempts, make_request(engine, Task.TEXT_TO_VIDEO, render_id="r-b"))
+    assert beside.cpu_threads == 2
+    configured_model = engine.model.model_copy(update={"cpu_threads_beside_postprocessing": 1})
+    monkeypatch.setattr(attempts.render_thread, "threads_beside_postprocessing",
+                        threads_beside_postprocessing(engine, configured_model, PostprocConfig(replicas=1, num_cpus=1)))
+    _, configured = rendered_candidate(attempts, make_request(engine, Task.TEXT_TO_VIDEO, render_id="r-c"))
     assert configured.cpu_threads == 1
 
     # A whole render, from the engine to the MP4: post-processed, it no longer counts, and
     # its manifest says how many threads it ran on.
-    server._postprocessing.clear()
-    done = stream(server, make_request(server.engine, Task.TEXT_TO_VIDEO, render_id="r-d"))[-1]
-    assert done["kind"] == "done" and server._postprocessing == set()
-    with fsspec.open(done["manifest_uri"], "rb") as f:
+    attempts.postprocessing.clear()
+    done = stream(attempts, make_request(engine, Task.TEXT_TO_VIDEO, render_id="r-d"))[-1]
+    assert isinstance(done, Done) and attempts.postprocessing == set()
+    with fsspec.open(done.manifest_uri, "rb") as f:
         assert json.load(f)["cpu_threads"] == 3

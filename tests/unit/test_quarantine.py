@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from farm.config import SchedulerConfig
-from farm.jobs.quarantine import NodeQuarantine
+from farm.jobs.scheduler.quarantine import NodeQuarantine
 from farm.serve.flags import node_id_prefix, on_fenced_node
 
 

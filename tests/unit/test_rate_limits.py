@@ -19,8 +19,9 @@ from grpc_status import rpc_status
 from farm.api import ratelimit
 from farm.api.ratelimit import RateLimiter, method_class, peer_address
 from farm.cli.client import FarmClient
-from farm.config import Family, FarmConfig, ModelConfig, RateLimitsConfig, Task
+from farm.config import FarmConfig, ModelConfig, RateLimitsConfig, Task
 from farm.domain.errors import ResourceExhausted, Unauthenticated
+from farm.families import Family
 from farm.v1 import render_pb2 as pb
 from tests.gateway import serving
 
@@ -270,8 +271,8 @@ def tenant(name: str) -> SimpleNamespace:
 
 
 def admit(limiter: RateLimiter, method: str, who: str, peer: str = "ipv4:10.0.0.1:1000"):
-    with limiter.call(f"/farm.v1.RenderService/{method}", peer) as admission:
-        admission.admit(tenant(who))
+    with limiter.call(f"/farm.v1.RenderService/{method}", peer) as limited_call:
+        limited_call.admit(tenant(who))
 
 
 def test_the_defaults_let_a_tenant_submit_a_burst_of_500_and_then_100_a_second(clock):
@@ -319,8 +320,8 @@ async def test_refused_keys_age_out_of_the_window_and_the_backoff_is_forgotten_a
         return tenant("a")
 
     async def present(key, peer="ipv4:10.0.0.1:1"):
-        with limiter.call("/farm.v1.RenderService/GetRender", peer) as admission:
-            return await admission.authenticate(check, key)
+        with limiter.call("/farm.v1.RenderService/GetRender", peer) as limited_call:
+            return await limited_call.authenticate(check, key)
 
     async def three_wrong_keys_with_a_right_one_between(right_peer: str) -> None:
         for n in range(3):
@@ -367,8 +368,8 @@ def test_an_address_has_limits_of_its_own_whatever_its_tenants(clock):
     assert (error.value.violations[0].subject, error.value.retry_after_s) == ("peer:10.0.0.1/submits", 1)
     admit(limiter, "SubmitRender", "b", peer="ipv4:10.0.0.2:1")
     watch = "/farm.v1.RenderService/WatchRender"
-    with limiter.call(watch, "ipv4:10.0.0.1:1") as admission:
-        admission.admit(tenant("a"))
+    with limiter.call(watch, "ipv4:10.0.0.1:1") as limited_call:
+        limited_call.admit(tenant("a"))
         with pytest.raises(ResourceExhausted) as error:
             limiter.call(watch, "ipv4:10.0.0.1:3")
         assert error.value.violations[0].subject == "peer:10.0.0.1/watches"
@@ -376,15 +377,15 @@ def test_an_address_has_limits_of_its_own_whatever_its_tenants(clock):
             other.admit(tenant("b"))
             assert limiter.open_watches("peer", "10.0.0.2") == limiter.open_watches("tenant", "b") == 1
     assert limiter.open_watches("peer", "10.0.0.1") == limiter.open_watches("tenant", "a") == 0
-    with limiter.call(watch, "ipv4:10.0.0.1:3") as admission:
-        admission.admit(tenant("a"))
+    with limiter.call(watch, "ipv4:10.0.0.1:3") as limited_call:
+        limited_call.admit(tenant("a"))
 
 
 def test_a_call_refused_by_its_tenant_gives_back_the_watch_slot_of_its_address(clock):
     limiter = RateLimiter(RateLimitsConfig(watches=1, peer_watches=5), clock=clock)
     watch = "/farm.v1.RenderService/WatchRender"
-    with limiter.call(watch, "ipv4:10.0.0.1:1") as admission:
-        admission.admit(tenant("a"))
+    with limiter.call(watch, "ipv4:10.0.0.1:1") as limited_call:
+        limited_call.admit(tenant("a"))
         with pytest.raises(ResourceExhausted) as error, limiter.call(watch, "ipv4:10.0.0.1:2") as second:
             second.admit(tenant("a"))
         assert error.value.violations[0].subject == "tenant:a/watches"
@@ -400,9 +401,9 @@ def test_zero_or_none_means_unlimited(clock):
     for _ in range(5000):
         admit(limiter, "SubmitRender", "a")
         admit(limiter, "GetRender", "a")
-        admission = limiter.call("/farm.v1.RenderService/WatchRender", "ipv4:10.0.0.1:1")
-        admission.admit(tenant("a"))
-        held.append(admission)
+        limited_call = limiter.call("/farm.v1.RenderService/WatchRender", "ipv4:10.0.0.1:1")
+        limited_call.admit(tenant("a"))
+        held.append(limited_call)
         limiter._failed("10.0.0.1")
     limiter.call("/farm.v1.RenderService/GetRender", "ipv4:10.0.0.1:1")
     assert limiter.tracked() == 0

@@ -9,13 +9,13 @@ import asyncio
 
 import sqlalchemy
 
-from farm.config import Family, FarmConfig, ModelConfig, PoolConfig, Task
+from farm.config import FarmConfig, ModelConfig, PoolConfig, Task
 from farm.domain.spec import RenderSpec
 from farm.domain.states import RenderState
+from farm.families import Family
 from farm.jobs.validation import resolve_spec
 from farm.jobs.scheduler import Scheduler
-from tests.unit.test_memory import Metrics
-from tests.unit.test_pools import Fence, OneNodePool
+from tests.unit.test_scheduler import Fence, Metrics, OneNodePool
 
 OWNER = "scheduler-outages"
 

@@ -97,7 +97,8 @@ def test_too_few_denoising_steps_for_the_family_are_refused_with_the_reason():
 
 
 def test_a_models_own_step_limits_apply_without_the_familys_reason():
-    from farm.config import ModelConfig, ModelLimits
+    from farm.config import ModelConfig
+    from farm.domain.limits import ModelLimits
 
     models = {"cog4": ModelConfig(name="cog4", family="cogvideox", sources={Task.TEXT_TO_VIDEO: "d"},
                                   limits=ModelLimits(size_multiple=16, min_steps=4, max_steps=60))}

@@ -28,13 +28,13 @@ from typer.testing import CliRunner
 from farm.api.server import CertificateFiles, Gateway
 from farm.cli.client import FarmClient
 from farm.config import (
-    Family,
     FarmConfig,
     GatewayConfig,
     ModelConfig,
     Task,
     is_loopback,
 )
+from farm.families import Family
 from tests.gateway import serving
 
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]

@@ -6,10 +6,10 @@
 - `onnx`: per-shape ONNX graphs run by ONNX Runtime (TensorRT, CUDA or CPU provider);
 - `first_block_cache`: step caching, combinable with eager, compile and fp8.
 
-Classifier-free guidance needs nothing here: the LTX-Video and CogVideoX pipelines
-already run the conditional and unconditional passes as one batch of two
-(``torch.cat([latents] * 2)`` before a single transformer call per step), and the
-shape buckets of builds count that batch.
+Classifier-free guidance needs nothing here: every family's pipelines already run the
+conditional and unconditional passes as one batch of two (``torch.cat([latents] * 2)``
+before a single transformer call per step; `farm.families`), and the shape buckets of
+builds count that batch.
 
 Importing this package imports neither torch nor a backend; `create_backend` does.
 """

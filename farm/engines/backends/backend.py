@@ -289,8 +289,8 @@ class CallSignature:
                 and value
                 and all(isinstance(v, _NUMBER_TYPES) and not isinstance(v, bool) for v in value)
             ):
-                # LTX-Video's rope_interpolation_scale holds the frame rate: as a graph input,
-                # one build serves every frame rate.
+                # A family may pass the frame rate this way (a rotary scale): as a graph
+                # input, one build serves every frame rate.
                 specs.append(ArgumentSpec(name, "numbers", (TensorSpec(name, (len(value),), "float32", "float32"),)))
             else:
                 specs.append(ArgumentSpec(name, "constant", value=_json_constant(name, value)))
@@ -390,7 +390,7 @@ def _json_constant(name: str, value: Any) -> Any:
 class TransformerRouter:
     """Sends a transformer's calls to the runner chosen for the current render.
 
-    Installed once per transformer instance (LTX-Video's two pipelines share one).
+    Installed once per transformer instance (a family's pipelines may share one).
     Outside `routed_to`, calls run the model's own forward, as if nothing were installed.
     """
 

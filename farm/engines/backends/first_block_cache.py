@@ -7,9 +7,9 @@ the last full step is added instead. Threshold 0 never skips. Off by default: it
 trades quality for speed, and how much depends on the model and the step count.
 
 diffusers 0.42 implements it as hooks (`diffusers.hooks.FirstBlockCacheConfig`,
-applied by the models' `enable_cache`); its state lives per `cache_context`, which the
-LTX-Video and CogVideoX pipelines open around each transformer call ("cond_uncond":
-guidance runs as one batch, so both halves share one decision). This module wraps it
+applied by the models' `enable_cache`); its state lives per `cache_context`, which every
+family's pipelines open around each transformer call ("cond_uncond": guidance runs as
+one batch, so both halves share one decision). This module wraps it
 with the checks and the state reset an engine needs.
 """
 

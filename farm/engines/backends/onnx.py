@@ -2,8 +2,8 @@
 
 An engine build exports the transformer with torch.onnx.export (the torch.export-based
 exporter, which needs onnxscript) on the exact call the pipeline makes at that shape:
-every dimension is fixed, the non-tensor arguments (latent frames, height and width
-for LTX-Video) are baked in, and the rest become named graph inputs. Weights go to an
+every dimension is fixed, the non-tensor arguments (such as a family's latent frames,
+height and width) are baked in, and the rest become named graph inputs. Weights go to an
 external-data file beside the graph, so models past protobuf's 2 GiB fit.
 
 Execution providers, in `BackendConfig.onnx_provider` terms:

@@ -1,8 +1,9 @@
-"""CogVideoX: which diffusers pipeline serves which task, and how a request drives it.
+"""CogVideoX: everything farm knows of the family (see `farm.families` for what a family module offers).
 
-Text-to-video and image-to-video are different checkpoints (the image-to-video
-transformer takes the image latents as extra input channels), so a CogVideoX
-model names a different source per task and the engine loads two pipelines.
+Tasks: text-to-video (`CogVideoXPipeline`) and image-to-video
+(`CogVideoXImageToVideoPipeline`) are different checkpoints (the image-to-video
+transformer takes the image latents as extra input channels), so a CogVideoX model
+names a different source per task and the engine loads two pipelines.
 
 The engine (`farm.engines.pipeline_engine`) splits a render into three timed phases:
 it encodes the prompt with `encode_prompt`, runs the pipeline to latents, and
@@ -15,45 +16,103 @@ second-order update needs the previous step's x0 prediction, which the pipeline 
 variable; the engine keeps it from the scheduler's `step` output and hands it back at the
 first resumed step, with the previous timestep and the generator's state (DPM draws noise
 every step).
+
+Backends: the transformer attends to the text tokens and the video's jointly, and
+takes its 3D rotary embeddings as tensors. The VAE always decodes a few latent
+frames at a time; ``backend.vae_tiling`` adds spatial tiles.
 """
 
 from __future__ import annotations
 
-import torch
-from diffusers import (
-    AutoencoderKLCogVideoX,
-    CogVideoXDPMScheduler,
-    CogVideoXImageToVideoPipeline,
-    CogVideoXPipeline,
-    CogVideoXTransformer3DModel,
-)
-from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from PIL import Image
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from farm.config import Family, Task
-from farm.domain.engine import EngineRequest
+from farm.domain.limits import ModelLimits, RenderDefaults
+from farm.domain.spec import Task
+from farm.families import (
+    Family,
+    FamilyFacts,
+    LatentCompression,
+    MemoryFacts,
+    PipelineSizes,
+    StepCarry,
+    TinyModel,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import CogVideoXPipeline
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+    from PIL import Image
+
+    from farm.domain.engine import EngineRequest
 
 FAMILY = Family.COGVIDEOX
-
-PIPELINE_CLASSES: dict[Task, type[DiffusionPipeline]] = {
-    Task.TEXT_TO_VIDEO: CogVideoXPipeline,
-    Task.IMAGE_TO_VIDEO: CogVideoXImageToVideoPipeline,
-}
-
-
-# Pipelines whose denoising a checkpoint can resume (`farm.engines.checkpoint`): given
-# `latents` they draw no noise and multiply them by init_noise_sigma (1 for the DPM and DDIM
-# schedulers); image-to-video re-encodes its image with the generator fresh from the seed,
-# which was its first draw in the interrupted attempt too; their loop runs over the
-# scheduler's timesteps. The DPM scheduler's carried x0 prediction lives in the loop, not in
-# the scheduler: the engine captures it from and gives it back to `scheduler.step`.
-RESUMABLE_PIPELINES: tuple[type[DiffusionPipeline], ...] = (CogVideoXPipeline, CogVideoXImageToVideoPipeline)
 
 # The CogVideoX VAE decodes two latent frames (8 video frames) at a time and handles
 # the first frame alone only in a batch of three, so it returns exactly num_frames
 # only when the latent frame count, (num_frames - 1) / 4 + 1, is odd: num_frames = 8k + 1.
-# Otherwise it returns 3 frames more (the first one repeated), e.g. 16 for 13.
+# Otherwise it returns 3 frames more (the first one repeated), e.g. 16 for 13
+# (zai-org/CogVideo#786).
 FRAME_STEP = 8
+# Text tokens the published transformers attend to jointly with the video's.
+_TEXT_TOKENS = 226
+
+FACTS = FamilyFacts(
+    # VAE 8x spatial and 4x temporal, transformer patch 2: sizes are multiples of 16;
+    # frame counts 8k + 1 (FRAME_STEP). The DDIM and DPM schedulers take one step.
+    limits=ModelLimits(
+        size_multiple=16, frame_step=FRAME_STEP, min_frames=9, max_frames=49, max_width=1360, max_height=768
+    ),
+    defaults=RenderDefaults(
+        width=720, height=480, num_frames=49, fps=8, num_inference_steps=50, guidance_scale=6.0
+    ),
+    min_steps_reason=None,
+    compression=LatentCompression(spatial=8, temporal=4, patch=2),
+    # Counted on the meta device (tests/unit/test_memory.py): about 20 copies of the VAE
+    # decoder's last stage alive at its peak; in a transformer block 11.2 hidden-state
+    # widths in the model's dtype and 0.9 in float32 (rotary tables per position, not per
+    # width), within the estimate's widths for every family.
+    memory=MemoryFacts(
+        vae_widths=20,
+        # 2 latent frames at a time, 3 the first time: 9 frames at most, tiled or not.
+        decode_frames=9,
+        tiled_decode_frames=9,
+        # Parameters counted from the published config (benchmarks/engine_step.py) built on
+        # torch's meta device with diffusers 0.42 and transformers.
+        published=PipelineSizes(
+            parameters={"transformer": 5_570_283_072, "text_encoder": 4_762_310_656, "vae": 215_583_907},
+            hidden_size=3072, joint_text_tokens=_TEXT_TOKENS, vae_channels=128, vae_patch_size=1,
+            vae_tile=(240, 360), described_by="the published CogVideoX-5B with T5-XXL (assumed)"),
+    ),
+    tiny=TinyModel(
+        name="cogvideox-tiny",
+        directories={Task.TEXT_TO_VIDEO: "cogvideox-tiny", Task.IMAGE_TO_VIDEO: "cogvideox-i2v-tiny"},
+        defaults=RenderDefaults(width=256, height=160, num_frames=17, fps=8, num_inference_steps=8, guidance_scale=6.0),
+    ),
+    checkpoint_schedulers={
+        "CogVideoXDPMScheduler": StepCarry.DPM_CARRY,
+        "CogVideoXDDIMScheduler": StepCarry.STATELESS,
+    },
+)
+
+
+def pipeline_classes() -> dict[Task, type[DiffusionPipeline]]:
+    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
+
+    return {Task.TEXT_TO_VIDEO: CogVideoXPipeline, Task.IMAGE_TO_VIDEO: CogVideoXImageToVideoPipeline}
+
+
+def resumable_pipelines() -> tuple[type[DiffusionPipeline], ...]:
+    """Given `latents` both draw no noise and multiply them by init_noise_sigma (1 for the
+    DPM and DDIM schedulers); image-to-video re-encodes its image with the generator fresh
+    from the seed, which was its first draw in the interrupted attempt too; their loop runs
+    over the scheduler's timesteps. The DPM scheduler's carried x0 prediction lives in the
+    loop, not in the scheduler: the engine captures it from and gives it back to
+    `scheduler.step`."""
+    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
+
+    return (CogVideoXPipeline, CogVideoXImageToVideoPipeline)
 
 
 def call_kwargs(request: EngineRequest, image: Image.Image | None) -> dict:
@@ -100,12 +159,30 @@ def decode_latents(
     return pipe.decode_latents(latents[:, padding_frames:])
 
 
+def joint_text_tokens(transformer_config: Mapping[str, Any]) -> int:
+    return int(transformer_config.get("max_text_seq_length", _TEXT_TOKENS))
+
+
+def vae_decode_tile(vae_config: Mapping[str, Any]) -> tuple[int, int]:
+    """diffusers' CogVideoX VAE tiles at half its sample size."""
+    return (vae_config.get("sample_height", 480) // 2, vae_config.get("sample_width", 720) // 2)
+
+
 def build_tiny_pipelines(text_encoder, tokenizer) -> dict[Task, DiffusionPipeline]:
     """Random-weight CogVideoX 1.0 pipelines with the real compression: VAE 8x spatial, 4x temporal, patch 2.
 
     Like CogVideoX-5B they use 3D rotary embeddings (no learned positional table),
     so every size that is a multiple of 16 works, at any frame count 4k+1.
     """
+    import torch
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDPMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+
     torch.manual_seed(0)
     latent_channels = 4
     vae = AutoencoderKLCogVideoX(
@@ -113,7 +190,7 @@ def build_tiny_pipelines(text_encoder, tokenizer) -> dict[Task, DiffusionPipelin
         out_channels=3,
         # Two channels and one resnet per block: on CPU, PyTorch runs 3D convolutions
         # this narrow on its slow reference kernel (one core), so every full-resolution
-        # layer costs ~5 ms a frame batch whatever its width; fewer layers is what helps.
+        # layer costs the same a frame batch whatever its width; fewer layers is what helps.
         block_out_channels=(2, 2, 2, 2),
         latent_channels=latent_channels,
         layers_per_block=0,
@@ -148,7 +225,7 @@ def build_tiny_pipelines(text_encoder, tokenizer) -> dict[Task, DiffusionPipelin
             sample_frames=49,
             patch_size=2,
             temporal_compression_ratio=4,
-            max_text_seq_length=226,
+            max_text_seq_length=_TEXT_TOKENS,
             use_rotary_positional_embeddings=True,
             use_learned_positional_embeddings=False,
         )

@@ -1,53 +1,111 @@
-"""LTX-Video: which diffusers pipeline serves which task, and how a request drives it.
+"""LTX-Video: everything farm knows of the family (see `farm.families` for what a family module offers).
 
-Both tasks run on the same weights: the image-to-video pipeline is assembled from
-the text-to-video pipeline's components, so a model whose sources name one
-directory for both tasks loads it once.
+Tasks: text-to-video (`LTXPipeline`) and image-to-video (`LTXImageToVideoPipeline`)
+run on the same weights: the image-to-video pipeline is assembled from the
+text-to-video pipeline's components, so a model whose sources name one directory
+for both tasks loads it once, and backends prepare and route its one transformer once.
 
 The engine (`farm.engines.pipeline_engine`) splits a render into three timed phases:
 it encodes the prompt with `encode_prompt`, runs the pipeline to latents, and
 decodes them with `decode_latents`, which repeats what `LTXPipeline.__call__` does
 after its denoising loop, through the pipeline's own helpers.
 
-Preemption: both pipelines can resume from a checkpoint bitwise (FlowMatchEulerDiscreteScheduler
-keeps no state between steps but its step index, which the engine sets on resume).
+Preemption: both pipelines can resume from a checkpoint bitwise. Their scheduler,
+FlowMatchEulerDiscreteScheduler, keeps no state between steps but its step index,
+which the engine sets on resume; its schedule (sigmas and the shift ``mu``) comes from
+the spec alone, so a resumed call computes the same one. The generator is drawn from
+after denoising only by the decode noise, which continues from the restored state.
+
+Backends: the transformer takes the latent frames, height and width as plain
+integers, which an ONNX graph bakes in, and the frame rate as
+``rope_interpolation_scale``, a list of numbers, which becomes a graph input, so one
+build serves every frame rate. With ``backend.vae_tiling`` the VAE decodes framewise too (temporal tiles).
 """
 
 from __future__ import annotations
 
-import torch
-from diffusers import (
-    AutoencoderKLLTXVideo,
-    FlowMatchEulerDiscreteScheduler,
-    LTXImageToVideoPipeline,
-    LTXPipeline,
-    LTXVideoTransformer3DModel,
-)
-from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from farm.config import Family, Task
-from farm.domain.engine import EngineRequest
+from farm.domain.limits import ModelLimits, RenderDefaults
+from farm.domain.spec import Task
+from farm.families import (
+    Family,
+    FamilyFacts,
+    LatentCompression,
+    MemoryFacts,
+    PipelineSizes,
+    StepCarry,
+    TinyModel,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import LTXPipeline
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+    from PIL import Image
+
+    from farm.domain.engine import EngineRequest
 
 FAMILY = Family.LTX_VIDEO
 
-PIPELINE_CLASSES: dict[Task, type[DiffusionPipeline]] = {
-    Task.TEXT_TO_VIDEO: LTXPipeline,
-    Task.IMAGE_TO_VIDEO: LTXImageToVideoPipeline,
-}
+# The tiled decode (diffusers' defaults): 512 x 512 pixels, 16 + 1 frames.
+_DECODE_TILE = (17, 512, 512)
 
-# Pipelines whose denoising a checkpoint can resume (`farm.engines.checkpoint`): given
-# `latents` (packed, float32) they skip the noise draw and, for image-to-video, the image
-# encode (the image's latents are the first latent frame, kept in the checkpoint's latents),
-# and their loop runs over the scheduler's timesteps. The generator is drawn from again only
-# by the decode noise, after the restored state.
-RESUMABLE_PIPELINES: tuple[type[DiffusionPipeline], ...] = (LTXPipeline, LTXImageToVideoPipeline)
+FACTS = FamilyFacts(
+    # VAE 32x spatial and 8x temporal, transformer patch 1: sizes are multiples of 32
+    # and frame counts 8k + 1. The scheduler, FlowMatchEulerDiscreteScheduler, has
+    # `shift_terminal` set: it stretches its sigmas so that the last one lands on that
+    # terminal value, dividing by 1 - the last sigma; with one step the last sigma is the
+    # first, 1.0, so the timesteps are NaN and the pipeline fails with an IndexError.
+    limits=ModelLimits(size_multiple=32, frame_step=8, min_frames=9, max_frames=257, min_steps=2),
+    defaults=RenderDefaults(),
+    min_steps_reason="LTX-Video's scheduler stretches its timesteps to a terminal value, which takes two",
+    compression=LatentCompression(spatial=32, temporal=8, patch=1),
+    # Counted on the meta device (tests/unit/test_memory.py): about 6 copies of the VAE
+    # decoder's last stage alive at its peak; in a transformer block 12.1 hidden-state
+    # widths in the model's dtype and 2.0 in float32 (the rotary tables, cos and sin for
+    # every token), within the estimate's widths for every family.
+    memory=MemoryFacts(
+        vae_widths=6,
+        decode_frames=None,  # untiled, the whole video at once
+        tiled_decode_frames=_DECODE_TILE[0],
+        # Parameters counted from the published config (benchmarks/engine_step.py) built on
+        # torch's meta device with diffusers 0.42 and transformers.
+        published=PipelineSizes(
+            parameters={"transformer": 1_923_385_472, "text_encoder": 4_762_310_656, "vae": 419_193_649},
+            hidden_size=2048, joint_text_tokens=0, vae_channels=128, vae_patch_size=4, vae_tile=_DECODE_TILE[1:],
+            described_by="the published LTX-Video 2B with T5-XXL (assumed)"),
+    ),
+    tiny=TinyModel(
+        name="ltx-video-tiny",
+        directories={Task.TEXT_TO_VIDEO: "ltx-video-tiny", Task.IMAGE_TO_VIDEO: "ltx-video-tiny"},
+        defaults=RenderDefaults(
+            width=256, height=256, num_frames=17, fps=24, num_inference_steps=8, guidance_scale=3.0
+        ),
+    ),
+    checkpoint_schedulers={"FlowMatchEulerDiscreteScheduler": StepCarry.STEP_INDEXED},
+)
 
 # The pipelines' own defaults for the decode-time noise of timestep-conditioned VAEs
 # (LTX-Video 0.9.1+); the engine uses them so its output equals the pipeline's.
 DECODE_TIMESTEP = 0.0
 DECODE_NOISE_SCALE = 0.0
+
+
+def pipeline_classes() -> dict[Task, type[DiffusionPipeline]]:
+    from diffusers import LTXImageToVideoPipeline, LTXPipeline
+
+    return {Task.TEXT_TO_VIDEO: LTXPipeline, Task.IMAGE_TO_VIDEO: LTXImageToVideoPipeline}
+
+
+def resumable_pipelines() -> tuple[type[DiffusionPipeline], ...]:
+    """Given `latents` (packed, float32) both skip the noise draw and, for image-to-video,
+    the image encode (the image's latents are the first latent frame, kept in the
+    checkpoint's latents), and their loop runs over the scheduler's timesteps."""
+    from diffusers import LTXImageToVideoPipeline, LTXPipeline
+
+    return (LTXPipeline, LTXImageToVideoPipeline)
 
 
 def call_kwargs(request: EngineRequest, image: Image.Image | None) -> dict:
@@ -85,6 +143,9 @@ def decode_latents(
     pipe: LTXPipeline, latents: torch.Tensor, request: EngineRequest, generator: torch.Generator
 ) -> torch.Tensor:
     """Packed latents from `output_type="latent"` -> video tensor (B, C, F, H, W) in [-1, 1]."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
     latent_frames = (request.num_frames - 1) // pipe.vae_temporal_compression_ratio + 1
     latent_height = request.height // pipe.vae_spatial_compression_ratio
     latent_width = request.width // pipe.vae_spatial_compression_ratio
@@ -114,6 +175,15 @@ def decode_latents(
     return pipe.vae.decode(latents, timestep, return_dict=False)[0]
 
 
+def joint_text_tokens(transformer_config: Mapping[str, Any]) -> int:
+    """0: text comes in through cross-attention."""
+    return 0
+
+
+def vae_decode_tile(vae_config: Mapping[str, Any]) -> tuple[int, int]:
+    return FACTS.memory.published.vae_tile
+
+
 def build_tiny_pipelines(text_encoder, tokenizer) -> dict[Task, DiffusionPipeline]:
     """A random-weight LTX-Video with the real compression: VAE 32x spatial, 8x temporal, patch 1.
 
@@ -122,6 +192,14 @@ def build_tiny_pipelines(text_encoder, tokenizer) -> dict[Task, DiffusionPipelin
     The VAE reaches 32x as the real one does: a 4x4 pixel patchify and three
     spatio-temporal 2x stages (which also give the 8x in time). Channels are tiny.
     """
+    import torch
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+
     torch.manual_seed(0)
     latent_channels = 8
     vae = AutoencoderKLLTXVideo(
@@ -144,11 +222,13 @@ def build_tiny_pipelines(text_encoder, tokenizer) -> dict[Task, DiffusionPipelin
         encoder_causal=True,
         decoder_causal=False,
     )
-    assert (vae.spatial_compression_ratio, vae.temporal_compression_ratio) == (32, 8)
+    compression = FACTS.compression
+    assert (vae.spatial_compression_ratio, vae.temporal_compression_ratio) == (compression.spatial,
+                                                                              compression.temporal)
     transformer = LTXVideoTransformer3DModel(
         in_channels=latent_channels,
         out_channels=latent_channels,
-        patch_size=1,
+        patch_size=compression.patch,
         patch_size_t=1,
         num_attention_heads=2,
         attention_head_dim=16,

@@ -1,0 +1,44 @@
+"""The manifest written beside every MP4: everything needed to reproduce the render,
+and what it took."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+from collections.abc import Iterable
+
+from farm.domain.engine import EngineRequest
+
+
+def build_manifest(engine_info: dict, request: EngineRequest, timings: Iterable, output_shape: tuple,
+                   peak_memory_bytes: int | None, backend: str | None = None, notes: list[str] = (),
+                   postprocess: dict | None = None, cpu_threads: int | None = None) -> dict:
+    """output_shape is the delivered clip's (frames, height, width); timings, (phase,
+    device kind, seconds) of every phase; postprocess, what post-processing did."""
+    spec = {
+        "task": request.task.value, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
+        "width": request.width, "height": request.height, "num_frames": request.num_frames, "fps": request.fps,
+        "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
+        "seed": request.seed,
+        "image_sha256": hashlib.sha256(request.image).hexdigest() if request.image else None,
+    }
+    return {
+        "render_id": request.render_id,
+        "attempt": request.attempt,
+        "spec": spec,
+        "seed": request.seed,
+        "model": engine_info,
+        # The backend that actually ran this render (an unbuilt shape falls back to eager).
+        "backend": backend or engine_info.get("backend"),
+        # A CPU render's thread count (it can change the last bits of the frames).
+        "cpu_threads": cpu_threads,
+        "notes": list(notes),
+        "timings": [{"phase": p, "device_kind": k, "seconds": s} for p, k, s in timings],
+        "output": {"frames": output_shape[0], "height": output_shape[1], "width": output_shape[2]},
+        "peak_memory_bytes": peak_memory_bytes,
+        "estimated_memory_bytes": request.estimated_memory_bytes,
+        "node": socket.gethostname(),
+        "written_at": time.time(),
+        "postprocess": postprocess,
+    }
