@@ -13,9 +13,8 @@ import torch
 from farm.postproc.color import ColorStats, lab_statistics, match_color
 from farm.postproc.encode import encode_mp4, probe_mp4
 from farm.postproc.interpolate import LearnedInterpolator, interpolate
+from farm.domain.states import Stage
 from farm.postproc.pipeline import (
-    ENCODING,
-    POSTPROCESSING,
     LocalChunkRunner,
     measure_clip,
     postprocess_clip,
@@ -115,7 +114,7 @@ def test_encoder_settings_are_honoured(clip):
 def test_device_time_is_metered_by_phase(clip):
     _, result = run(clip, chunk_frames=4, fps=8, interpolation_factor=2)
     phases = {(phase, kind): seconds for phase, kind, seconds in result.timings}
-    assert set(phases) == {(POSTPROCESSING, "CPU"), (ENCODING, "CPU")}
+    assert set(phases) == {(Stage.POSTPROCESSING, "CPU"), (Stage.ENCODING, "CPU")}
     assert all(seconds > 0 for seconds in phases.values())
     report = result.report
     assert len(report["chunks"]) == 4 and report["retries"] == 0
@@ -132,7 +131,7 @@ def test_measure_clip_scores_like_the_whole_clip(clip):
 
     scores, timings = asyncio.run(go())
     assert scores == quality_scores(clip)
-    assert timings and timings[0][0] == POSTPROCESSING
+    assert timings and timings[0][0] == Stage.POSTPROCESSING
 
 
 def test_statistics_of_an_mp4_match_its_frames(clip):
