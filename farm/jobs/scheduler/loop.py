@@ -61,6 +61,9 @@ class Scheduler:
         self._last_wanted: dict[str, int] = {}
         self._engine_freed = asyncio.Event()
         self._attempt_ended = asyncio.Event()
+        # Every attempt's task until it returns: its ending's last steps (discarding
+        # checkpoints, metrics) run after its slot is freed.
+        self._attempt_tasks: set[asyncio.Task] = set()
         self._lease_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="leases")
         self._wake = asyncio.Event()
         self._claiming = asyncio.Lock()
@@ -100,9 +103,13 @@ class Scheduler:
         return await self._claim_once(look=True)
 
     async def wait_idle(self) -> None:
-        """Returns once the scheduler holds no attempt: each one it claimed has ended and
-        its ending is written (a render that ending queued again may be claimed after)."""
-        while self.running:
+        """Returns once the scheduler holds no attempt: each one it claimed has ended, its
+        ending is written and its task has returned (a render that ending queued again may
+        be claimed after)."""
+        while self.running or self._attempt_tasks:
+            if not self.running:
+                await asyncio.wait(set(self._attempt_tasks))
+                continue
             self._attempt_ended.clear()
             await self._attempt_ended.wait()
 
@@ -164,6 +171,8 @@ class Scheduler:
                     entry = RunningAttempt(render, self._route(render))
                     self.running[render.id] = entry
                     entry.task = asyncio.create_task(self._run_attempt(entry), name=f"render-{render.id}")
+                    self._attempt_tasks.add(entry.task)
+                    entry.task.add_done_callback(self._attempt_tasks.discard)
                 self._publish_running()
             # After the claim, off the path of a render that starts at once: an urgent render
             # that got a free engine needs no preemption, and one claimed that waits behind
