@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from farm.cli.batch import batch_command
 from farm.config import load_config
 
 app = typer.Typer(help="farm: a render farm for AI video generation.", no_args_is_help=True,
@@ -209,6 +210,10 @@ def list_renders(target: str = TargetOption, api_key: Optional[str] = KeyOption,
                       pb.Stage.Name(r.stage).removeprefix("STAGE_"), f"{r.step}/{r.total_steps}",
                       f"{r.cost.total_dollars:.6f}", r.created_at.ToDatetime().isoformat(timespec="seconds"))
     console.print(table)
+
+
+# One shard of a manifest of renders, as a pod of a Kubernetes Indexed Job runs it.
+app.command("batch")(batch_command(_client))
 
 
 @models_app.command("list")
