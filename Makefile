@@ -96,7 +96,7 @@ $(HELM): helm/tools/package.json helm/tools/package-lock.json helm/tools/.npmrc 
 	rm $(HELM_LAYER)
 	$@ version --short
 
-ops-tools: $(HELM)
+ops-tools: $(HELM) $(PROMTOOL)
 
 # Regenerate the chart's values.schema.json (from FarmConfig) and the plain manifests in
 # deploy/kubernetes (the chart rendered with its defaults); tests/ops/test_chart.py checks both are current.
