@@ -194,7 +194,9 @@ def model_to_pb(model: ModelConfig, ready: bool, device_kinds: list[str]) -> pb.
             size_multiple=limits.size_multiple, max_width=limits.max_width, max_height=limits.max_height,
             frame_step=limits.frame_step, min_frames=limits.min_frames, max_frames=limits.max_frames,
             max_steps=limits.max_steps, max_prompt_chars=limits.max_prompt_chars,
-            max_image_bytes=limits.max_image_bytes,
+            max_image_bytes=limits.max_image_bytes, min_steps=limits.min_steps, min_size=limits.min_size,
+            max_fps=limits.max_fps, max_guidance_scale=limits.max_guidance_scale,
+            max_image_pixels=limits.max_image_pixels,
         ),
         defaults=pb.RenderSpec(
             model=model.name, width=defaults.width, height=defaults.height, num_frames=defaults.num_frames,

@@ -223,13 +223,14 @@ def models_list(target: str = TargetOption, api_key: Optional[str] = KeyOption):
 
     with _client(target, api_key) as client:
         response = client.models()
-    table = Table("model", "family", "tasks", "ready", "device", "sizes", "frames", "defaults")
+    table = Table("model", "family", "tasks", "ready", "device", "sizes", "frames", "steps", "defaults")
     for m in response.models:
         tasks = ", ".join(pb.Task.Name(t).removeprefix("TASK_").lower() for t in m.tasks)
         lim, d = m.limits, m.defaults
         table.add_row(m.name, m.family, tasks, "yes" if m.ready else "no", m.device_kind,
-                      f"x{lim.size_multiple} up to {lim.max_width}x{lim.max_height}",
+                      f"x{lim.size_multiple}, {lim.min_size} up to {lim.max_width}x{lim.max_height}",
                       f"{lim.frame_step}k+1, {lim.min_frames}..{lim.max_frames}",
+                      f"{lim.min_steps}..{lim.max_steps}",
                       f"{d.width}x{d.height} {d.num_frames}f {d.num_inference_steps} steps")
     console.print(table)
 

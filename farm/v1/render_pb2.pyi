@@ -425,7 +425,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelLimits(_message.Message):
-    __slots__ = ("size_multiple", "max_width", "max_height", "frame_step", "min_frames", "max_frames", "max_steps", "max_prompt_chars", "max_image_bytes")
+    __slots__ = ("size_multiple", "max_width", "max_height", "frame_step", "min_frames", "max_frames", "max_steps", "max_prompt_chars", "max_image_bytes", "min_steps", "min_size", "max_fps", "max_guidance_scale", "max_image_pixels")
     SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
     MAX_WIDTH_FIELD_NUMBER: _ClassVar[int]
     MAX_HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -435,6 +435,11 @@ class ModelLimits(_message.Message):
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_FPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     size_multiple: int
     max_width: int
     max_height: int
@@ -444,7 +449,12 @@ class ModelLimits(_message.Message):
     max_steps: int
     max_prompt_chars: int
     max_image_bytes: int
-    def __init__(self, size_multiple: _Optional[int] = ..., max_width: _Optional[int] = ..., max_height: _Optional[int] = ..., frame_step: _Optional[int] = ..., min_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_image_bytes: _Optional[int] = ...) -> None: ...
+    min_steps: int
+    min_size: int
+    max_fps: int
+    max_guidance_scale: float
+    max_image_pixels: int
+    def __init__(self, size_multiple: _Optional[int] = ..., max_width: _Optional[int] = ..., max_height: _Optional[int] = ..., frame_step: _Optional[int] = ..., min_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., min_steps: _Optional[int] = ..., min_size: _Optional[int] = ..., max_fps: _Optional[int] = ..., max_guidance_scale: _Optional[float] = ..., max_image_pixels: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "family", "tasks", "limits", "defaults", "ready", "device_kind", "device_kinds", "postprocess_limits")
