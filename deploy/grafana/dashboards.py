@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -372,6 +373,39 @@ DASHBOARDS: dict[str, Callable[[], dict]] = {"renders": renders, "cost": cost, "
 
 def dashboards() -> dict[str, dict]:
     return {name: build() for name, build in DASHBOARDS.items()}
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    """One query of one panel, as Grafana sends it to Prometheus."""
+
+    dashboard: str
+    panel: str
+    ref_id: str
+    expr: str
+
+
+GRAFANA_VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
+
+
+def panel_queries(values: dict[str, str], boards: dict[str, dict] | None = None) -> list[PanelQuery]:
+    """Every panel query of every dashboard (of `boards`, or of the builders), with its
+    Grafana variables (`$name`, `${name}`, `${name:format}`) replaced by `values`, as
+    Grafana does before it sends a query. A variable missing from `values` is an error:
+    a query left with a `$` would not be the one Grafana runs."""
+    found = []
+    for name, board in (boards if boards is not None else dashboards()).items():
+        for panel in board["panels"]:
+            for target in panel.get("targets", []):
+                def resolve(match: re.Match) -> str:
+                    variable = match.group(1) or match.group(2)
+                    if variable not in values:
+                        raise KeyError(f"{name}: panel {panel['title']!r}: no value for ${variable}")
+                    return values[variable]
+
+                found.append(PanelQuery(name, panel["title"], target["refId"],
+                                        GRAFANA_VARIABLE.sub(resolve, target["expr"])))
+    return found
 
 
 def to_text(board: dict) -> str:
