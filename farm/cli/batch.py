@@ -32,6 +32,7 @@ import posixpath
 import re
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -566,8 +567,36 @@ class _Stopped(Exception):
     pass
 
 
+# SIGTERM only raises this flag: an exception raised by a signal handler in the middle of
+# a gRPC call can leave the channel's locks held, and the pod then never exits. The batch
+# runs in a thread of its own (`_until_stopped`); the main thread looks at the flag.
+_stop_requested = threading.Event()
+STOP_POLL_S = 0.2
+
+
 def _stop(signum, frame) -> None:
-    raise _Stopped()
+    _stop_requested.set()
+
+
+def _until_stopped(work: Callable[[], None]) -> None:
+    """Runs `work` in a thread and returns when it does (raising what it raised), or raises
+    _Stopped as soon as SIGTERM asked to stop; closing the client then ends its calls."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as error:  # handed to the main thread
+            failure.append(error)
+
+    worker = threading.Thread(target=target, name="batch", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        if _stop_requested.is_set():
+            raise _Stopped()
+        worker.join(STOP_POLL_S)
+    if failure:
+        raise failure[0]
 
 
 def run_batch(client_factory: Callable[[], FarmClient], manifest: str, job_id: str, shard: Shard,
@@ -592,9 +621,12 @@ def run_batch(client_factory: Callable[[], FarmClient], manifest: str, job_id: s
     outcome: dict[int, LineResult] = {}
     code = None
     try:
+        if _stop_requested.is_set():
+            raise _Stopped()
         with client_factory() as client:
-            BatchRun(client, job_id, manifest, retry_for_s=retry_for_s, deadline_s=deadline_s,
-                     max_in_flight=max_in_flight, log=log).run(lines, outcome)
+            batch = BatchRun(client, job_id, manifest, retry_for_s=retry_for_s, deadline_s=deadline_s,
+                             max_in_flight=max_in_flight, log=log)
+            _until_stopped(lambda: batch.run(lines, outcome))
     except UsageError as error:
         log(f"error: {error}")
         return EXIT_USAGE
@@ -666,6 +698,7 @@ def batch_command(make_client: Callable[[str, Optional[str], Optional[Path]], Fa
         except UsageError as error:
             log(f"error: {error}")
             raise typer.Exit(EXIT_USAGE) from None
+        _stop_requested.clear()
         previous = signal.signal(signal.SIGTERM, _stop)
         try:
             code = run_batch(connect, manifest, job_id or "", shard, results,
