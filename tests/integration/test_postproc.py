@@ -136,9 +136,14 @@ def test_color_reference_by_render_id_is_resolved_at_submit(client, holds):
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "only a SUCCEEDED render" in error.value.details()
     client.cancel(running.id)
+    assert client.wait(running.id, timeout=300).state == pb.RENDER_STATE_CANCELLED
 
 
 def test_killed_postproc_replica_loses_no_chunk_and_the_render_is_not_restarted(client, holds):
+    # The drill holds the next chunk of any render: earlier tests' renders must be over.
+    active = [pb.RENDER_STATE_QUEUED, pb.RENDER_STATE_RUNNING]
+    for earlier in client.list(states=active, page_size=1000).renders:
+        client.wait(earlier.id, timeout=300)
     # The first chunk a replica takes waits there until that replica is killed mid-chunk.
     hold_next_chunk()
     post = pb.PostprocessSpec(interpolation_factor=4, upscale_factor=2)
