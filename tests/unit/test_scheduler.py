@@ -811,6 +811,20 @@ class OneNodePool:
         pass
 
 
+async def until_final(store, render_id: str, timeout_s: float = WAIT_S):
+    """The render's record once it is final (the store polled: the one-node pool below
+    ends renders on its own, with no test sending their events)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        record = await asyncio.to_thread(store.get, None, render_id)
+        if record.state.is_final:
+            return record
+        assert asyncio.get_running_loop().time() < deadline, (
+            f"{render_id} is still {record.state.value} (attempt {record.attempt}, stage {record.stage.value}) "
+            f"after {timeout_s:.0f} s")
+        await asyncio.sleep(0.05)
+
+
 class OneNodeStream:
     def __init__(self, pool: OneNodePool, request: EngineRequest) -> None:
         self.pool, self.request = pool, request
@@ -855,16 +869,6 @@ def test_a_render_failing_on_every_attempt_on_a_one_node_farm_fails_and_holds_up
         spec = dataclasses.replace(resolve_spec(request, models), num_inference_steps=steps)
         return store.submit(tenant_id, request, spec)[0]
 
-    async def until_final(render_id: str):
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while asyncio.get_running_loop().time() < deadline:
-            record = await asyncio.to_thread(store.get, None, render_id)
-            if record.state.is_final:
-                return record
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{render_id} is still {record.state.value} (attempt {record.attempt}, "
-                             f"stage {record.stage.value}) after {WAIT_S:.0f} s")
-
     async def scenario():
         fence = Fence()
         pool = OneNodePool(fence)
@@ -873,9 +877,9 @@ def test_a_render_failing_on_every_attempt_on_a_one_node_farm_fails_and_holds_up
         beside = submit_render(studio_b.id, steps=2)
         scheduler.start()
         try:
-            failed = await until_final(bad.id)
+            failed = await until_final(store, bad.id)
             after = submit_render(studio_b.id, steps=2)
-            finished = [await until_final(beside.id), await until_final(after.id)]
+            finished = [await until_final(store, beside.id), await until_final(store, after.id)]
         finally:
             await scheduler.stop()
         return failed, finished, pool, fence

@@ -15,7 +15,7 @@ from farm.domain.states import RenderState
 from farm.families import Family
 from farm.jobs.validation import resolve_spec
 from farm.jobs.scheduler import Scheduler
-from tests.unit.test_scheduler import Fence, Metrics, OneNodePool
+from tests.unit.test_scheduler import Fence, Metrics, OneNodePool, until_final
 
 OWNER = "scheduler-outages"
 
@@ -44,13 +44,7 @@ def run_one_render(store, config: FarmConfig) -> tuple:
         scheduler = Scheduler(store, {"ltx": [OneNodePool(fence)]}, config, OWNER, Metrics(), fence=fence)
         scheduler.start()
         try:
-            deadline = asyncio.get_running_loop().time() + 120
-            while asyncio.get_running_loop().time() < deadline:
-                record = await asyncio.to_thread(store.get, None, render.id)
-                if record.state.is_final:
-                    return record, scheduler
-                await asyncio.sleep(0.05)
-            raise AssertionError(f"{render.id} is still {record.state.value} (attempt {record.attempt})")
+            return await until_final(store, render.id, timeout_s=120), scheduler
         finally:
             await scheduler.stop()
 
