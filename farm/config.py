@@ -568,6 +568,21 @@ class PostprocConfig(_Section):
         return max(1, int(self.num_cpus))
 
 
+class TracingConfig(_Section):
+    """OpenTelemetry tracing of every render: a span per RPC at the gateway, per queue wait
+    and attempt in the scheduler, per phase in the engine, per chunk in post-processing."""
+
+    otlp_endpoint: str | None = Field(None, pattern=r"^(https?://)?[^\s/]+(:\d+)?/?$")
+    """OTLP/gRPC collector, e.g. http://otel-collector:4317 (http:// is plaintext). None:
+    tracing is off, and costs nothing."""
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    """Share of new traces kept; a caller's traceparent decides for its own trace."""
+    flush_interval_s: float = Field(2.0, gt=0, le=60)
+    """How often each process exports its batched spans."""
+    headers: dict[str, str] = Field(default_factory=dict)
+    """Sent with every export (e.g. a collector's API key)."""
+
+
 class FarmConfig(BaseSettings):
     """The whole farm. See the module docstring for where values come from."""
 
@@ -596,6 +611,8 @@ class FarmConfig(BaseSettings):
     """The Ray cluster."""
     postproc: PostprocConfig = Field(default_factory=PostprocConfig)
     """Post-processing replicas and quality thresholds."""
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    """OpenTelemetry traces of renders (off by default)."""
 
     @classmethod
     def settings_customise_sources(

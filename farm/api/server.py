@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from farm import tracing
 from farm.api.interceptors import AuthInterceptor, ErrorInterceptor
 from farm.api.limits import MAX_SEND_BYTES, LargeRequestLimit, max_receive_bytes
 from farm.api.metrics import GatewayMetrics
@@ -142,6 +143,7 @@ class Gateway:
         receive_limit = max_receive_bytes(config)
         self.certificates = certificate_files(config.gateway)
         config.home.mkdir(parents=True, exist_ok=True)
+        tracing.configure(service_name="farm-gateway", **config.tracing.model_dump())
         self.store = await asyncio.to_thread(JobStore, config.store_url, migrate=config.store.migrate)
         await asyncio.to_thread(ensure_default_tenant, self.store, config.keys_dir)
         self.hub = EventHub(self.store, config.gateway.watch_poll_interval_s)
@@ -211,6 +213,7 @@ class Gateway:
             await self.server.stop(grace_s)
         if self.store:
             self.store.close()
+        await asyncio.to_thread(tracing.flush)
 
 
 async def run_gateway(config: FarmConfig, ready_file: Path | None = None) -> None:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from farm import tracing
 from farm.api import convert
 from farm.api.interceptors import DEADLINE_SLACK_S, current_tenant
 from farm.api.metrics import GatewayMetrics
@@ -65,8 +66,15 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             raise  # raised by `fn` itself: not the client's deadline
 
     async def SubmitRender(self, request: pb.SubmitRenderRequest, context) -> pb.Render:
-        record, created = await self.admission.submit(
-            current_tenant().id, convert.spec_from_pb(request.spec), functools.partial(self._call, context))
+        tenant = current_tenant()
+        parent, state = tracing.caller_trace(context.invocation_metadata())
+        with tracing.span("gateway SubmitRender", parent, parent_state=state, kind="server",
+                          attributes={"farm.tenant": tenant.name, "farm.model": request.spec.model}) as span:
+            record, created = await self.admission.submit(
+                tenant.id, convert.spec_from_pb(request.spec), functools.partial(self._call, context),
+                tracing.traceparent_of(span))
+            span.set_attribute("farm.render_id", record.id)
+            span.set_attribute("farm.created", created)
         if created:
             self.metrics.submitted.labels(record.spec.model, record.spec.task.value).inc()
         return convert.render_to_pb(record)

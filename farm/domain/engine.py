@@ -52,6 +52,8 @@ class EngineRequest:
     avoid_nodes: tuple[str, ...] = ()
     """Nodes on which an engine failed the render's earlier attempts: the engine router
     (`farm.serve.routing`) sends it to a replica elsewhere when the pool has one."""
+    trace_parent: str | None = None
+    """W3C traceparent of the attempt's span (tracing on): the engine's spans go under it."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,15 +58,16 @@ class Admission:
         self._clock = clock
         self._pools: tuple[float, list] = (-TIMING_CACHE_S, [])
 
-    async def submit(self, tenant_id: str, request: RenderSpec,
-                     run: Run = asyncio.to_thread) -> tuple[RenderRecord, bool]:
+    async def submit(self, tenant_id: str, request: RenderSpec, run: Run = asyncio.to_thread,
+                     trace_parent: str | None = None) -> tuple[RenderRecord, bool]:
         """Queues the render; returns (render, created). An idempotency key the tenant used
         before answers with its first render (created=False). Raises InvalidArgument naming
         each bad field and its limit, NotFound or FailedPrecondition for a colour reference
-        that cannot be used, ResourceExhausted for a spend over budget."""
+        that cannot be used, ResourceExhausted for a spend over budget. trace_parent: the
+        submit's span, which the render's attempts continue."""
         plan = await run(self.plan, tenant_id, request)
         # The idempotency fingerprint stays that of the request as sent.
-        return await run(self.store.submit, tenant_id, request, plan.spec, plan.estimate.nanodollars)
+        return await run(self.store.submit, tenant_id, request, plan.spec, plan.estimate.nanodollars, trace_parent)
 
     async def estimate(self, tenant_id: str, request: RenderSpec, run: Run = asyncio.to_thread) -> Estimate:
         """What the render would cost, refused as `submit` would refuse it (but the budget)."""

@@ -112,6 +112,8 @@ class ClaimedRender:
     preemptions: int = 0
     failed_nodes: tuple[str, ...] = ()
     """Nodes on which an engine failed earlier attempts: the next goes elsewhere if it can."""
+    trace_parent: str | None = None
+    """The submit's W3C traceparent (tracing on): the attempt's spans join its trace."""
 
 
 @dataclasses.dataclass(frozen=True)

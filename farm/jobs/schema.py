@@ -129,6 +129,9 @@ class Render(Base):
     preemptions: Mapped[int] = mapped_column(Integer, default=0)
     checkpoint_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
     checkpoint_step: Mapped[int] = mapped_column(Integer, default=0)
+    # W3C traceparent of the submit's span, when tracing is on: the scheduler's and
+    # engines' spans of every attempt join that trace.
+    trace_parent: Mapped[str | None] = mapped_column(String(55), nullable=True)
 
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key"),

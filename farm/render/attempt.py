@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
+from farm import tracing
 from farm.config import PostprocConfig
 from farm.domain.engine import Candidate, Engine, EngineRequest
 from farm.domain.errors import RenderRejected
@@ -87,6 +88,15 @@ class AttemptRunner:
         """One attempt: lists of progress of every candidate, post-processing and writing,
         then `Done` (or `Preempted`). The render thread renders the candidates;
         everything after runs in this event loop."""
+        with tracing.span("engine attempt", request.trace_parent, attributes={
+                "farm.render_id": request.render_id, "farm.attempt": request.attempt, "farm.node": self.node,
+                "farm.device_kind": self.engine.device_kind}) as span:
+            if tracing.enabled():
+                request = dataclasses.replace(request, trace_parent=tracing.traceparent_of(span))
+            async for batch in self._attempt(request):
+                yield batch
+
+    async def _attempt(self, request: EngineRequest) -> AsyncIterator[list[EngineEvent]]:
         post = request.postprocess or ResolvedPostprocess()
         gate = self.postproc.quality
         steps = request.num_inference_steps
@@ -141,7 +151,9 @@ class AttemptRunner:
                 tried = f" after {len(retries)} retries with new seeds" if retries else ""
                 raise QualityRejected(f"quality below the farm's thresholds{tried}: {'; '.join(failures)}")
             yield [RenderProgress(Stage.WRITING)]
-            yield [await self._finish(request, post, contenders, chosen, scored, clip, clip_timings, retries)]
+            with tracing.span("engine writing", request.trace_parent, attributes={"farm.render_id": request.render_id}):
+                done = await self._finish(request, post, contenders, chosen, scored, clip, clip_timings, retries)
+            yield [done]
         except asyncio.CancelledError:
             stop.set()
             for job in jobs:
@@ -199,6 +211,12 @@ class AttemptRunner:
 
     async def _postprocess(self, request: EngineRequest, post: ResolvedPostprocess, output,
                            stored: StoredClip | None) -> ClipResult:
+        with tracing.span("engine postprocess", request.trace_parent,
+                          attributes={"farm.render_id": request.render_id}) as span, tracing.current(span):
+            return await self._postprocess_chunks(request, post, output, stored)
+
+    async def _postprocess_chunks(self, request: EngineRequest, post: ResolvedPostprocess, output,
+                                  stored: StoredClip | None) -> ClipResult:
         if stored is None:
             stored = await store_clip(output.frames, self.chunks, self.postproc.chunk_frames)
         color = post.color_reference

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from farm import tracing
 from farm.domain.engine import (
     Candidate,
     CheckpointError,
@@ -118,11 +119,14 @@ class RenderThread:
         stage_started: dict = {"stage": None, "at": time.perf_counter()}
         offset = {"steps": first_step}
         hold = self._claim_hold(request) if first_step == 0 else None
+        phases = tracing.Phases(request.trace_parent, "engine",
+                                {"farm.render_id": request.render_id, "farm.device_kind": device})
 
         def on_progress(progress: Progress) -> None:
             if self.fail_at_step and progress.step == self.fail_at_step:
                 raise InjectedFault(f"{FAIL_AT_STEP_ENV}={self.fail_at_step} on node {self.node}")
             stage = Stage(progress.stage)
+            phases.enter(stage)
             if progress.step:
                 event = RenderProgress(stage, step=offset["steps"] + progress.step, total_steps=total_steps,
                                        step_seconds=progress.step_seconds, at=time.time())
@@ -146,6 +150,7 @@ class RenderThread:
                 else:
                     output = self.engine.render(candidate, on_progress, stop.is_set, cpu_threads=threads)
                 emit(Candidate(seed, output))
+            phases.close()
             finished = self._close_stage(stage_started, device, Stage.POSTPROCESSING)
             # Counted before `Rendered` reaches the event loop: the next render may start
             # in this thread at once.
@@ -153,11 +158,14 @@ class RenderThread:
             emit(RenderProgress(Stage.POSTPROCESSING, node=self.node, finished_phases=finished))
             emit(Rendered())
         except RenderPreempted as preempted:
+            phases.close()
             self._preempted(request, preempted, emit)
         except RenderCancelled as cancelled:
+            phases.close(cancelled)
             log.info("render %s cancelled after step %d", request.render_id, cancelled.step)
             emit(Failed(cancelled))
         except BaseException as error:  # handed to the caller through the stream
+            phases.close(error)
             emit(Failed(error))
 
     @staticmethod

@@ -24,12 +24,12 @@ def build_app(args: FarmConfig | dict[str, Any] | None = None) -> Application:
         args = dict(args or {})
         config = load_config(args.pop("config_path", None), **args)
     # Every engine replica fans its frames out to the one post-processing deployment.
-    postproc = postproc_deployment(config.postproc)
+    postproc = postproc_deployment(config.postproc, tracing_config=config.tracing)
     # One engine deployment per pool: a model on one kind of device.
     engines = {
         f"{m.name}/{pool.device_kind}": engine_deployment(m, pool, config.artifacts_url,
                                                           config.scheduler.renders_per_replica, config.ray.app_name,
-                                                          postproc, config.postproc)
+                                                          postproc, config.postproc, config.tracing)
         for m in config.served_models() for pool in m.resolved_pools()
     }
     return scheduler_deployment(config, engines)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import socket
@@ -20,7 +21,8 @@ from typing import Any
 
 from ray import serve
 
-from farm.config import PostprocConfig
+from farm import tracing
+from farm.config import PostprocConfig, TracingConfig
 from farm.postproc.chunks import Chunk
 from farm.postproc.pipeline import (
     CPU,
@@ -69,10 +71,13 @@ def lower_priority(niceness: int) -> None:
 
 
 class PostprocServer:
-    def __init__(self, config_json: str):
+    def __init__(self, config_json: str, tracing_json: str | None = None):
         import cv2
 
         self.config = PostprocConfig.model_validate_json(config_json)
+        if tracing_json:
+            tracing.configure(service_name="farm-postproc",
+                              **TracingConfig.model_validate_json(tracing_json).model_dump())
         lower_priority(self.config.niceness)
         threads = self.config.threads
         # OpenCV's thread pool is per process: one replica, its own cores, no more.
@@ -100,14 +105,17 @@ class PostprocServer:
         log.info("post-processing replica %s ready (%s, %d threads, warmed up in %.2f s)", self.name,
                  self.device_kind, threads, warmed)
 
-    async def statistics(self, frames_ref: list, chunk: Chunk, index: int) -> StatisticsResult:
+    async def statistics(self, frames_ref: list, chunk: Chunk, index: int,
+                         trace_parent: str | None = None) -> StatisticsResult:
         frames = await frames_ref[0]
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._executor, chunk_statistics, frames, chunk, index)
+        with self._span(f"postproc statistics {index}", trace_parent):
+            result = await loop.run_in_executor(self._executor, chunk_statistics, frames, chunk, index)
         result.device_kind, result.device_seconds, result.worker = self.device_kind, result.seconds * self.scale, self.name
         return result
 
-    async def process(self, frames_ref: list, chunk: Chunk, work: ChunkWork, index: int) -> ChunkResult:
+    async def process(self, frames_ref: list, chunk: Chunk, work: ChunkWork, index: int,
+                      trace_parent: str | None = None) -> ChunkResult:
         # frames_ref is [ObjectRef]: nested, so Ray hands the reference over unresolved
         # and the frames are read here, in the replica, from the object store.
         frames = await frames_ref[0]
@@ -115,12 +123,20 @@ class PostprocServer:
         work = _with_threads(work, self.config.threads)
         if self.holds_enabled:
             await loop.run_in_executor(self._executor, self._take_hold)
-        result = await loop.run_in_executor(
-            self._executor,
-            lambda: process_chunk(frames, chunk, work, index, upscaler=self.upscaler, interpolator=self.interpolator))
+        with self._span(f"postproc chunk {index}", trace_parent, frames=len(frames)):
+            result = await loop.run_in_executor(
+                self._executor,
+                lambda: process_chunk(frames, chunk, work, index, upscaler=self.upscaler,
+                                      interpolator=self.interpolator))
         result.device_kind, result.worker = self.device_kind, self.name
         result.device_seconds = device_seconds_by_phase(result.seconds, self.scale)
         return result
+
+    def _span(self, name: str, trace_parent: str | None, **attributes):
+        """A chunk's span, under the render's post-processing span (none without one)."""
+        if not trace_parent:
+            return contextlib.nullcontext()
+        return tracing.span(name, trace_parent, attributes={"farm.worker": self.name, **attributes})
 
     def _take_hold(self) -> None:
         """A drill's hold on the next chunk: waits until released (or this replica is killed)."""
@@ -169,9 +185,11 @@ class ServeChunkRunner:
         return [await asyncio.to_thread(ray.put, frames)]
 
     async def _call(self, method: str, *args: Any):
+        # The render's post-processing span, when the chunk is part of one (tracing on).
+        trace = {"trace_parent": parent} if (parent := tracing.current_traceparent()) else {}
         for attempt in range(self.retries + 1):
             try:
-                result = await getattr(self.handle, method).remote(*args)
+                result = await getattr(self.handle, method).remote(*args, **trace)
             except Exception as error:
                 if not is_replica_loss(error) or attempt == self.retries:
                     raise
@@ -190,7 +208,8 @@ class ServeChunkRunner:
         return await self._call("process", frames_ref, chunk, work, index)
 
 
-def postproc_deployment(config: PostprocConfig, name: str = DEPLOYMENT_NAME):
+def postproc_deployment(config: PostprocConfig, name: str = DEPLOYMENT_NAME,
+                        tracing_config: TracingConfig | None = None):
     options: dict[str, Any] = {"num_cpus": config.num_cpus}
     if config.num_gpus:
         options["num_gpus"] = config.num_gpus
@@ -216,4 +235,5 @@ def postproc_deployment(config: PostprocConfig, name: str = DEPLOYMENT_NAME):
         graceful_shutdown_timeout_s=30,
         logging_config={"enable_access_log": False, "log_level": "WARNING"},
         **scaling,
-    ).bind(config.model_dump_json())
+    ).bind(config.model_dump_json(),
+           tracing_config.model_dump_json() if tracing_config and tracing_config.otlp_endpoint else None)

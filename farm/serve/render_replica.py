@@ -21,7 +21,8 @@ from typing import Any
 
 from ray import serve
 
-from farm.config import ModelConfig, PoolConfig, PostprocConfig
+from farm import tracing
+from farm.config import ModelConfig, PoolConfig, PostprocConfig, TracingConfig
 from farm.domain.engine import EngineRequest
 from farm.render.attempt import AttemptRunner
 from farm.render.render_thread import FAIL_AT_STEP_ENV
@@ -58,7 +59,8 @@ def threads_beside_postprocessing(engine, model: ModelConfig, postproc: Postproc
 
 
 class RenderReplica:
-    def __init__(self, model_json: str, artifacts_url: str, postproc=None, postproc_json: str | None = None):
+    def __init__(self, model_json: str, artifacts_url: str, postproc=None, postproc_json: str | None = None,
+                 tracing_json: str | None = None):
         from farm.engines import load_engine
         from farm.postproc.pipeline import LocalChunkRunner
         from farm.serve.postproc import ServeChunkRunner
@@ -66,6 +68,9 @@ class RenderReplica:
         started = time.perf_counter()
         self.model = ModelConfig.model_validate_json(model_json)
         self.node = node_name()
+        if tracing_json:
+            tracing.configure(service_name="farm-engine", resource={"farm.model": self.model.name},
+                              **TracingConfig.model_validate_json(tracing_json).model_dump())
         fail_at_step = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
         if fail_at_step:
             log.warning("chaos drill: this replica fails every render at step %d (%s)", fail_at_step,
@@ -121,7 +126,8 @@ def pool_model(model: ModelConfig, pool: PoolConfig) -> ModelConfig:
 
 
 def engine_deployment(model: ModelConfig, pool: PoolConfig, artifacts_url: str, renders_per_replica: int,
-                      app_name: str, postproc=None, postproc_config: PostprocConfig | None = None):
+                      app_name: str, postproc=None, postproc_config: PostprocConfig | None = None,
+                      tracing_config: TracingConfig | None = None):
     """postproc: the post-processing deployment (bound), whose handle the replicas get."""
     options: dict[str, Any] = {"num_cpus": pool.num_cpus}
     if not pool.num_gpus:
@@ -170,4 +176,5 @@ def engine_deployment(model: ModelConfig, pool: PoolConfig, artifacts_url: str, 
         graceful_shutdown_timeout_s=pool.drain_timeout_s,
         logging_config={"enable_access_log": False, "log_level": "WARNING"},
     ).bind(pool_model(model, pool).model_dump_json(), artifacts_url, postproc,
-           postproc_config.model_dump_json() if postproc_config else None)
+           postproc_config.model_dump_json() if postproc_config else None,
+           tracing_config.model_dump_json() if tracing_config and tracing_config.otlp_endpoint else None)

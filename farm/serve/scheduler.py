@@ -16,6 +16,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from farm import tracing
 from farm.config import FarmConfig, ModelConfig, PoolConfig
 from farm.domain.engine import EngineRequest
 from farm.domain.errors import EngineLost
@@ -173,6 +174,7 @@ class ServePool:
 class SchedulerServer:
     async def __init__(self, config_json: str, engines: dict[str, DeploymentHandle]):
         self.config = FarmConfig.model_validate_json(config_json)
+        tracing.configure(service_name="farm-scheduler", **self.config.tracing.model_dump())
         self.store = JobStore(self.config.store_url, migrate=self.config.store.migrate)
         self.metrics = ServeMetrics()
         if self.config.scheduler.metrics_port:

@@ -20,6 +20,7 @@ import yaml
 from farm.cli.client import FarmClient
 from farm.config import FarmConfig
 from farm.serve.flags import HOLDS_ENV, clear_holds
+from tests.otlp import TraceReceiver
 
 STARTUP_TIMEOUT_S = 300
 
@@ -66,7 +67,15 @@ class GatewayProcess:
 
 
 @pytest.fixture(scope="session")
-def farm_config() -> tuple[FarmConfig, Path]:
+def trace_receiver() -> TraceReceiver:
+    """Where every process of the integration farm exports its spans."""
+    receiver = TraceReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def farm_config(trace_receiver) -> tuple[FarmConfig, Path]:
     # Short path: Ray's unix sockets live under it.
     home = Path(tempfile.mkdtemp(prefix="farm-it-", dir="/tmp"))
     values = {
@@ -80,6 +89,8 @@ def farm_config() -> tuple[FarmConfig, Path]:
         "ray": {"num_cpus": 8, "app_name": "farm-test"},
         # Small chunks, so that even tiny test clips spread over both post-processing replicas.
         "postproc": {"replicas": 2, "chunk_frames": 8},
+        # Tracing on, as an operator with a collector runs it: every test's renders are traced.
+        "tracing": {"otlp_endpoint": trace_receiver.endpoint, "flush_interval_s": 0.2},
     }
     config_path = home / "farm.yaml"
     config_path.write_text(yaml.safe_dump(values))

@@ -18,14 +18,14 @@ SKIPPED = ("v1", "migrations")  # generated code; Alembic's revision scripts
 # Rooms by floor: a room imports rooms on its own floor or below, never above.
 FLOORS = {
     "__main__": 4,
-    "api": 3, "serve": 3, "cli": 3,
+    "api": 3, "serve": 3, "cli": 3, "client": 3,
     "jobs": 2, "render": 2, "metering": 2, "planning": 2,
     "engines": 1, "postproc": 1, "storage": 1,
-    "config": 0, "families": 0, "domain": 0,
+    "config": 0, "families": 0, "domain": 0, "tracing": 0,
 }
 # The ground floor has an order of its own: config reads the families' defaults, and both
-# speak the domain's vocabulary.
-GROUND_ORDER = {"domain": 0, "families": 1, "config": 2}
+# speak the domain's vocabulary; tracing stands apart (it imports nothing of farm).
+GROUND_ORDER = {"domain": 0, "tracing": 0, "families": 1, "config": 2}
 JOB_PLANE = ("jobs", "api", "metering", "planning")
 
 # Each family's name as it appears in code and prose, and the most modules that may say it:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Any
 
 from farm.domain.engine import EngineRequest
 from farm.jobs.records import ClaimedRender
@@ -33,6 +34,8 @@ class RunningAttempt:
     node: str | None = None
     # Phases finished so far: what a cancel, a failure or a lost replica is charged (or absorbed).
     meter: AttemptMeter = dataclasses.field(init=False)
+    # The attempt's tracing span (non-recording when tracing is off).
+    span: Any = None
 
     def __post_init__(self) -> None:
         self.meter = AttemptMeter(self.pool.device_kind)
@@ -48,7 +51,8 @@ class RunningAttempt:
         return self.stream is not None and not self.withdrawn
 
 
-def engine_request(claimed: ClaimedRender) -> EngineRequest:
+def engine_request(claimed: ClaimedRender, trace_parent: str | None = None) -> EngineRequest:
+    """trace_parent: the attempt's span, under which the engine's spans go."""
     spec = claimed.spec
     return EngineRequest(
         render_id=claimed.id, attempt=claimed.attempt, task=spec.task, prompt=spec.prompt,
@@ -56,4 +60,5 @@ def engine_request(claimed: ClaimedRender) -> EngineRequest:
         num_frames=spec.num_frames, fps=spec.fps, num_inference_steps=spec.num_inference_steps,
         guidance_scale=spec.guidance_scale, seed=spec.seed, resume_from=claimed.checkpoint_uri,
         postprocess=spec.postprocess, estimated_memory_bytes=spec.memory_bytes, avoid_nodes=claimed.failed_nodes,
+        trace_parent=trace_parent,
     )

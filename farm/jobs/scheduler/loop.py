@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import logging
 
+from farm import tracing
 from farm.config import FarmConfig
 from farm.domain.errors import EngineLost
 from farm.domain.events import Done, Preempted, RenderProgress
@@ -243,9 +244,20 @@ class Scheduler:
     # -- one attempt -----------------------------------------------------------------
 
     async def _run_attempt(self, entry: RunningAttempt) -> None:
-        await self._wait_for_turn(entry)
-        ending = Requeue() if entry.withdrawn else await self._render(entry)
-        await self.endings.write(entry, ending)
+        claimed = entry.claimed
+        if claimed.attempt == 1:
+            # The queue wait of a requeued render starts at its requeue, which is not kept.
+            tracing.start_span("scheduler queued", claimed.trace_parent, start_time=claimed.created_at,
+                               attributes={"farm.render_id": claimed.id}).end()
+        with tracing.span(f"scheduler attempt {claimed.attempt}", claimed.trace_parent, attributes={
+                "farm.render_id": claimed.id, "farm.attempt": claimed.attempt, "farm.model": claimed.spec.model,
+                "farm.device_kind": entry.pool.device_kind}) as entry.span:
+            await self._wait_for_turn(entry)
+            ending = Requeue() if entry.withdrawn else await self._render(entry)
+            entry.span.set_attribute("farm.ending", type(ending).__name__)
+            if entry.node:
+                entry.span.set_attribute("farm.node", entry.node)
+            await self.endings.write(entry, ending)
 
     async def _render(self, entry: RunningAttempt) -> Ending:
         """Sends the attempt to its pool and reads its events until the stream ends."""
@@ -255,7 +267,7 @@ class Scheduler:
         error: str | None = None
         node_fault = False
         try:
-            entry.stream = entry.pool.render(engine_request(claimed))
+            entry.stream = entry.pool.render(engine_request(claimed, tracing.traceparent_of(entry.span)))
             if entry.withdrawn:
                 entry.stream.cancel()
             async for batch in entry.stream:

@@ -76,6 +76,7 @@ class LeasesStore(RenderRows):
                             created_at=row.created_at, claimed_at=now, checkpoint_uri=row.checkpoint_uri,
                             checkpoint_step=row.checkpoint_step, preemptions=row.preemptions,
                             failed_nodes=self._failed_nodes(session, row) if row.attempt > 1 else (),
+                            trace_parent=row.trace_parent,
                         )
                     )
         return claimed

@@ -33,10 +33,11 @@ class RendersStore(RenderRows):
     """The gateway's side of renders."""
 
     def submit(self, tenant_id: str, request: RenderSpec, spec: ResolvedSpec,
-               estimate_nanodollars: int = 0) -> tuple[RenderRecord, bool]:
+               estimate_nanodollars: int = 0, trace_parent: str | None = None) -> tuple[RenderRecord, bool]:
         """Queues a render, reserving its estimated cost against the tenant's budget;
         returns (render, created). With an idempotency key already used by this
-        tenant, returns the first render (created=False) and reserves nothing."""
+        tenant, returns the first render (created=False) and reserves nothing.
+        trace_parent: the submit's W3C traceparent, continued by every attempt."""
         fingerprint = request.fingerprint()
         key = spec.idempotency_key or None
         if key:
@@ -57,7 +58,7 @@ class RendersStore(RenderRows):
                     created_at=t.utcnow(), reserved_nanodollars=estimate_nanodollars,
                     require_device_kind=spec.require_device_kind or None,
                     prefer_device_kind=spec.prefer_device_kind or None,
-                    memory_bytes=spec.memory_bytes,
+                    memory_bytes=spec.memory_bytes, trace_parent=trace_parent,
                 )
                 session.add(row)
                 session.flush()
