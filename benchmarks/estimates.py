@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from farm_overhead import start_farm, temporary_farm  # noqa: E402
 
-from farm.cli.client import FarmClient, find_api_key  # noqa: E402
+from farm.client import FarmClient, find_api_key  # noqa: E402
 from farm.jobs.estimates import fit_and_store, measured_samples  # noqa: E402
 from farm.jobs.store import JobStore  # noqa: E402
 from farm.planning.calibrate import (  # noqa: E402

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from farm.cli.client import FarmClient, find_api_key
+from farm.client import FarmClient, find_api_key
 from farm.config import FarmConfig, Task
 from farm.domain.engine import EngineRequest
 from farm.v1 import render_pb2 as pb

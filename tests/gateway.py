@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from farm.api.server import Gateway
-from farm.cli.client import FarmClient
+from farm.client import FarmClient
 from farm.config import FarmConfig
 from farm.jobs.store import JobStore
 
@@ -48,7 +48,8 @@ def serving(config: FarmConfig) -> Iterator[LocalGateway]:
     gateway = Gateway(config)
     port = asyncio.run_coroutine_threadsafe(gateway.start(), loop).result(60)
     target = f"127.0.0.1:{port}"
-    client = FarmClient(target, (config.keys_dir / "default.key").read_text().strip())
+    # Each call sent once: tests read the gateway's own answers, not a retried one's.
+    client = FarmClient(target, (config.keys_dir / "default.key").read_text().strip(), retries=False)
     store = JobStore(config.store_url, migrate=False)
     try:
         yield LocalGateway(gateway, target, client, store)

@@ -39,10 +39,22 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Optional
 
-import grpc
 import typer
 
-from farm.cli.client import MAX_MESSAGE_BYTES, FarmClient
+from farm.client import MAX_MESSAGE_BYTES, FarmClient
+from farm.client.errors import (
+    Aborted,
+    Cancelled,
+    DeadlineExceeded,
+    FarmError,
+    Internal,
+    NoApiKey,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unknown,
+)
 from farm.domain.spec import MAX_IDEMPOTENCY_KEY_CHARS
 from farm.v1 import render_pb2 as pb
 
@@ -76,9 +88,9 @@ FIRST_BACKOFF_S, MAX_BACKOFF_S = 1.0, 30.0
 FINAL_STATES = {pb.RENDER_STATE_SUCCEEDED, pb.RENDER_STATE_FAILED, pb.RENDER_STATE_CANCELLED}
 _FINAL_NAMES = {pb.RenderState.Name(s).removeprefix("RENDER_STATE_") for s in FINAL_STATES}
 # Answers that say the gateway (or something behind it) is away for now, not that the request is bad.
-TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
-                   grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
-REFUSED_KEY_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+# (The client has retried the idempotent calls, and keyed submits, a few times already.)
+TRANSIENT_ERRORS = (Unavailable, DeadlineExceeded, Internal, Unknown, Aborted, Cancelled)
+REFUSED_KEY_ERRORS = (Unauthenticated, PermissionDenied)
 
 # States of a line in the results besides the farm's (SUCCEEDED, FAILED, CANCELLED,
 # and QUEUED or RUNNING when the pod stopped before the render ended).
@@ -369,35 +381,22 @@ def write_results(url: str | None, results: Iterable[LineResult]) -> None:
         raise GaveUp(f"results {url} could not be written: {error}") from None
 
 
-def _status(error: grpc.RpcError) -> str:
+def _status(error: FarmError) -> str:
     return f"{error.code().name}: {error.details()}"
 
 
-def _field_violations(error: grpc.RpcError) -> str:
+def _field_violations(error: FarmError) -> str:
     """The BadRequest field violations of an answer as `field: description; ...`."""
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
-
-    status = rpc_status.from_call(error)
-    fields = []
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [f"{v.field}: {v.description}" for v in bad.field_violations]
-    return "; ".join(fields)
+    return "; ".join(f"{field}: {description}" if field else description
+                     for field, description in error.field_violations.items())
 
 
-def _retry_delay(error: grpc.RpcError) -> float | None:
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
-
-    status = rpc_status.from_call(error)
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return info.retry_delay.ToTimedelta().total_seconds()
+def _busy_delay(error: FarmError) -> float | None:
+    """How long a busy farm (a full queue, a rate limit) asks to wait; None where the answer
+    is not that, or asks for longer than BUSY_WAIT_MAX_S (a spent budget)."""
+    if isinstance(error, ResourceExhausted) and error.retry_after_s is not None \
+            and error.retry_after_s <= BUSY_WAIT_MAX_S:
+        return error.retry_after_s
     return None
 
 
@@ -452,23 +451,21 @@ class BatchRun:
             self._check_deadline()
             try:
                 render = self.client.submit(spec, timeout=CALL_TIMEOUT_S)
-            except grpc.RpcError as error:
-                code = error.code()
-                if code in REFUSED_KEY_CODES:
+            except FarmError as error:
+                if isinstance(error, REFUSED_KEY_ERRORS):
                     raise UsageError(f"the gateway refused the API key: {_status(error)}") from None
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    delay = _retry_delay(error)
-                    if delay is not None and delay <= BUSY_WAIT_MAX_S:
-                        self._answered()
-                        if in_flight:  # the farm is busy: see one of ours to its end meanwhile
-                            oldest = in_flight.popleft()
-                            self.log(f"line {result.line}: farm busy ({error.details()}); following line "
-                                     f"{oldest.line} meanwhile")
-                            self._follow(oldest)
-                        else:
-                            self._wait(delay, f"line {result.line}: farm busy ({error.details()})")
-                        continue
-                if code in TRANSIENT_CODES:
+                delay = _busy_delay(error)
+                if delay is not None:
+                    self._answered()
+                    if in_flight:  # the farm is busy: see one of ours to its end meanwhile
+                        oldest = in_flight.popleft()
+                        self.log(f"line {result.line}: farm busy ({error.details()}); following line "
+                                 f"{oldest.line} meanwhile")
+                        self._follow(oldest)
+                    else:
+                        self._wait(delay, f"line {result.line}: farm busy ({error.details()})")
+                    continue
+                if isinstance(error, TRANSIENT_ERRORS):
                     self._trouble(f"line {result.line}: submit: {_status(error)}")
                     continue
                 result.state = REFUSED
@@ -494,10 +491,10 @@ class BatchRun:
                     last_sequence = event.sequence
                     if event.state in FINAL_STATES:
                         break
-            except grpc.RpcError as error:
+            except FarmError as error:
                 # DEADLINE_EXCEEDED: the slice ended (a long wait in the queue, or a connection
                 # that died silently); the get below tells which.
-                if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                if not isinstance(error, DeadlineExceeded):
                     if self._lost(error, result, "watch"):
                         return
                     continue
@@ -505,7 +502,7 @@ class BatchRun:
                 stream.cancel()  # a no-op once the stream ended
             try:
                 render = self.client.get(result.render_id, timeout=CALL_TIMEOUT_S)
-            except grpc.RpcError as error:
+            except FarmError as error:
                 if self._lost(error, result, "get"):
                     return
                 continue
@@ -516,18 +513,17 @@ class BatchRun:
                          + (f": {render.error}" if render.error else ""))
                 return
 
-    def _lost(self, error: grpc.RpcError, result: LineResult, call: str) -> bool:
+    def _lost(self, error: FarmError, result: LineResult, call: str) -> bool:
         """Waits out a passing trouble (False: try again); records an answer that will not
         change (True: the line is done with)."""
-        code = error.code()
-        if code in REFUSED_KEY_CODES:
+        if isinstance(error, REFUSED_KEY_ERRORS):
             raise UsageError(f"the gateway refused the API key: {_status(error)}") from None
-        delay = _retry_delay(error) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
-        if delay is not None and delay <= BUSY_WAIT_MAX_S:  # too many watches or reads at once
+        delay = _busy_delay(error)
+        if delay is not None:  # too many watches or reads at once
             self._answered()
             self._wait(delay, f"line {result.line}: {call} {result.render_id}: farm busy ({error.details()})")
             return False
-        if code in TRANSIENT_CODES or code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if isinstance(error, (*TRANSIENT_ERRORS, ResourceExhausted)):
             self._trouble(f"line {result.line}: {call} {result.render_id}: {_status(error)}")
             return False
         result.state, result.error = REFUSED, _status(error)
@@ -687,8 +683,8 @@ def batch_command(make_client: Callable[[str, Optional[str], Optional[Path]], Fa
         def connect() -> FarmClient:
             try:
                 return make_client(target, api_key, config_path)
-            except (SystemExit, typer.BadParameter, ValueError) as error:  # no API key; half a TLS pair
-                raise UsageError(str(getattr(error, "code", None) or error)) from None
+            except (NoApiKey, typer.BadParameter, ValueError) as error:  # no API key; half a TLS pair
+                raise UsageError(str(error)) from None
 
         def log(message: str) -> None:
             print(message, file=sys.stderr, flush=True)

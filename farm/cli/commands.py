@@ -58,7 +58,7 @@ def _options(
 
 
 def _client(target: str, api_key: Optional[str], config_path: Optional[Path] = None):
-    from farm.cli.client import FarmClient, find_api_key
+    from farm.client import FarmClient, find_api_key
 
     home = load_config(config_path).home if api_key is None else None
     if (_tls.get("tls_cert_file") is None) != (_tls.get("tls_key_file") is None):
@@ -158,7 +158,7 @@ def submit(
         _print_render(final)
         if final.state == pb.RENDER_STATE_SUCCEEDED:
             path = output or Path(f"{render.id}.mp4")
-            path.write_bytes(client.fetch(render.id))
+            client.download(render.id, path)
             console.print(f"saved {path}")
         else:
             raise typer.Exit(1)
@@ -480,8 +480,18 @@ def main() -> None:
     except Exception as error:
         import grpc
 
+        from farm.client.errors import FarmError as ErrorAnswer
+        from farm.client.errors import NoApiKey
+
+        if isinstance(error, NoApiKey):
+            console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(2)
         if isinstance(error, grpc.RpcError):
-            console.print(f"error: {error.code().name}: {error.details()}", style="red")
+            # The gateway's answer, one line each: the code and message, each bad field and
+            # its limit, each quota that ran out, how long to wait.
+            for index, line in enumerate(ErrorAnswer.from_call(error).explain()):
+                console.print(("error: " if index == 0 else "") + line, style="red", markup=False,
+                              highlight=False, soft_wrap=True)
             sys.exit(2)
         raise
 

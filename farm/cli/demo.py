@@ -41,7 +41,7 @@ def first_frame_png(width: int = 256, height: int = 256) -> bytes:
 
 
 def run_demo(config: FarmConfig, output_dir: Path | None, console: Console) -> int:
-    from farm.cli.client import FarmClient, find_api_key
+    from farm.client import FarmClient, find_api_key
     from farm.cli.progress import follow_renders
     from farm.v1 import render_pb2 as pb
 
@@ -89,7 +89,7 @@ def _task(value: int) -> str:
 
 
 def _wait_until_serving(server: subprocess.Popen, ready_file: Path, config: FarmConfig, console: Console) -> int:
-    from farm.cli.client import FarmClient
+    from farm.client import FarmClient
 
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     with console.status("loading models and starting Ray Serve (about a minute on 2 cores)"):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from farm.cli.client import FarmClient
+from farm.client import FarmClient
 from farm.config import FarmConfig
 from farm.serve.flags import HOLDS_ENV, clear_holds
 from tests.otlp import TraceReceiver

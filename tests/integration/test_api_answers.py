@@ -18,7 +18,7 @@ from tests.integration.test_render_path import small_spec
 @pytest.fixture(scope="module")
 def finished(gateway, api_key):
     """A rendered clip and every event of its render."""
-    from farm.cli.client import FarmClient
+    from farm.client import FarmClient
 
     with FarmClient(gateway.target, api_key) as client:
         render = client.submit(small_spec(steps=2))

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from farm.cli.batch import EXIT_SUCCEEDED
-from farm.cli.client import FarmClient
+from farm.client import FarmClient
 
 COUNT = 3
 LINES = 6

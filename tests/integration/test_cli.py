@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from farm.cli.client import FarmClient
+from farm.client import FarmClient
 from farm.postproc.encode import probe_mp4
 
 

@@ -8,7 +8,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from farm.cli.client import FarmClient
+from farm.client import FarmClient
 from farm.cli.demo import first_frame_png
 from farm.jobs.store import JobStore
 from farm.serve.flags import hold_next_render, release

@@ -15,7 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from farm.cli.client import FarmClient
+from farm.client import FarmClient
 from farm.domain.states import RenderState
 from farm.jobs.store import JobStore
 from farm.serve.flags import hold_next_render, release

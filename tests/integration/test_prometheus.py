@@ -31,7 +31,7 @@ import grpc
 import pytest
 import yaml
 
-from farm.cli.client import FarmClient
+from farm.client import FarmClient
 from farm.config import Task
 from farm.domain.spec import RenderSpec
 from farm.jobs.store import JobStore

@@ -31,7 +31,7 @@ from farm.api.metrics import GatewayMetrics
 from farm.api.server import Gateway
 from farm.api.servicer import RenderServicer
 from farm.api.watch import EventHub
-from farm.cli.client import FarmClient
+from farm.client import FarmClient
 from farm.config import FarmConfig, ModelConfig, Task
 from farm.domain.states import AttemptOutcome
 from farm.families import Family

@@ -40,7 +40,7 @@ from farm.cli.batch import (
     resolve_shard,
     run_batch,
 )
-from farm.cli.client import FarmClient
+from farm.client import FarmClient
 from farm.cli.commands import app
 from farm.config import FarmConfig, ModelConfig, Task
 from farm.domain.spec import MAX_IDEMPOTENCY_KEY_CHARS

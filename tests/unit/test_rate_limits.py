@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 
 from farm.api import ratelimit
 from farm.api.ratelimit import RateLimiter, method_class, peer_address
-from farm.cli.client import FarmClient
+from farm.client import FarmClient
 from farm.config import FarmConfig, ModelConfig, RateLimitsConfig, Task
 from farm.domain.errors import ResourceExhausted, Unauthenticated
 from farm.families import Family

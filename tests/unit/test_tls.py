@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from farm.api.server import CertificateFiles, Gateway
-from farm.cli.client import FarmClient
+from farm.client import FarmClient
 from farm.config import (
     FarmConfig,
     GatewayConfig,
