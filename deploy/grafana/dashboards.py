@@ -141,17 +141,19 @@ def renders() -> dict:
         [variable("namespace", "Namespace", "farm_pool_replicas"), variable("model", "Model", "farm_pool_replicas")],
         [
             ("Queue", [
+                graph("Queued renders by model", "Renders waiting in the queue (the queue depth).", "short",
+                      Query(f"sum by (model) (farm_queue_depth{ns_model})", "{{model}}"), stacked=True, width=6),
                 graph("Queued work by model",
                       "Estimated device-seconds of queued renders (the autoscaler's backlog, summed over the "
-                      "model's pools). farm exports no count of queued renders.", "s",
+                      "model's pools).", "s",
                       Query(f"sum by (model) (farm_pool_backlog_seconds{ns_model})", "{{model}}"), stacked=True,
-                      width=8),
+                      width=6),
                 graph("Submitted and dispatched",
                       "Renders queued at the gateways (idempotent replays excluded) and attempts the scheduler "
                       "dispatched to engines, per second. Dispatches above submits drain the queue.", "ops",
                       Query(f"sum(rate(farm_renders_submitted_total{ns_model}[{RATE}]))", "submitted"),
                       Query(f"sum(rate(farm_attempts_started_total{ns_model}[{RATE}]))", "attempts dispatched"),
-                      width=8),
+                      width=6),
                 graph("Queue wait (p50, p95)",
                       f"Submit to first dispatch, by model. The dashed line is the alert's SLO "
                       f"({QUEUE_WAIT_SLO_S} s at the 95th percentile).", "s",
@@ -159,7 +161,7 @@ def renders() -> dict:
                             f"(rate(farm_queue_wait_seconds_bucket{ns_model}[{RATE}])))", "{{model}} p95"),
                       Query(f"histogram_quantile(0.5, sum by (model, le) "
                             f"(rate(farm_queue_wait_seconds_bucket{ns_model}[{RATE}])))", "{{model}} p50"),
-                      threshold=QUEUE_WAIT_SLO_S, width=8),
+                      threshold=QUEUE_WAIT_SLO_S, width=6),
             ]),
             ("Running and outcomes", [
                 graph("Running renders by model", "Renders on engines now.", "short",
@@ -260,7 +262,8 @@ def cost() -> dict:
                 graph("Budget left by tenant", "Budget left in the tenant's current period, after reservations "
                       "(published when a render of the tenant ends; tenants without a budget have none).",
                       "currencyUSD",
-                      Query(f"sum by (tenant) (farm_budget_remaining_dollars{sel(NAMESPACE, TENANT)})", "{{tenant}}")),
+                      Query(f"sum by (tenant) (farm_budget_remaining_dollars{sel(NAMESPACE, TENANT)})", "{{tenant}}"),
+                      Query(f"sum by (tenant) (farm_budget_dollars{sel(NAMESPACE, TENANT)})", "{{tenant}} budget")),
                 graph("Absorbed by model and device kind ($/hour)", "Cost of attempts lost to farm faults, per "
                       "hour: work the farm paid for itself.", "currencyUSD",
                       Query(f"3600 * sum by (model, device_kind) (rate(farm_absorbed_dollars_total{all_tenants}[{RATE}]))",
@@ -307,10 +310,11 @@ def pools() -> dict:
                       "quarantined now). The scheduler's log names each node and why.", "short",
                       Query(f"sum(increase(farm_node_quarantines_total{sel(NAMESPACE)}[10m]))", "quarantines"),
                       width=8),
-                graph("Attempts lost to farm faults ($/hour)", "Cost of attempts lost when a replica or node died, "
-                      "per pool: steady losses mean replicas that keep dying.", "currencyUSD",
-                      Query(f"3600 * sum by (model, device_kind) (rate(farm_absorbed_dollars_total{pool}[{RATE}]))",
-                            "{{model}} {{device_kind}}"), stacked=True, width=8),
+                graph("Attempts lost (per hour)", "Attempts lost and requeued, by pool and cause: a replica or "
+                      "node that died (replica), or a scheduler whose lease expired (lease; its pool unknown). "
+                      "Steady replica losses mean replicas that keep dying.", "short",
+                      Query(f"3600 * sum by (model, device_kind, cause) (rate(farm_attempts_lost_total{pool}[{RATE}]))",
+                            "{{model}} {{device_kind}} {{cause}}"), stacked=True, width=8),
             ]),
         ])
 
@@ -344,6 +348,11 @@ def gateway() -> dict:
                       "could not reach the job store.", "reqps",
                       Query(f"sum by (method) (rate(farm_gateway_requests_total{unavailable}[{RATE}]))",
                             "{{method}}")),
+                graph("Job store errors", "Failed calls to the job store per second: the gateways' (answered "
+                      "UNAVAILABLE) and the scheduler's by operation (retried).", "ops",
+                      Query(f"sum(rate(farm_gateway_store_errors_total{ns}[{RATE}]))", "gateways"),
+                      Query(f"sum by (operation) (rate(farm_store_errors_total{ns}[{RATE}]))",
+                            "scheduler {{operation}}")),
             ]),
             ("Latency", [
                 graph("Latency p95 by method", "Unary calls (WatchRender streams are timed until they end).", "s",

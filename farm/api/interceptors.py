@@ -209,6 +209,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if isinstance(error, FarmError):
             return error
         if store_unreachable(error):
+            self.metrics.store_errors.inc()
             log.warning("the job store is unreachable in %s: %s", method, error)
             return Unavailable("the job store is unavailable; retry shortly", retry_after_s=STORE_RETRY_S)
         if isinstance(error, TimeoutError):

@@ -14,6 +14,9 @@ class GatewayMetrics:
                                  ["method"], registry=self.registry)
         self.submitted = Counter("farm_renders_submitted_total", "Renders queued (idempotent replays excluded).",
                                  ["model", "task"], registry=self.registry)
+        self.store_errors = Counter("farm_gateway_store_errors_total",
+                                    "Calls answered UNAVAILABLE because the job store could not be reached.",
+                                    registry=self.registry)
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         name = method.rsplit("/", 1)[-1]

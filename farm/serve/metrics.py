@@ -18,6 +18,11 @@ from farm.metering.cost import Charge
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 RENDER_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# What the scheduler asks of the store: claims, leases (heartbeats, requeues, pools),
+# progress, endings and the autoscaling reads.
+STORE_OPERATIONS = ("claim", "lease", "cancels", "progress", "ending", "autoscale")
+# Why an attempt was lost: its replica or node went away, or its scheduler's lease expired.
+LOSS_CAUSES = ("replica", "lease")
 
 
 class ServeMetrics:
@@ -61,6 +66,18 @@ class ServeMetrics:
         self.preemptions = Counter("farm_preemptions_total", "Renders preempted for a higher priority class.", pool,
                                    registry=r)
 
+        self.queue_depth = Gauge("farm_queue_depth", "Renders queued for the model.", ["model"], registry=r)
+        self.lost = Counter("farm_attempts_lost_total",
+                            "Attempts the farm lost (replica or node gone); requeued, their cost absorbed.",
+                            ["model", "device_kind", "cause"], registry=r)
+        self.budget = Gauge("farm_budget_dollars", "The tenant's budget for its current period.", ["tenant"],
+                            registry=r)
+        self.store_errors = Counter("farm_store_errors_total",
+                                    "Job store calls of the scheduler that failed (and were retried).",
+                                    ["operation"], registry=r)
+        for operation in STORE_OPERATIONS:
+            self.store_errors.labels(operation)  # 0 until one fails: a rate needs the series
+
     def serve_http(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
@@ -91,14 +108,26 @@ class ServeMetrics:
         for charge in charges:
             self.absorbed.labels(model, charge.device_kind).inc(charge.dollars)
 
-    def budget_left(self, tenant: str, dollars: float) -> None:
+    def budget_left(self, tenant: str, dollars: float, budget_dollars: float | None = None) -> None:
         self.budget_remaining.labels(tenant).set(dollars)
+        if budget_dollars is not None:
+            self.budget.labels(tenant).set(budget_dollars)
+
+    def queued(self, model: str, count: int) -> None:
+        self.queue_depth.labels(model).set(count)
+
+    def attempt_lost(self, model: str, device_kind: str, cause: str) -> None:
+        self.lost.labels(model, device_kind, cause).inc()
+
+    def store_error(self, operation: str) -> None:
+        self.store_errors.labels(operation).inc()
 
     def running(self, model: str, count: int) -> None:
         self.running_renders.labels(model).set(count)
 
     def pool_sized(self, model: str, device_kind: str, replicas: int, wanted: int, backlog_s: float,
                    cold_start_s: float) -> None:
+        self.lost.labels(model, device_kind, "replica")  # 0 until one is lost: a rate needs the series
         self.pool_replicas.labels(model, device_kind).set(replicas)
         self.pool_wanted.labels(model, device_kind).set(wanted)
         self.pool_backlog.labels(model, device_kind).set(backlog_s)

@@ -84,8 +84,11 @@ def test_every_alert_is_tested_firing_and_quiet():
     # A threshold too low fires on the model that fails 5% of its renders.
     ("FarmRenderFailureRateHigh", ") > 0.10", ") > 0.01"),
     # Two lost attempts are not yet a crash loop.
-    ("FarmEngineReplicasCrashLooping", "changes(farm_absorbed_dollars_total[30m]) >= 3",
-     "changes(farm_absorbed_dollars_total[30m]) >= 2"),
+    ("FarmEngineReplicasCrashLooping", "[30m])) >= 3", "[30m])) >= 2"),
+    # Losses to expired leases are a scheduler's, not a replica's.
+    ("FarmEngineReplicasCrashLooping", '{cause="replica"}', ""),
+    # A budget at half is not low.
+    ("FarmBudgetLow", "< 0.1 * farm_budget_dollars", "< 0.6 * farm_budget_dollars"),
     # Without `unless`, a queue that is being served would count as stalled.
     ("FarmQueueStalled", "          unless\n", "          or\n"),
     # A pool short of replicas for a cold start only must not page anyone.

@@ -517,6 +517,8 @@ def test_calls_cut_off_from_postgresql_mid_query_are_unavailable_with_retry_info
         assert isinstance(error, grpc.RpcError), f"{name} answered {error}"
         assert_clean(error)
         assert_unavailable(error)
+    # Each was a store error to the operator's metrics.
+    assert farm.gateway.metrics.registry.get_sample_value("farm_gateway_store_errors_total") >= len(calls)
     # The next calls reconnect.
     assert render.id in {r.id for r in farm.client.list(page_size=10).renders}
 

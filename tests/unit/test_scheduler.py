@@ -608,6 +608,32 @@ def test_a_render_whose_replica_is_lost_runs_again_and_the_farm_absorbs_the_lost
     assert store.ledger_total_nanodollars(charged=False) == sum(c[-1] for c in absorbed) > 0
     assert [sum(c.nanodollars for c in charges) for _, charges in metrics.of("attempt_absorbed")] == [
         sum(c[-1] for c in absorbed)]
+    assert metrics.of("attempt_lost") == [("ltx", "H100", "replica")]
+
+
+def test_the_queue_depth_is_published_per_model_at_each_autoscaling_pass(store, tmp_path):
+    config = farm_config(tmp_path)
+    farm = Farm(store, config)
+    tenant = farm.tenant()
+    metrics = Metrics()
+
+    async def scenario():
+        pool = FakePool("H100", slots=1)
+        async with scheduling(store, config, pool, metrics=metrics) as scheduler:
+            first = farm.submit(tenant)
+            running = await pool.dispatched(first)
+            waiting = [farm.submit(tenant) for _ in range(3)]  # behind the first: the pool has one slot
+            await scheduler.claim_pass()
+            await scheduler.autoscale_pass()
+            published = metrics.of("queued")[-1]
+            queued = sum(farm.get(r).state is RenderState.QUEUED for r in waiting)
+            await running.start()
+            await running.fail(RuntimeError("stop"))
+            return published, queued
+
+    published, queued = asyncio.run(scenario())
+    # The three, less any the scheduler claimed ahead (prefetch) to wait in the replica.
+    assert published == ("ltx", queued) and queued >= 2
 
 
 # Fair share -------------------------------------------------------------------------------

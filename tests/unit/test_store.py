@@ -169,9 +169,9 @@ def test_expired_lease_requeues_with_the_next_attempt_then_fails(store, tenant, 
         claimed = store.claim({"ltx": 1}, f"owner-{attempt}", lease_seconds=10)
         assert claimed[0].attempt == attempt
         clock(9)
-        assert store.requeue_expired(max_attempts=3) == []
+        assert store.requeue_expired(max_attempts=3) == {}
         clock(2)
-        assert store.requeue_expired(max_attempts=3) == [render.id]
+        assert store.requeue_expired(max_attempts=3) == {render.id: render.spec.model}
         again = store.get(tenant.id, render.id)
         assert (again.state, again.attempt) == (RenderState.QUEUED, attempt + 1)
     # The first owner's late result is not accepted.
@@ -192,7 +192,7 @@ def test_heartbeat_keeps_the_lease_and_reports_cancels(store, tenant, clock):
         status = store.heartbeat(OWNER, {render.id: 1}, lease_seconds=10)
         assert not status.lost
     clock(9)
-    assert store.requeue_expired(3) == []
+    assert store.requeue_expired(3) == {}
     store.request_cancel(tenant.id, render.id)
     assert store.heartbeat(OWNER, {render.id: 1}, 10).cancel_requested == {render.id}
     assert store.cancel_requested([render.id]) == [render.id]

@@ -55,7 +55,8 @@ class Scheduler:
                                          self.settings.quarantine_s)
         self.running: dict[str, RunningAttempt] = {}
         self.placement = Placement(pools, config, self.running)
-        self.progress = ProgressBuffer(store, owner, self.settings.event_flush_interval_s, self._cancel)
+        self.progress = ProgressBuffer(store, owner, self.settings.event_flush_interval_s, self._cancel,
+                                       lambda: self.metrics.store_error("progress"))
         self.endings = AttemptEndings(store, owner, config, metrics, self.progress, self._forget)
         # (model, device kind) -> when its timing model was last read from the store
         self._timing_read_at: dict[tuple[str, str], float] = {}
@@ -139,6 +140,7 @@ class Scheduler:
             try:
                 claimed = await self._claim_once()
             except Exception:
+                self.metrics.store_error("claim")
                 log.exception("claiming renders failed; retrying")
                 claimed = 0
             if not claimed:
@@ -367,12 +369,15 @@ class Scheduler:
                 await self._renew_leases()
                 requeued = await self._lease_call(self.store.requeue_expired, self.settings.max_attempts)
                 if requeued:
-                    log.warning("requeued renders whose lease expired: %s", requeued)
+                    log.warning("requeued renders whose lease expired: %s", sorted(requeued))
+                    for model in requeued.values():
+                        self.metrics.attempt_lost(model, "", "lease")
                     self.wake()
                 pools = [PoolStatus(p.model, p.device_kind, p.slots, p.min_replicas, p.max_replicas)
                          for p in self.all_pools()]
                 await asyncio.to_thread(self.store.publish_pools, self.owner, pools)
             except Exception:
+                self.metrics.store_error("lease")
                 log.exception("lease upkeep failed; retrying")
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
@@ -404,6 +409,7 @@ class Scheduler:
             try:
                 ids = await asyncio.to_thread(self.store.cancel_requested, list(self.running))
             except Exception:
+                self.metrics.store_error("cancels")
                 log.exception("checking for cancels failed")
                 continue
             for render_id in ids:
@@ -420,6 +426,7 @@ class Scheduler:
             try:
                 await self._autoscale_once()
             except Exception:
+                self.metrics.store_error("autoscale")
                 log.exception("autoscaling failed; retrying")
             await asyncio.sleep(self.settings.autoscale_interval_s)
 
@@ -428,6 +435,8 @@ class Scheduler:
         for pool in self.all_pools():
             await pool.refresh()
         queued = await asyncio.to_thread(self.store.queued_specs, list(self.pools))
+        for model, count in (await asyncio.to_thread(self.store.queued_counts, list(self.pools))).items():
+            self.metrics.queued(model, count)
         by_model: dict[str, list] = {}
         for spec, required, done_steps in queued:
             pools = self.pools.get(spec.model, [])

@@ -120,6 +120,7 @@ class AttemptEndings:
                                   entry.claimed.id)
                     self.forget(entry.claimed.id)
                     return
+                self.metrics.store_error("ending")
                 log.warning("render %s: the store is unreachable (%s); writing its ending again in %.1f s",
                             entry.claimed.id, error.__class__.__name__, delay)
             await asyncio.sleep(delay)
@@ -166,6 +167,7 @@ class AttemptEndings:
         released = await asyncio.to_thread(self.store.release, self.owner, claimed.id, claimed.attempt, ending.reason,
                                            self.settings.max_attempts, absorbed, entry.node, entry.pool.device_kind)
         if released:
+            self.metrics.attempt_lost(claimed.spec.model, entry.pool.device_kind, "replica")
             self.metrics.attempt_absorbed(claimed.spec.model, absorbed)
         self.forget(claimed.id)
 
@@ -207,4 +209,4 @@ class AttemptEndings:
     async def _publish_budget(self, tenant_id: str, tenant_name: str) -> None:
         status = await asyncio.to_thread(self.store.budget_status, tenant_id)
         if status is not None:
-            self.metrics.budget_left(tenant_name, status.left_nanodollars / 1e9)
+            self.metrics.budget_left(tenant_name, status.left_nanodollars / 1e9, status.budget_nanodollars / 1e9)

@@ -16,9 +16,12 @@ log = logging.getLogger(__name__)
 
 
 class ProgressBuffer:
-    def __init__(self, store: JobStore, owner: str, flush_interval_s: float, on_cancel: Callable[[str], None]):
-        """on_cancel(render_id): a render whose progress was written has been cancelled."""
+    def __init__(self, store: JobStore, owner: str, flush_interval_s: float, on_cancel: Callable[[str], None],
+                 on_store_error: Callable[[], None] = lambda: None):
+        """on_cancel(render_id): a render whose progress was written has been cancelled;
+        on_store_error(): a write failed (it is retried)."""
         self.store, self.owner = store, owner
+        self.on_store_error = on_store_error
         self.flush_interval_s = flush_interval_s
         self.on_cancel = on_cancel
         self._pending: list[ProgressUpdate] = []
@@ -62,4 +65,5 @@ class ProgressBuffer:
             try:
                 await self.flush()
             except Exception:
+                self.on_store_error()
                 log.exception("writing progress failed; will retry")

@@ -70,7 +70,16 @@ class SchedulerMetrics(Protocol):
 
     def attempt_absorbed(self, model: str, charges: list[Charge]) -> None: ...
 
-    def budget_left(self, tenant: str, dollars: float) -> None: ...
+    def budget_left(self, tenant: str, dollars: float, budget_dollars: float | None = None) -> None: ...
+
+    def queued(self, model: str, count: int) -> None: ...
+
+    def attempt_lost(self, model: str, device_kind: str, cause: str) -> None:
+        """cause: one of `farm.serve.metrics.LOSS_CAUSES` (device_kind "" when unknown: a
+        lease that expired was another scheduler's)."""
+
+    def store_error(self, operation: str) -> None:
+        """A call of `operation` (one of `farm.serve.metrics.STORE_OPERATIONS`) failed."""
 
     def running(self, model: str, count: int) -> None: ...
 

@@ -152,9 +152,9 @@ class OutcomesStore(LeasesStore, RendersStore):
                 nanodollars=charge.nanodollars, charged=charged,
             ))
 
-    def requeue_expired(self, max_attempts: int) -> list[str]:
+    def requeue_expired(self, max_attempts: int) -> dict[str, str]:
         """Sends renders whose lease expired back to the queue (attempt + 1), or
-        fails them after max_attempts. Returns their ids."""
+        fails them after max_attempts. Returns their ids, each with its model."""
         now = t.utcnow()
         stmt = select(t.Render).where(
             t.Render.state == RenderState.RUNNING.value, t.Render.lease_expires_at < now
@@ -165,7 +165,7 @@ class OutcomesStore(LeasesStore, RendersStore):
             rows = list(session.scalars(stmt))
             for row in rows:
                 self._requeue_row(session, row, f"lease of {row.lease_owner} expired", max_attempts)
-            return [row.id for row in rows]
+            return {row.id: row.model for row in rows}
 
     def _requeue_row(self, session: Session, row: t.Render, reason: str, max_attempts: int,
                      node: str | None = None, device_kind: str | None = None) -> None:
