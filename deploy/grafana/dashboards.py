@@ -316,6 +316,18 @@ def pools() -> dict:
                       Query(f"3600 * sum by (model, device_kind, cause) (rate(farm_attempts_lost_total{pool}[{RATE}]))",
                             "{{model}} {{device_kind}} {{cause}}"), stacked=True, width=8),
             ]),
+            ("GPUs", [
+                graph("GPU utilisation by node", "Ray's own gauge of each GPU's utilisation, from the Ray pods' "
+                      "metrics port (the chart's PodMonitor scrapes it). Ray exports it on nodes with GPUs only. "
+                      "Busy pools with idle GPUs: the engines wait on something else (CPU, post-processing, I/O).",
+                      "percent",
+                      Query(f"avg by (ip, GpuIndex, GpuDeviceName) (ray_node_gpus_utilization{sel(NAMESPACE)})",
+                            "{{ip}} GPU {{GpuIndex}} {{GpuDeviceName}}")),
+                graph("GPU memory used by node", "Ray's gauge of the GPU memory in use on each node, beside what "
+                      "is free.", "decmbytes",
+                      Query(f"sum by (ip) (ray_node_gram_used{sel(NAMESPACE)})", "{{ip}} used"),
+                      Query(f"sum by (ip) (ray_node_gram_available{sel(NAMESPACE)})", "{{ip}} free")),
+            ]),
         ])
 
 

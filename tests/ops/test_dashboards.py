@@ -63,8 +63,20 @@ def _metric_objects() -> tuple[list[MetricWrapperBase], list[CollectorRegistry]]
     return objects, [gateway.registry, serve.registry]
 
 
+# Ray's own gauges a dashboard reads (GPU panels): Ray's metrics agent exports each with the
+# `ray_` prefix and its view's columns as labels.
+RAY_GAUGES = ("node_gpus_utilization", "node_gram_used", "node_gram_available")
+
+
+def ray_series() -> dict[str, frozenset[str]]:
+    """The Ray gauges in RAY_GAUGES as this Ray defines them (a renamed one fails here)."""
+    from ray.dashboard.modules.reporter.reporter_agent import METRICS_GAUGES
+
+    return {f"ray_{name}": frozenset(METRICS_GAUGES[name]._view.columns) for name in RAY_GAUGES}
+
+
 def exported_series() -> dict[str, frozenset[str]]:
-    """Every series name farm exports, with the labels it carries."""
+    """Every series name farm exports, with the labels it carries (and the Ray gauges it reads)."""
     objects, registries = _metric_objects()
     families = {family.name for registry in registries for family in registry.collect()}
     described = {metric.describe()[0].name for metric in objects}
@@ -76,7 +88,7 @@ def exported_series() -> dict[str, frozenset[str]]:
         labels = frozenset(metric._labelnames)  # prometheus_client keeps no public accessor for them
         for suffix in SUFFIXES[family.type]:
             series[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
-    return series
+    return series | ray_series()
 
 
 @pytest.fixture(scope="module")
