@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -31,6 +31,7 @@ from farm.domain.errors import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    quoted,
 )
 from farm.jobs.outages import store_unreachable
 from farm.jobs.records import TenantRecord
@@ -123,20 +124,50 @@ def _request_name(deserializer) -> str:
     return getattr(descriptor, "full_name", "request message")
 
 
+def _nul_violations(message: Message, prefix: str = "") -> list[FieldViolation]:
+    """Each string of the request (map keys included, at any depth) that holds U+0000, by
+    its field path. PostgreSQL's text cannot hold one (a query naming it fails), and no
+    field means anything by it, so it is refused on every store alike."""
+    found = []
+
+    def check(path: str, value) -> None:
+        if isinstance(value, str) and "\x00" in value:
+            found.append(FieldViolation(path, "holds a NUL character (U+0000); no string of a request may hold one"))
+        elif isinstance(value, Message):
+            found.extend(_nul_violations(value, f"{path}."))
+
+    for field, value in message.ListFields():
+        path = f"{prefix}{field.name}"
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            for key, item in value.items():
+                entry = f"{path}[{quoted(key) if isinstance(key, str) else key}]"
+                check(entry, key if isinstance(key, str) and "\x00" in key else item)
+        elif field.is_repeated:
+            for index, item in enumerate(value):
+                check(f"{path}[{index}]", item)
+        else:
+            check(path, value)
+    return found
+
+
 def _decoder(deserializer) -> Callable[[bytes], object]:
-    """Decodes a request body; a body that is not the message is INVALID_ARGUMENT."""
+    """Decodes a request body; a body that is not the message, or whose strings hold NUL
+    characters, is INVALID_ARGUMENT."""
     if deserializer is None:
         return lambda raw: raw
     name = _request_name(deserializer)
 
     def decode(raw: bytes):
         try:
-            return deserializer(raw)
+            request = deserializer(raw)
         except DecodeError as error:
             # protobuf says e.g. "Error parsing message with type 'X': Wire format was corrupt".
             reason = str(error).rpartition(": ")[2].strip().rstrip(".") or "it cannot be parsed"
             raise InvalidArgument([FieldViolation(
                 "request", f"the body is not a valid {name} ({_clip(reason, 128)})")]) from None
+        if isinstance(request, Message) and (violations := _nul_violations(request)):
+            raise InvalidArgument(violations)
+        return request
     return decode
 
 

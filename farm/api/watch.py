@@ -29,6 +29,9 @@ COMMIT_CHECK_INTERVAL_S = 0.005
 # at most this much. Querying at the usual interval instead woke the gateway and queried
 # the store many times a second per watched farm, beside the engines it shares the cores with.
 PUSHED_FALLBACK_S = 1.0
+# Event sequences are an Integer column (farm.jobs.schema), 32 bits on PostgreSQL: no event
+# is numbered past this, and PostgreSQL refuses to compare the column with a larger number.
+LAST_STORED_SEQUENCE = 2**31 - 1
 
 
 class EventHub:
@@ -105,7 +108,8 @@ async def watch_events(store: JobStore, hub: EventHub, tenant_id: str, render_id
     one. `run(fn, *args)` runs each store call off the event loop."""
     # Ownership check first: another tenant's render is NOT_FOUND.
     record = await run(store.get, tenant_id, render_id)
-    seq, newest, final = after_sequence, record.event_seq, record.state.is_final
+    # Events after a sequence past the last one a store holds are those after that one: none.
+    seq, newest, final = min(after_sequence, LAST_STORED_SEQUENCE), record.event_seq, record.state.is_final
     while True:
         events = await run(store.events_after, render_id, seq)
         for event in events:

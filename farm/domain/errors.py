@@ -10,6 +10,11 @@ import dataclasses
 # in gRPC trailers, which clients cap (8 KiB soft, 16 KiB hard), so echoing a 9,000-character
 # value would turn a clear INVALID_ARGUMENT into a RESOURCE_EXHAUSTED with no details.
 QUOTED_CHARS = 64
+# ... and at most this many bytes of quoted text: repr() writes a control character as up
+# to 10 (`\U000e0001`) and UTF-8 takes up to 4 bytes a character, so 64 characters could
+# quote as 642 bytes, and the gateway's clipping of a field path (256 bytes) or a description
+# (512) would then cut off the path's closing bracket or the rest of the sentence.
+QUOTED_BYTES = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +90,16 @@ def invalid(field: str, description: str) -> InvalidArgument:
 
 
 def quoted(value: str, limit: int = QUOTED_CHARS) -> str:
-    """`value` quoted for an error message: whole when short, else its first `limit`
-    characters and its length, so that an answer stays small whatever a client sent."""
-    if len(value) <= limit:
-        return repr(value)
-    return f"{value[:limit]!r}... ({len(value)} characters)"
+    """`value` quoted for an error message: whole when short, else its first characters
+    (at most `limit`, quoting to at most QUOTED_BYTES bytes) and its length, so that an
+    answer stays small whatever a client sent."""
+    text = repr(value)
+    if len(value) <= limit and len(text.encode()) <= QUOTED_BYTES:
+        return text
+    prefix = value[:limit]
+    while len(repr(prefix).encode()) > QUOTED_BYTES:
+        prefix = prefix[:-1]
+    return f"{prefix!r}... ({len(value)} characters)"
 
 
 class EngineLost(FarmError):

@@ -178,7 +178,9 @@ def _resolve_postprocess(post: PostprocessSpec | None, model: ModelConfig, width
     elif post.target_fps is not None:
         factor_field = f"{prefix}.target_fps"
         target = post.target_fps
-        if target <= fps:
+        if fps < 1:
+            pass  # spec.fps is refused already, and a target is a multiple of it
+        elif target <= fps:
             bad(factor_field, f"{target} must be above the spec's fps ({fps})")
         elif target % fps:
             bad(factor_field, f"{target} must be a whole multiple of the spec's fps ({fps}), e.g. {2 * fps}")

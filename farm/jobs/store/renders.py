@@ -179,7 +179,12 @@ def _encode_page_token(row: t.Render) -> str:
 def _decode_page_token(token: str) -> tuple[dt.datetime, str]:
     try:
         created, render_id = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
-        return dt.datetime.fromisoformat(created), render_id
+        created_at = dt.datetime.fromisoformat(created)
     except Exception:
-        raise invalid("page_token", "is not a token that ListRenders returned") from None
+        created_at, render_id = None, ""
+    # A token of ours has an aware time and an id PostgreSQL's text can hold: anything else
+    # was made by hand and would fail in the query instead.
+    if created_at is None or created_at.tzinfo is None or "\x00" in render_id:
+        raise invalid("page_token", "is not a token that ListRenders returned")
+    return created_at, render_id
 
