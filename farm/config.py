@@ -239,6 +239,10 @@ class SchedulerConfig(_Section):
     Each retry goes to a node it has not failed on where its pool has one, so on a farm of this
     many nodes that is as many different nodes; a smaller farm retries it on the nodes it has.
     (Attempts lost with their replica count against max_attempts instead.)"""
+    stop_timeout_s: float = Field(8.0, gt=0, le=600)
+    """On stopping, how long the scheduler waits for its renders to checkpoint (or finish
+    post-processing) before withdrawing the rest; twice this at most in all. Kubernetes
+    gives a pod 30 s."""
     autoscale_interval_s: float = Field(1.0, gt=0, le=60)
     """How often the scheduler recomputes each pool's wanted replicas from its backlog."""
     quarantine_after_failures: int = Field(3, ge=0, le=100)

@@ -72,10 +72,18 @@ def start_inference_plane(config: FarmConfig) -> None:
 
 
 def stop_inference_plane(config: FarmConfig) -> None:
+    """Hands the scheduler's renders back to the queue (their engines still up to
+    checkpoint them), then deletes the application and stops Ray."""
     import ray
     from ray import serve
 
     try:
+        drain_s = 2 * config.scheduler.stop_timeout_s + 5
+        try:
+            serve.get_deployment_handle("scheduler", app_name=config.ray.app_name).drain.remote().result(
+                timeout_s=drain_s)
+        except Exception as error:  # noqa: BLE001 - stopping goes on; leases expire and requeue the renders
+            log.warning("the scheduler did not hand its renders back: %s", error)
         serve.delete(config.ray.app_name)
         serve.shutdown()
     finally:

@@ -21,8 +21,9 @@ RENDER_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 # What the scheduler asks of the store: claims, leases (heartbeats, requeues, pools),
 # progress, endings and the autoscaling reads.
 STORE_OPERATIONS = ("claim", "lease", "cancels", "progress", "ending", "autoscale")
-# Why an attempt was lost: its replica or node went away, or its scheduler's lease expired.
-LOSS_CAUSES = ("replica", "lease")
+# Why an attempt was lost: its replica or node went away, its scheduler's lease expired, or
+# its scheduler stopped before the render could checkpoint.
+LOSS_CAUSES = ("replica", "lease", "stopped")
 
 
 class ServeMetrics:

@@ -194,6 +194,7 @@ class SchedulerServer:
         owner = f"scheduler-{socket.gethostname()}-{os.getpid()}"
         self.scheduler = Scheduler(self.store, pools, self.config, owner, self.metrics, fence=ServeNodeFence())
         self.scheduler.start()
+        self._drained: asyncio.Future | None = None
         log.info("scheduler %s started with pools %s", owner, [p.key for ps in pools.values() for p in ps])
 
     async def status(self) -> dict[str, Any]:
@@ -206,15 +207,25 @@ class SchedulerServer:
                               "running": len(self.scheduler.running_on(p))} for p in self.scheduler.all_pools()},
         }
 
+    async def drain(self) -> None:
+        """Hands every render back to the queue and stops (see `Scheduler.drain`); once."""
+        if self._drained is None:
+            self._drained = asyncio.ensure_future(self.scheduler.drain(self.config.scheduler.stop_timeout_s))
+        await asyncio.shield(self._drained)
+
     async def __del__(self):
+        # Serve calls this as it stops the replica (the app deleted, the pod terminating).
         if hasattr(self, "scheduler"):  # the constructor may have failed
-            await self.scheduler.stop()
+            await self.drain()
+            await asyncio.to_thread(tracing.flush)
 
 
 def scheduler_deployment(config: FarmConfig, engines: dict):
     return serve.deployment(SchedulerServer).options(
         name="scheduler",
         num_replicas=1,
+        # Time for the drain's two rounds (checkpoint, then withdraw) and its store writes.
+        graceful_shutdown_timeout_s=2 * config.scheduler.stop_timeout_s + 5,
         # It mostly waits on the store and on engines; reserving no CPU lets it start on
         # a node whose CPUs the engines have taken.
         ray_actor_options={"num_cpus": 0},

@@ -179,6 +179,34 @@ def test_a_killed_scheduler_loses_no_render(cluster_farm, tenant, holds):
                                                         if a.outcome == "SUCCEEDED"}
 
 
+def test_a_stopping_scheduler_hands_its_render_back_to_resume_from_a_checkpoint(cluster_farm, tenant, holds):
+    """As Serve stops the scheduler replica (`drain`, what its `__del__` runs), a render
+    held mid-denoising is preempted, checkpoints and goes back to the queue at once, its
+    lease released; the next scheduler resumes it from the checkpoint."""
+    import os
+    import signal
+
+    from ray import serve
+    from ray._private.state import actors
+
+    from tests.cluster.sim import APP
+
+    farm = cluster_farm
+    hold_next_render("ltx", step=2, device_kind="A100")
+    render = submit(farm, tenant, require_device_kind="A100", num_inference_steps=5, seed=400)
+    wait_held()
+    serve.get_deployment_handle("scheduler", app_name=APP).drain.remote().result(timeout_s=60)
+    handed_back = farm.store.get(None, render.id)
+    assert (handed_back.state, handed_back.preemptions) == (RenderState.QUEUED, 1), handed_back
+    assert handed_back.checkpoint_uri
+    # A stopped scheduler stays stopped: its replica is replaced, as a pod's would be.
+    [scheduler] = [a for a in actors().values() if a["State"] == "ALIVE" and "#scheduler#" in a["Name"]]
+    os.kill(scheduler["Pid"], signal.SIGKILL)
+    record = final(farm, render.id)
+    assert (record.state, record.attempt) == (RenderState.SUCCEEDED, 2), record.error
+    assert [a.outcome for a in attempts(farm, render.id)] == ["PREEMPTED", "SUCCEEDED"]
+
+
 def test_a_node_that_keeps_failing_renders_is_kept_out_of_its_pool(cluster_farm, tenant):
     """`l40s-flaky` fails every render at step 2 (a chaos drill's bad GPU). Its failed
     renders finish elsewhere; after two failures the node is quarantined, and renders

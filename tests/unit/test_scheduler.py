@@ -636,6 +636,44 @@ def test_the_queue_depth_is_published_per_model_at_each_autoscaling_pass(store, 
     assert published == ("ltx", queued) and queued >= 2
 
 
+def test_a_stopping_scheduler_hands_every_render_back_to_the_queue(store, tmp_path):
+    """A started render checkpoints and resumes later; one that does not answer its
+    preemption in time is withdrawn, its work absorbed; one not started is withdrawn."""
+    config = farm_config(tmp_path)
+    farm = Farm(store, config)
+    tenant = farm.tenant()
+    checkpointing, unanswering, waiting = (farm.submit(tenant) for _ in range(3))
+    metrics = Metrics()
+
+    async def scenario():
+        pool = FakePool("H100", slots=2)
+        scheduler = Scheduler(store, {"ltx": [pool]}, config, OWNER, metrics)
+        scheduler.start()
+        first = await pool.dispatched(checkpointing)
+        await first.start()
+        await first.steps(1, 2)
+        second = await pool.dispatched(unanswering)
+        await second.start()
+        await second.steps(1)
+        draining = asyncio.create_task(scheduler.drain(timeout_s=0.5))
+        await within(first.preempt_asked.wait(), "the started render's preemption")
+        await first.preempted(2, "file:///checkpoints/a", (PhaseTiming(Stage.DENOISING, "H100", 2 * STEP_S),))
+        await within(second.cancelled.wait(), "the unanswered render to be withdrawn")
+        await within(draining, "the drain")
+        assert not scheduler.running and all(task.done() for task in scheduler._tasks)
+        return second
+
+    asyncio.run(scenario())
+    resumed, lost, queued = farm.get(checkpointing), farm.get(unanswering), farm.get(waiting)
+    assert (resumed.state, resumed.attempt, resumed.preemptions, resumed.checkpoint_uri) == (
+        RenderState.QUEUED, 2, 1, "file:///checkpoints/a")
+    assert charges_of(resumed) == priced(config, 1, [(Stage.DENOISING, "H100", 2 * STEP_S)])
+    assert (lost.state, lost.attempt, charges_of(lost)) == (RenderState.QUEUED, 2, [])
+    assert store.ledger_total_nanodollars(charged=False) > 0  # its step, absorbed by the farm
+    assert queued.state is RenderState.QUEUED and queued.preemptions == 0
+    assert metrics.of("attempt_lost") == [("ltx", "H100", "stopped")]
+
+
 # Fair share -------------------------------------------------------------------------------
 
 

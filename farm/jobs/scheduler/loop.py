@@ -73,6 +73,7 @@ class Scheduler:
         self._maybe_more = True
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
+        self._draining = False
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -81,6 +82,50 @@ class Scheduler:
         self._changes = self.store.change_detector(on_change=lambda: loop.call_soon_threadsafe(self.wake))
         loops = (self._claim_loop, self.progress.run, self._lease_loop, self._cancel_loop, self._autoscale_loop)
         self._tasks = [asyncio.create_task(loop(), name=loop.__name__) for loop in loops]
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stops claiming and hands every render it holds back to the queue, then stops: a
+        started render on a pool that checkpoints is preempted (the next attempt resumes
+        from its checkpoint), one not yet started is withdrawn, and one being
+        post-processed may finish. What is still running after `timeout_s` is withdrawn
+        (a started one as lost: its work is absorbed, not charged). Returns when every
+        ending is written (or `timeout_s` more has passed)."""
+        self._draining = True
+        for task in self._tasks:
+            if task.get_name() in ("_claim_loop", "_autoscale_loop"):
+                task.cancel()
+        loop = asyncio.get_running_loop()
+        for force, wait_s in ((False, timeout_s), (True, timeout_s)):
+            deadline = loop.time() + wait_s
+            for entry in list(self.running.values()):
+                await self._hand_back(entry, force)
+            while self.running and loop.time() < deadline:
+                self._attempt_ended.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._attempt_ended.wait(), deadline - loop.time())
+            if not self.running:
+                break
+        if self.running:
+            log.warning("stopped with renders still held (their leases expire and requeue them): %s",
+                        sorted(self.running))
+        else:
+            log.info("every render this scheduler held is back in the queue or finished")
+        await self.stop()
+
+    async def _hand_back(self, entry: RunningAttempt, force: bool) -> None:
+        entry.handed_back = True
+        if entry.postprocessing and not force:
+            return  # past the engine: it ends in moments
+        claimed = entry.claimed
+        if entry.engine_started and entry.pool.preemptible and not force:
+            if not entry.preempt_sent:
+                entry.preempt_sent = True
+                log.info("stopping: preempting %s, which resumes from its checkpoint", claimed.id)
+                await asyncio.to_thread(entry.pool.preempt, claimed.id, claimed.attempt)
+        elif not entry.withdrawn:
+            entry.withdrawn = True
+            if entry.stream is not None:
+                entry.stream.cancel()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -256,6 +301,9 @@ class Scheduler:
                 "farm.device_kind": entry.pool.device_kind}) as entry.span:
             await self._wait_for_turn(entry)
             ending = Requeue() if entry.withdrawn else await self._render(entry)
+            if entry.handed_back and entry.engine_started and isinstance(ending, Requeue) and not ending.preempted:
+                # Withdrawn mid-render as the scheduler stops: the farm's doing, not the tenant's.
+                ending = Release("the scheduler stopped before the render could checkpoint", cause="stopped")
             entry.span.set_attribute("farm.ending", type(ending).__name__)
             if entry.node:
                 entry.span.set_attribute("farm.node", entry.node)
@@ -296,7 +344,7 @@ class Scheduler:
                 return Release(f"engine lost: {lost.message}")
             outcome = AttemptOutcome.CANCELLED
         except Exception as failure:
-            if entry.cancel_sent:
+            if entry.cancel_sent or entry.withdrawn:  # the stream ended because it was cancelled
                 outcome = AttemptOutcome.CANCELLED
             else:
                 outcome, error = AttemptOutcome.FAILED, f"{type(failure).__name__}: {failure}"

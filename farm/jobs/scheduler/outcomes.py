@@ -57,9 +57,12 @@ class RetryElsewhere:
 
 @dataclasses.dataclass(frozen=True)
 class Release:
-    """Its replica (or node) was lost: queued again, its work absorbed by the farm."""
+    """Its replica (or node) was lost, or the scheduler stopped before it could
+    checkpoint: queued again, its work absorbed by the farm."""
 
     reason: str
+    cause: str = "replica"
+    """Of `farm.serve.metrics.LOSS_CAUSES`."""
 
 
 Ending = Finish | Requeue | RetryElsewhere | Release
@@ -167,7 +170,7 @@ class AttemptEndings:
         released = await asyncio.to_thread(self.store.release, self.owner, claimed.id, claimed.attempt, ending.reason,
                                            self.settings.max_attempts, absorbed, entry.node, entry.pool.device_kind)
         if released:
-            self.metrics.attempt_lost(claimed.spec.model, entry.pool.device_kind, "replica")
+            self.metrics.attempt_lost(claimed.spec.model, entry.pool.device_kind, ending.cause)
             self.metrics.attempt_absorbed(claimed.spec.model, absorbed)
         self.forget(claimed.id)
 
