@@ -126,6 +126,9 @@ class GatewayConfig(_Section):
     an address at start, rather than warn: a warning in a log nobody reads leaves every API
     key readable on the network. Turn it on only where something else encrypts the traffic
     (a service mesh sidecar, a TLS-terminating proxy beside the gateway)."""
+    stream_reauth_interval_s: float = Field(2.0, gt=0, le=60)
+    """How often a long stream (WatchRender, FetchArtifact) checks its API key again: a
+    revoked key's streams end with UNAUTHENTICATED within this."""
     watch_poll_interval_s: float = Field(0.04, gt=0, le=5)
     """How often WatchRender looks for new events in the store where commits are not
     announced to it (PostgreSQL); on SQLite it wakes at each commit instead."""

@@ -157,6 +157,20 @@ def timestamp(value: dt.datetime | None) -> Timestamp | None:
     return ts
 
 
+# Object stores a client may be given access to: their URLs are shown as stored.
+SHARED_STORE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https")
+
+
+def client_uri(uri: str | None, render_id: str, kind: str) -> str:
+    """An artifact's URI as a client sees it: an object store's URL as stored; a file on
+    the farm's own disks (whose path means nothing to a client and tells too much) as
+    `farm://renders/<id>/<kind>`, the render and kind that FetchArtifact reads."""
+    if not uri:
+        return ""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    return uri if scheme in SHARED_STORE_SCHEMES else f"farm://renders/{render_id}/{kind}"
+
+
 def render_to_pb(record: RenderRecord) -> pb.Render:
     cost = pb.CostBreakdown(
         total_dollars=to_dollars(record.cost_nanodollars),
@@ -170,8 +184,8 @@ def render_to_pb(record: RenderRecord) -> pb.Render:
         id=record.id, spec=spec_to_pb(record.spec), state=STATE_TO_PB[record.state],
         stage=STAGE_TO_PB[record.stage], step=record.step, total_steps=record.total_steps,
         attempt=record.attempt, created_at=timestamp(record.created_at), started_at=timestamp(record.started_at),
-        finished_at=timestamp(record.finished_at), artifact_uri=record.artifact_uri or "",
-        manifest_uri=record.manifest_uri or "", cost=cost, error=record.error or "", seed=record.spec.seed,
+        finished_at=timestamp(record.finished_at), artifact_uri=client_uri(record.artifact_uri, record.id, "video"),
+        manifest_uri=client_uri(record.manifest_uri, record.id, "manifest"), cost=cost, error=record.error or "", seed=record.spec.seed,
         cancel_requested=record.cancel_requested, preemptions=record.preemptions,
         device_kind=record.device_kind or "",
         quality=quality_to_pb(record.quality), candidates=candidates_to_pb(record.candidates),

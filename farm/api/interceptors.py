@@ -10,11 +10,12 @@ or a whole long value: the logs have those."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -262,9 +263,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     the key is checked (the client address's limits, and whether refused keys throttle
     it) and after (the tenant's); a refused key counts against the client address."""
 
-    def __init__(self, authenticate: Callable, limiter: RateLimiter | None = None):
+    def __init__(self, authenticate: Callable, limiter: RateLimiter | None = None, reauth_interval_s: float = 2.0):
+        """reauth_interval_s: how often a stream checks its key again (a watch lasts for
+        as long as its render, and a key revoked meanwhile must stop it)."""
         self.authenticate = authenticate  # async (key) -> TenantRecord
         self.limiter = limiter or RateLimiter.unlimited()
+        self.reauth_interval_s = reauth_interval_s
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -273,20 +277,23 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         metadata = dict(details.invocation_metadata or ())
 
         def around(behavior, streaming):
-            async def resolve(limited: LimitedCall) -> TenantRecord:
+            def key() -> str:
                 header = metadata.get("authorization", "")
                 if not header:
                     raise Unauthenticated("missing `authorization: Bearer <API key>` metadata")
                 scheme, _, key = header.partition(" ")
                 if scheme.lower() != "bearer" or not key.strip():
                     raise Unauthenticated("authorization metadata must be `Bearer <API key>`")
-                return limited.admit(await limited.authenticate(self.authenticate, key.strip()))
+                return key.strip()
+
+            async def resolve(limited: LimitedCall) -> TenantRecord:
+                return limited.admit(await limited.authenticate(self.authenticate, key()))
 
             if streaming:
                 async def stream_wrapper(request, context):
                     with self.limiter.call(details.method, context.peer()) as limited:
                         CURRENT_TENANT.set(await resolve(limited))
-                        async for item in behavior(request, context):
+                        async for item in self._while_authorized(behavior(request, context), key()):
                             yield item
                 return stream_wrapper
 
@@ -297,3 +304,38 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return unary_wrapper
 
         return _wrap(handler, around)
+
+    async def _while_authorized(self, items: AsyncIterator, key: str) -> AsyncIterator:
+        """`items`, ended with UNAUTHENTICATED once `key` no longer authenticates (it is
+        checked every `reauth_interval_s`, between items and while none comes). A store
+        that cannot answer the check does not end the stream: the key was good."""
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
+        pending: asyncio.Future | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(items))
+                wait_s = max(0.0, checked + self.reauth_interval_s - loop.time())
+                done, _ = await asyncio.wait({pending}, timeout=wait_s)
+                if not done:
+                    checked = loop.time()
+                    try:
+                        await self.authenticate(key)
+                    except Unauthenticated:
+                        raise
+                    except Exception as error:  # noqa: BLE001 - checked again next interval
+                        log.warning("cannot check a stream's API key again: %s", error)
+                    continue
+                try:
+                    item = pending.result()
+                except StopAsyncIteration:
+                    return
+                pending = None
+                yield item
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pending
+            await items.aclose()

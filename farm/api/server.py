@@ -156,7 +156,7 @@ class Gateway:
             config.gateway.large_request_bytes, config.gateway.max_concurrent_large_requests, self.metrics)
         self.server = grpc.aio.server(
             interceptors=[self.large_requests, ErrorInterceptor(self.metrics),
-                          AuthInterceptor(authenticate, self.limiter)],
+                          AuthInterceptor(authenticate, self.limiter, config.gateway.stream_reauth_interval_s)],
             options=[("grpc.max_receive_message_length", receive_limit),
                      ("grpc.max_send_message_length", MAX_SEND_BYTES)],
         )

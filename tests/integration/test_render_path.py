@@ -47,6 +47,10 @@ def test_renders_an_mp4_of_the_requested_shape(client, farm_config, model, task,
 
     manifest = json.loads(client.fetch(render.id, kind=pb.ARTIFACT_KIND_MANIFEST))
     assert manifest["seed"] == 1234 and manifest["spec"]["num_frames"] == frames
+    # Clients see no path of the farm's disks: not its artifacts, not its model directories.
+    assert (final.artifact_uri, final.manifest_uri) == (f"farm://renders/{render.id}/video",
+                                                        f"farm://renders/{render.id}/manifest")
+    assert str(farm_config[0].home) not in json.dumps(manifest)
     assert len(manifest["model"]["weights_sha256"]) == 64
     assert {"ENCODING_PROMPT", "DENOISING", "DECODING", "ENCODING"} <= {t["phase"] for t in manifest["timings"]}
     assert "torch" in json.dumps(manifest["model"])

@@ -343,6 +343,25 @@ def test_a_watch_resumed_past_the_newest_event_ends_when_the_render_does(farm):
         assert watching.result(60) == []
 
 
+def test_a_watch_ends_unauthenticated_soon_after_its_key_is_revoked(farm):
+    from farm.jobs.store.tenants import parse_api_key
+
+    tenant, key = farm.store.create_tenant(f"revoked-{secrets.token_hex(3)}")
+    with FarmClient(farm.target, key, retries=False) as client:
+        render = client.submit(spec())
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            watching = pool.submit(lambda: list(client.watch(render.id, timeout=60)))
+            deadline = time.monotonic() + 30
+            while render.id not in farm.gateway.hub._waiters:  # streaming, and waiting for the next event
+                assert time.monotonic() < deadline and not watching.done(), "the watch never waited"
+            farm.store.revoke_key(parse_api_key(key)[0])
+            # Within the gateway's stream_reauth_interval_s (2 s), not at the render's end (never, here).
+            with pytest.raises(grpc.RpcError) as ended:
+                watching.result(30)
+    assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "revoked" in ended.value.details()
+
+
 # Long values -----------------------------------------------------------------------------
 
 LONG_VALUES = {

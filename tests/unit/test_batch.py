@@ -277,7 +277,8 @@ def test_a_sharded_batch_renders_each_line_once_and_a_rerun_creates_nothing(farm
         first = {r["line"]: r for index in range(3) for r in read_results(str(out / f"results-{index}.jsonl"))}
         assert sorted(first) == list(range(1, 8))
         assert [r["line"] for r in read_results(str(out / "results-1.jsonl"))] == [2, 5]
-        assert all(r["state"] == "SUCCEEDED" and r["artifact_uri"].endswith(f"{r['render_id']}.mp4")
+        # The farm's own disk is not shown: the URI names the render and kind to fetch.
+        assert all(r["state"] == "SUCCEEDED" and r["artifact_uri"] == f"farm://renders/{r['render_id']}/video"
                    for r in first.values())
         renders = renders_of(farm, name)
         assert len(renders) == 7
