@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+import sqlalchemy
 
 from farm.config import GIB, FarmConfig, ModelConfig, PoolConfig, Task
 from farm.domain.engine import EngineRequest, RenderCancelled
@@ -672,6 +673,74 @@ def test_a_stopping_scheduler_hands_every_render_back_to_the_queue(store, tmp_pa
     assert store.ledger_total_nanodollars(charged=False) > 0  # its step, absorbed by the farm
     assert queued.state is RenderState.QUEUED and queued.preemptions == 0
     assert metrics.of("attempt_lost") == [("ltx", "H100", "stopped")]
+
+
+class AnswerLosingStore(JobStore):
+    """A real store whose next ending commits and then loses its answer, as when the
+    connection dies between PostgreSQL's commit and its reply."""
+
+    lose = {"finish": 0, "preempt": 0}
+
+    def _lost_answer(self, name: str, result):
+        if self.lose[name]:
+            self.lose[name] -= 1
+            raise sqlalchemy.exc.OperationalError("COMMIT", {}, ConnectionError("server closed the connection"))
+        return result
+
+    def finish(self, *args, **kwargs):
+        return self._lost_answer("finish", super().finish(*args, **kwargs))
+
+    def preempt(self, *args, **kwargs):
+        return self._lost_answer("preempt", super().preempt(*args, **kwargs))
+
+
+@pytest.mark.parametrize("ending", ["finish", "preempt"])
+def test_an_ending_whose_answer_was_lost_is_written_once_and_counted_once(tmp_path, ending):
+    """The ledger, the render's cost and the metrics agree although the scheduler wrote
+    the ending twice: the retry finds it committed, writes nothing and counts it."""
+    store = AnswerLosingStore(f"sqlite:///{tmp_path / 'farm.db'}")
+    store.lose = {"finish": int(ending == "finish"), "preempt": int(ending == "preempt")}
+    config = farm_config(tmp_path)
+    farm = Farm(store, config)
+    tenant = farm.tenant()
+    render = farm.submit(tenant)
+    metrics = Metrics()
+
+    async def scenario():
+        pool = FakePool("H100")
+        async with scheduling(store, config, pool, metrics=metrics) as scheduler:
+            stream = await pool.dispatched(render)
+            await stream.start()
+            await stream.steps(1, 2)
+            if ending == "finish":
+                await stream.steps(3, 4)
+                await stream.done()
+            else:
+                await stream.preempted(2, "file:///checkpoints/r", (PhaseTiming(Stage.DENOISING, "H100", 2 * STEP_S),))
+                await pool.dispatched(render, attempt=2)  # requeued once, and claimed again
+
+
+                async def charged():
+                    while not metrics.of("charged"):
+                        await asyncio.sleep(0.01)
+
+                await within(charged(), "the ending's second try, 0.2 s after the first")
+                return
+            await within(scheduler.wait_idle(), "the ending to be written")
+
+    try:
+        asyncio.run(scenario())
+        record = farm.get(render)
+        assert (record.state, record.attempt, record.preemptions) == (
+            (RenderState.SUCCEEDED, 1, 0) if ending == "finish" else (RenderState.RUNNING, 2, 1))
+        ledger = store.ledger_total_nanodollars(tenant)
+        counted = sum(c.nanodollars for _, _, charges in metrics.of("charged") for c in charges) + sum(
+            c.nanodollars for *_, charges in metrics.of("render_finished") for c in charges)
+        assert ledger == record.cost_nanodollars == counted > 0
+        assert len(metrics.of("render_finished")) == (ending == "finish")
+        assert metrics.of("store_error") == [("ending",)]
+    finally:
+        store.close()
 
 
 # Fair share -------------------------------------------------------------------------------

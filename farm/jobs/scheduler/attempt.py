@@ -34,6 +34,8 @@ class RunningAttempt:
     node: str | None = None
     # Phases finished so far: what a cancel, a failure or a lost replica is charged (or absorbed).
     meter: AttemptMeter = dataclasses.field(init=False)
+    # Its ending's write is being tried again (the store was out of reach).
+    ending_retried: bool = False
     # Handed back to the queue because the scheduler is stopping (see Scheduler.drain).
     handed_back: bool = False
     # The attempt's tracing span (non-recording when tracing is off).

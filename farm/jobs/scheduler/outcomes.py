@@ -102,8 +102,11 @@ class AttemptEndings:
         """Writes how the attempt ended, again and again while the store cannot be reached:
         given up, the render would stay RUNNING for good, its lease renewed by this
         scheduler with no attempt behind it. Each write is fenced by the lease, so one that
-        committed before its connection died is not recorded twice."""
+        committed before its connection died is not recorded twice; the retry then finds
+        the attempt ended by this scheduler (`_committed_before`) and counts its metrics,
+        which the lost answer kept from being counted."""
         delay = STORE_RETRY_FIRST_S
+        entry.ending_retried = False
         while True:
             try:
                 match ending:
@@ -126,8 +129,18 @@ class AttemptEndings:
                 self.metrics.store_error("ending")
                 log.warning("render %s: the store is unreachable (%s); writing its ending again in %.1f s",
                             entry.claimed.id, error.__class__.__name__, delay)
+            entry.ending_retried = True
             await asyncio.sleep(delay)
             delay = min(delay * 2, STORE_RETRY_MAX_S)
+
+    async def _committed_before(self, entry: RunningAttempt, *outcomes: AttemptOutcome) -> bool:
+        """Whether an earlier try of this ending committed (its answer lost to a cut
+        connection): the attempt was ended by this scheduler with one of `outcomes`."""
+        if not entry.ending_retried:
+            return False
+        claimed = entry.claimed
+        ended = await asyncio.to_thread(self.store.attempt_outcome, self.owner, claimed.id, claimed.attempt)
+        return ended in outcomes
 
     async def _requeue(self, entry: RunningAttempt, ending: Requeue) -> None:
         claimed, preempted = entry.claimed, ending.preempted
@@ -139,7 +152,7 @@ class AttemptEndings:
             charges=cost.charges, device_kind=entry.pool.device_kind,
             node=(preempted.node if preempted else None) or entry.node, timings=cost.timing_rows(),
             counted=preempted is not None, checkpoint_seconds=preempted.checkpoint_seconds if preempted else None)
-        if recorded:
+        if recorded or await self._committed_before(entry, AttemptOutcome.PREEMPTED):
             self.metrics.charged(claimed.tenant_name, claimed.spec.model, cost.charges)
         self.forget(claimed.id)
 
@@ -152,6 +165,8 @@ class AttemptEndings:
             failed_node_limit=self.settings.failed_node_limit, charges=cost.charges,
             device_kind=entry.pool.device_kind, timings=cost.timing_rows())
         self.forget(claimed.id)
+        if record is None and await self._committed_before(entry, AttemptOutcome.RETRIED, AttemptOutcome.FAILED):
+            record = await asyncio.to_thread(self.store.get, None, claimed.id)
         if record is None:
             return
         if record.state.is_final:
@@ -169,7 +184,7 @@ class AttemptEndings:
         await self.progress.flush()
         released = await asyncio.to_thread(self.store.release, self.owner, claimed.id, claimed.attempt, ending.reason,
                                            self.settings.max_attempts, absorbed, entry.node, entry.pool.device_kind)
-        if released:
+        if released or await self._committed_before(entry, AttemptOutcome.LOST):
             self.metrics.attempt_lost(claimed.spec.model, entry.pool.device_kind, ending.cause)
             self.metrics.attempt_absorbed(claimed.spec.model, absorbed)
         self.forget(claimed.id)
@@ -195,6 +210,8 @@ class AttemptEndings:
             self.progress.put_back(progress)
             raise
         self.forget(claimed.id)
+        if record is None and await self._committed_before(entry, ending.outcome):
+            record = await asyncio.to_thread(self.store.get, None, claimed.id)
         if record is None:
             log.warning("attempt %s of %s no longer held its lease; not recorded", claimed.attempt, claimed.id)
             return

@@ -117,6 +117,14 @@ class OutcomesStore(LeasesStore, RendersStore):
                                     f"failed on {node or 'an unknown node'} ({error}); retrying elsewhere")
         return self.get(None, render_id)
 
+    def attempt_outcome(self, owner: str, render_id: str, attempt: int) -> AttemptOutcome | None:
+        """How `owner` ended that attempt (None: not ended, or not by `owner`): what a
+        scheduler asks after an ending whose answer it lost."""
+        with self._db.read() as session:
+            outcome = session.scalar(select(t.Attempt.outcome).where(
+                t.Attempt.render_id == render_id, t.Attempt.number == attempt, t.Attempt.worker == owner))
+        return AttemptOutcome(outcome) if outcome else None
+
     def _charge_attempt(self, session: Session, owner: str, render_id: str, attempt: int, outcome: AttemptOutcome,
                         error: str | None, charges: list[Charge], device_kind: str | None, node: str | None,
                         timings: list | None) -> t.Render | None:
