@@ -3,8 +3,10 @@ PostgreSQL server at 127.0.0.1:5432 (each test gets its own schema there)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 
 import pytest
 
@@ -47,6 +49,32 @@ def terminate_connections(application_name: str) -> int:
             {"name": application_name}).scalar()
     admin.dispose()
     return int(cut or 0)
+
+
+@contextlib.contextmanager
+def postgres_role() -> Iterator[tuple[str, str]]:
+    """(store URL, role): a PostgreSQL role with a schema of its own, its connections tagged
+    with the role's name so that `terminate_connections(role)` cuts only them. Dropped after."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    role = f"farm_cut_{secrets.token_hex(4)}"
+    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        connection.exec_driver_sql(f"CREATE SCHEMA {role} AUTHORIZATION {role}")
+    url = make_url(POSTGRES_URL).set(username=role, query={"options": f"-csearch_path={role}",
+                                                          "application_name": role})
+    try:
+        yield url.render_as_string(hide_password=False), role
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"ALTER ROLE {role} LOGIN")
+        terminate_connections(role)
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP SCHEMA {role} CASCADE")
+            connection.exec_driver_sql(f"DROP ROLE {role}")
+        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

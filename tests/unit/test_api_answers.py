@@ -38,7 +38,7 @@ from farm.families import Family
 from farm.jobs.store import JobStore
 from farm.storage.artifacts import ArtifactStore
 from farm.v1 import render_pb2 as pb
-from tests.conftest import POSTGRES_URL, terminate_connections
+from tests.conftest import POSTGRES_URL, postgres_role, terminate_connections
 from tests.gateway import LocalGateway, bad_request_fields, serving
 
 OWNER = "scheduler-test"
@@ -468,25 +468,12 @@ def postgres_farm(tmp_path):
     """A gateway whose store is PostgreSQL as a role of its own (its connections tagged
     with the role's name), so that a test can cut it and keep it out."""
     import sqlalchemy
-    from sqlalchemy.engine import make_url
 
-    role = f"farm_cut_{secrets.token_hex(4)}"
     admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
-        connection.exec_driver_sql(f"CREATE SCHEMA {role} AUTHORIZATION {role}")
-    url = make_url(POSTGRES_URL).set(username=role, query={"options": f"-csearch_path={role}",
-                                                          "application_name": role})
     try:
-        with serving(farm_config(tmp_path, url.render_as_string(hide_password=False))) as local:
+        with postgres_role() as (url, role), serving(farm_config(tmp_path, url)) as local:
             yield local, role, admin
     finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"ALTER ROLE {role} LOGIN")
-        terminate_connections(role)
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"DROP SCHEMA {role} CASCADE")
-            connection.exec_driver_sql(f"DROP ROLE {role}")
         admin.dispose()
 
 

@@ -187,6 +187,9 @@ class Scheduler:
             except Exception:
                 self.metrics.store_error("claim")
                 log.exception("claiming renders failed; retrying")
+                # What woke this pass is not seen yet: the next one looks again (else, with
+                # nothing more changing, a render would wait for good).
+                self._maybe_more = True
                 claimed = 0
             if not claimed:
                 # With every slot busy only a finishing render can make room (no polling),
