@@ -178,6 +178,16 @@ class StoreConfig(_Section):
     a cluster uses PostgreSQL, e.g. postgresql+psycopg://farm@db/farm."""
     migrate: bool = True
     """Apply Alembic migrations at start (under a lock, so several processes may start at once)."""
+    event_retention_days: float | None = Field(30.0, gt=0)
+    """Events of a render that ended are deleted once this many days old, all but its final
+    one (its row, attempts and ledger entries stay: GetRender, ListRenders, WatchRender and
+    usage reports answer as before); None keeps every event."""
+    image_retention_days: float | None = Field(30.0, gt=0)
+    """The input image of an image-to-video render that ended this many days ago is dropped
+    from the store (nothing reads it again); None keeps them."""
+    prune_interval_s: float = Field(3600.0, gt=0)
+    """How often the scheduler prunes by the two settings above (a few short transactions
+    per autoscaling round until done; `farm store prune` does it at once)."""
 
 
 class ArtifactConfig(_Section):

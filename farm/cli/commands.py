@@ -324,6 +324,43 @@ def tenants_set_limits(name: str,
     console.print(f"{t.name}: max running {t.max_running or '-'}, max queued {t.max_queued or '-'}, weight {t.weight:g}")
 
 
+store_app = typer.Typer(help="The job store itself (talks to the store directly).", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("prune")
+def store_prune(
+    events_older_than: Optional[str] = typer.Option(
+        None, help="Delete events older than this (e.g. 30d, 12h) of renders that ended, all but each "
+                   "render's final one; 'never' keeps them (default: store.event_retention_days)."),
+    images_older_than: Optional[str] = typer.Option(
+        None, help="Drop the input images of renders that ended longer ago than this; 'never' keeps them "
+                   "(default: store.image_retention_days)."),
+    config_path: Optional[Path] = ConfigOption,
+):
+    """Prune old events and input images of renders that ended long ago, now; renders and ledger stay."""
+    import re
+
+    from farm.jobs.schema import utcnow
+
+    def days(option: str, text: Optional[str], default: Optional[float]) -> Optional[float]:
+        if text is None:
+            return default
+        if text.strip().lower() == "never":
+            return None
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dh])\s*", text.lower())
+        if not match or float(match[1]) <= 0:
+            raise typer.BadParameter(f"{text[:32]!r} is not a positive number of days or hours (e.g. 30d, 12h) "
+                                     "or 'never'", param_hint=option)
+        return float(match[1]) / (24 if match[2] == "h" else 1)
+
+    config, store = _store(config_path)
+    event_days = days("--events-older-than", events_older_than, config.store.event_retention_days)
+    image_days = days("--images-older-than", images_older_than, config.store.image_retention_days)
+    pruned = store.prune(utcnow(), event_days, image_days)
+    console.print(f"deleted {pruned.events} events and {pruned.images} images of renders that ended long ago")
+
+
 @app.command()
 def usage(
     tenant: Optional[str] = typer.Option(None, help="Any tenant (reads the store); default: yours, over gRPC."),

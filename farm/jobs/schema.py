@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 
 from sqlalchemy import (
     BigInteger,
@@ -21,6 +23,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from farm.domain.states import RenderState
 
 
 class UTCDateTime(TypeDecorator):
@@ -42,6 +46,34 @@ class UTCDateTime(TypeDecorator):
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+# Fields of a stored spec (ResolvedSpec.to_json) that say who asked and what the clip
+# shows, not how much work it is: renders that differ only in these take the same time
+# on every pool (the timing models read the size, frames, steps, guidance, memory and
+# post-processing; see farm.planning.estimate.spec_work).
+NOT_WORK_FIELDS = ("prompt", "negative_prompt", "seed", "labels", "idempotency_key", "priority")
+
+
+def work_key(spec_json: str) -> str | None:
+    """A short key shared by the specs that ask the same work: what autoscaling groups
+    queued renders by, so that a queue of any length costs it one grouped query and an
+    estimate per group. None for a text that is not a spec."""
+    try:
+        data = json.loads(spec_json)
+        for field in NOT_WORK_FIELDS:
+            data.pop(field, None)
+        post = data.get("postprocess")
+        if post and post.get("color_reference"):
+            post["color_reference"] = {}  # only whether colours are matched costs anything
+        shape = json.dumps(data, sort_keys=True)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return hashlib.sha256(shape.encode()).hexdigest()[:16]
+
+
+def _work_key_of_row(context) -> str | None:
+    return work_key(context.get_current_parameters()["spec_json"])
 
 
 NAMING = {
@@ -132,6 +164,8 @@ class Render(Base):
     # W3C traceparent of the submit's span, when tracing is on: the scheduler's and
     # engines' spans of every attempt join that trace.
     trace_parent: Mapped[str | None] = mapped_column(String(55), nullable=True)
+    # `work_key(spec_json)`, filled in on insert: renders with the same key cost the same.
+    work_key: Mapped[str | None] = mapped_column(String(16), nullable=True, default=_work_key_of_row)
 
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key"),
@@ -140,6 +174,21 @@ class Render(Base):
         Index("ix_renders_tenant_created", "tenant_id", "created_at"),
         Index("ix_renders_lease", "state", "lease_expires_at"),
     )
+
+
+# Indexes of queued renders only (partial: their size follows the queue, not the store's
+# history). Queries must say `state = 'QUEUED'` as a literal for the planner to use them
+# (farm.jobs.store.queue.IS_QUEUED).
+QUEUED_ONLY = Render.state == RenderState.QUEUED.value
+# The heads of each tenant's queue for a model, in claim order (fair share picks from them).
+Index("ix_renders_queued_heads", Render.model, Render.tenant_id, Render.priority.desc(), Render.created_at,
+      Render.id, postgresql_where=QUEUED_ONLY, sqlite_where=QUEUED_ONLY)
+# Autoscaling's backlog: queued renders counted by the work they ask, read from the index alone.
+Index("ix_renders_queued_work", Render.model, Render.work_key, Render.require_device_kind, Render.checkpoint_step,
+      Render.id, postgresql_where=QUEUED_ONLY, sqlite_where=QUEUED_ONLY)
+# Retention: input images of renders that ended (farm.jobs.store.retention).
+HAS_IMAGE = Render.image.is_not(None)
+Index("ix_renders_image_finished", Render.finished_at, postgresql_where=HAS_IMAGE, sqlite_where=HAS_IMAGE)
 
 
 class Attempt(Base):
@@ -170,7 +219,11 @@ class Event(Base):
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     message: Mapped[str] = mapped_column(Text, default="")
-    __table_args__ = (UniqueConstraint("render_id", "seq"),)
+    __table_args__ = (
+        UniqueConstraint("render_id", "seq"),
+        # Retention: old events of renders that ended, by state (the final one is kept) and age.
+        Index("ix_events_state_time", "state", "time"),
+    )
 
 
 class LedgerEntry(Base):

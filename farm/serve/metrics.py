@@ -19,8 +19,8 @@ from farm.metering.cost import Charge
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 RENDER_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 # What the scheduler asks of the store: claims, leases (heartbeats, requeues, pools),
-# progress, endings and the autoscaling reads.
-STORE_OPERATIONS = ("claim", "lease", "cancels", "progress", "ending", "autoscale")
+# progress, endings, the autoscaling reads and the retention's pruning.
+STORE_OPERATIONS = ("claim", "lease", "cancels", "progress", "ending", "autoscale", "prune")
 # Why an attempt was lost: its replica or node went away, its scheduler's lease expired, or
 # its scheduler stopped before the render could checkpoint.
 LOSS_CAUSES = ("replica", "lease", "stopped")

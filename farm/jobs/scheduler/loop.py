@@ -20,7 +20,7 @@ from farm.domain.states import AttemptOutcome, Stage
 from farm.jobs.records import ClaimedRender, PoolStatus, ProgressUpdate
 from farm.jobs.schema import utcnow
 from farm.jobs.scheduler.attempt import RunningAttempt, engine_request
-from farm.jobs.scheduler.autoscale import PoolLoad, assign_backlog, wanted_replicas
+from farm.jobs.scheduler.autoscale import PoolLoad, assign_grouped_backlog, wanted_replicas
 from farm.jobs.scheduler.outcomes import AttemptEndings, Ending, Release, Requeue, ending_of, is_the_render_at_fault
 from farm.jobs.scheduler.placement import Placement
 from farm.jobs.scheduler.preemption import may_dispatch, plan_preemptions
@@ -28,6 +28,7 @@ from farm.jobs.scheduler.progress import ProgressBuffer
 from farm.jobs.scheduler.protocols import EnginePool, NodeFence, SchedulerMetrics
 from farm.jobs.scheduler.quarantine import NodeQuarantine
 from farm.jobs.store import JobStore
+from farm.jobs.store.retention import PRUNE_BATCHES_PER_ROUND
 from farm.planning.estimate import TimingModel
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class Scheduler:
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self._draining = False
+        self._prune_at: float | None = None  # loop time of the next prune (None: at the first round)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -485,20 +487,25 @@ class Scheduler:
         await self._refresh_timing_models()
         for pool in self.all_pools():
             await pool.refresh()
-        queued = await asyncio.to_thread(self.store.queued_specs, list(self.pools))
-        for model, count in (await asyncio.to_thread(self.store.queued_counts, list(self.pools))).items():
-            self.metrics.queued(model, count)
+        # Renders that cost the same are counted together (one grouped query however long
+        # the queue), so each group is estimated once.
+        queued = await asyncio.to_thread(self.store.queued_work, list(self.pools))
+        counts = dict.fromkeys(self.pools, 0)
         by_model: dict[str, list] = {}
-        for spec, required, done_steps in queued:
+        for work in queued:
+            spec = work.spec
+            counts[spec.model] += work.count
             pools = self.pools.get(spec.model, [])
-            left = 1 - done_steps / max(spec.num_inference_steps, 1)
+            left = 1 - work.done_steps / max(spec.num_inference_steps, 1)
             seconds_on = {p.key: self.placement.estimate_seconds(spec, p) * left
                           for p in self.placement.pools_it_fits(spec)}
-            by_model.setdefault(spec.model, []).append(
-                (seconds_on, next((p.key for p in pools if p.device_kind == required), None) if required else None))
+            required = next((p.key for p in pools if p.device_kind == work.required), None) if work.required else None
+            by_model.setdefault(spec.model, []).append((seconds_on, required, work.count))
+        for model, count in counts.items():
+            self.metrics.queued(model, count)
         depth = 1 + self.settings.prefetch_per_replica
         for model, pools in self.pools.items():
-            backlog = assign_backlog(by_model.get(model, []), {p.key: p.max_replicas for p in pools})
+            backlog = assign_grouped_backlog(by_model.get(model, []), {p.key: p.max_replicas for p in pools})
             for pool in pools:
                 rendering = sum(r.needs_engine for r in self.running_on(pool))
                 busy = -(-rendering // depth)  # ceil: replicas whose engines have renders
@@ -513,6 +520,30 @@ class Scheduler:
                 self.metrics.pool_sized(model, pool.device_kind, pool.slots, wanted, load.backlog_seconds,
                                         pool.cold_start_s)
         self.wake()  # replicas may have come up
+        await self._prune_when_due()
+
+    async def _prune_when_due(self) -> None:
+        """The store's retention (`store.event_retention_days`, `image_retention_days`):
+        a prune starts every `store.prune_interval_s` and goes on a few short transactions
+        per autoscaling round until done, so a large first prune never stalls the pools'
+        sizing. A failure waits for the next interval."""
+        retention = self.config.store
+        if retention.event_retention_days is None and retention.image_retention_days is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if self._prune_at is not None and now < self._prune_at:
+            return
+        try:
+            pruned = await asyncio.to_thread(self.store.prune, utcnow(), retention.event_retention_days,
+                                             retention.image_retention_days, max_batches=PRUNE_BATCHES_PER_ROUND)
+        except Exception:
+            self.metrics.store_error("prune")
+            log.exception("pruning old events and images failed; trying again in %.0f s", retention.prune_interval_s)
+            self._prune_at = now + retention.prune_interval_s
+            return
+        if pruned.events or pruned.images:
+            log.info("pruned %d events and %d images of renders that ended long ago", pruned.events, pruned.images)
+        self._prune_at = now if pruned.more else now + retention.prune_interval_s
 
     async def _refresh_timing_models(self) -> None:
         now = asyncio.get_running_loop().time()

@@ -8,7 +8,8 @@ against the same database.
 `rows` (a render row's moves and its record), `tenants` (tenants, keys, limits,
 budgets, usage), `renders` (the gateway's side), `queue` (the scheduler's reads of the
 queue), `leases` (claims, heartbeats, progress), `outcomes` (how attempts end, with the
-ledger), `catalog` (pools, cost models, timing samples)."""
+ledger), `catalog` (pools, cost models, timing samples), `retention` (pruning what
+renders that ended long ago no longer need)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ from farm.jobs.store.notify import ChangeDetector
 from farm.jobs.store.outcomes import OutcomesStore
 from farm.jobs.store.queue import QueueStore
 from farm.jobs.store.renders import RendersStore
+from farm.jobs.store.retention import RetentionStore
 from farm.jobs.store.tenants import TenantsStore
 
 __all__ = ["JobStore"]
 
 
-class JobStore(OutcomesStore, LeasesStore, RendersStore, QueueStore, TenantsStore, CatalogStore):
+class JobStore(OutcomesStore, LeasesStore, RendersStore, QueueStore, TenantsStore, CatalogStore, RetentionStore):
     """The store the gateway, the scheduler and the CLI use: the parts above over one
     `Database`. OutcomesStore subclasses LeasesStore and RendersStore, so it comes first."""
 
