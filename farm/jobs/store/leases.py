@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from farm.domain.spec import ResolvedSpec
@@ -94,6 +94,7 @@ class LeasesStore(RenderRows):
         if not updates:
             return []
         rows = self._leased(session, owner, {u.render_id for u in updates})
+        events = []
         for update_ in updates:
             row = rows.get(update_.render_id)
             if row is None or row.attempt != update_.attempt:
@@ -101,7 +102,14 @@ class LeasesStore(RenderRows):
             row.stage = update_.stage.value
             if update_.total_steps:
                 row.step, row.total_steps = update_.step, update_.total_steps
-            self._add_event(session, row, update_.message, at=update_.at)
+            row.event_seq += 1
+            events.append({"render_id": row.id, "seq": row.event_seq, "state": row.state, "stage": row.stage,
+                           "step": row.step, "total_steps": row.total_steps, "attempt": row.attempt,
+                           "message": update_.message,
+                           "time": dt.datetime.fromtimestamp(update_.at, dt.timezone.utc) if update_.at else t.utcnow()})
+        if events:
+            # One bulk insert, not an ORM object each: a render's steps are most of its rows.
+            session.execute(insert(t.Event), events)
         return [rid for rid, row in rows.items() if row.cancel_requested]
 
     def heartbeat(self, owner: str, attempts: dict[str, int], lease_seconds: float) -> LeaseStatus:

@@ -63,7 +63,7 @@ class OutcomesStore(LeasesStore, RendersStore):
             row.candidates_json = json.dumps(candidates) if candidates is not None else None
             message = {"SUCCEEDED": "succeeded", "FAILED": f"failed: {error}", "CANCELLED": "cancelled"}[state.value]
             self._finish_row(session, row, state, message=message)
-        return self.get(None, render_id)
+            return self._record(session, row)
 
     def preempt(self, owner: str, render_id: str, attempt: int, *, checkpoint_uri: str | None, step: int,
                 charges: list[Charge] = (), device_kind: str | None = None, node: str | None = None,

@@ -47,10 +47,16 @@ class RendersStore(RenderRows):
         render_id = new_render_id()
         try:
             with self._db.write() as session:
-                tenant = session.scalar(self._db.lock(select(t.Tenant).where(t.Tenant.id == tenant_id)))
+                tenant = session.get(t.Tenant, tenant_id)
                 if tenant is None:
                     raise NotFound(f"tenant {tenant_id!r} not found")
-                check_limits(session, tenant, estimate_nanodollars)
+                if tenant.max_queued is not None or tenant.budget_nanodollars is not None:
+                    # Only a tenant with limits needs its submits one at a time; NO KEY UPDATE, so
+                    # that the ledger rows of its finishing renders (whose foreign key takes KEY
+                    # SHARE on the tenant) need not wait for them.
+                    stmt = select(t.Tenant).where(t.Tenant.id == tenant_id).execution_options(populate_existing=True)
+                    tenant = session.scalar(stmt if self._db.is_sqlite else stmt.with_for_update(key_share=True))
+                    check_limits(session, tenant, estimate_nanodollars)
                 row = t.Render(
                     id=render_id, tenant_id=tenant_id, idempotency_key=key, request_fingerprint=fingerprint,
                     model=spec.model, task=spec.task.value, spec_json=spec.to_json(), image=spec.image or None,
@@ -59,10 +65,14 @@ class RendersStore(RenderRows):
                     require_device_kind=spec.require_device_kind or None,
                     prefer_device_kind=spec.prefer_device_kind or None,
                     memory_bytes=spec.memory_bytes, trace_parent=trace_parent,
+                    # Set now (not at the flush): the event below reads them, and event_seq is
+                    # written with the row instead of by an UPDATE after it.
+                    event_seq=0, stage="", step=0, total_steps=0, cost_nanodollars=0, cancel_requested=False,
+                    preemptions=0,
                 )
                 session.add(row)
-                session.flush()
                 self._add_event(session, row, "submitted")
+                session.flush([row])  # the render before its event (no relationship orders them)
                 self._notify_queued(session)
         except IntegrityError:
             # A concurrent submit with the same key won the race; answer with its render.
@@ -70,7 +80,7 @@ class RendersStore(RenderRows):
             if existing is None:
                 raise
             return existing, False
-        return self.get(tenant_id, render_id), True
+        return self._record(session, row, with_charges=False), True
 
     def _by_idempotency_key(self, tenant_id: str, key: str, fingerprint: str) -> RenderRecord | None:
         with self._db.read() as session:
