@@ -104,7 +104,7 @@ def demo(config_path: Optional[Path] = ConfigOption,
     """Start farm on its embedded defaults, render with both model families, stop."""
     from farm.cli.demo import run_demo
 
-    raise typer.Exit(run_demo(load_config(config_path), output_dir, console))
+    raise typer.Exit(run_demo(load_config(config_path), output_dir, console, dict(_tls)))
 
 
 @app.command()

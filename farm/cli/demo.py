@@ -40,7 +40,24 @@ def first_frame_png(width: int = 256, height: int = 256) -> bytes:
     return buffer.getvalue()
 
 
-def run_demo(config: FarmConfig, output_dir: Path | None, console: Console) -> int:
+def demo_client_options(config: FarmConfig, given: dict | None = None) -> dict:
+    """How the demo's client reaches the gateway it starts: as `farm` was told (its
+    --tls-* options), else plaintext to a plaintext gateway, or TLS trusting the gateway's
+    own certificate file (a self-signed one; for one a CA issued, pass --tls-ca). A gateway
+    that asks clients for certificates needs --tls-cert and --tls-key."""
+    if given and any(given.values()):
+        return dict(given)
+    gateway = config.gateway
+    if gateway.tls_cert_file is None:
+        return {}
+    if gateway.tls_client_ca_file is not None:
+        raise SystemExit("the gateway asks clients for a certificate (gateway.tls_client_ca_file): "
+                         "run `farm --tls-ca CA --tls-cert CERT --tls-key KEY demo`")
+    return {"tls": True, "tls_ca_file": gateway.tls_cert_file}
+
+
+def run_demo(config: FarmConfig, output_dir: Path | None, console: Console, client_options: dict | None = None) -> int:
+    """client_options: how to reach the gateway (`demo_client_options`)."""
     from farm.client import FarmClient, find_api_key
     from farm.cli.progress import follow_renders
     from farm.v1 import render_pb2 as pb
@@ -51,14 +68,15 @@ def run_demo(config: FarmConfig, output_dir: Path | None, console: Console) -> i
     log_path = config.logs_dir / "serve.log"
     ready_file = config.home / "gateway.ready"
     ready_file.unlink(missing_ok=True)
+    tls = demo_client_options(config, client_options)
     console.print(f"starting farm (FARM_HOME={config.home}; log: {log_path})")
     env = dict(os.environ, FARM_HOME=str(config.home))
     with open(log_path, "ab") as log:
         server = subprocess.Popen([sys.executable, "-m", "farm", "serve", "--ready-file", str(ready_file)],
                                   stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        target = f"{config.gateway.host}:{_wait_until_serving(server, ready_file, config, console)}"
-        with FarmClient(target, find_api_key(config.home)) as client:
+        target = f"{config.gateway.host}:{_wait_until_serving(server, ready_file, config, console, tls)}"
+        with FarmClient(target, find_api_key(config.home), **tls) as client:
             models = {m.name: m for m in client.models().models}
             jobs = []
             for model in models.values():
@@ -88,7 +106,8 @@ def _task(value: int) -> str:
     return TASK_FROM_PB[value].value
 
 
-def _wait_until_serving(server: subprocess.Popen, ready_file: Path, config: FarmConfig, console: Console) -> int:
+def _wait_until_serving(server: subprocess.Popen, ready_file: Path, config: FarmConfig, console: Console,
+                        tls: dict) -> int:
     from farm.client import FarmClient
 
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -98,7 +117,7 @@ def _wait_until_serving(server: subprocess.Popen, ready_file: Path, config: Farm
                 raise SystemExit(f"farm serve exited with {server.returncode}; see {config.logs_dir / 'serve.log'}")
             if ready_file.exists():
                 port = int(ready_file.read_text())
-                with FarmClient(f"{config.gateway.host}:{port}") as probe:
+                with FarmClient(f"{config.gateway.host}:{port}", **tls) as probe:
                     if probe.is_serving():
                         return port
             time.sleep(0.5)

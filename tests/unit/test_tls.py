@@ -345,3 +345,23 @@ def test_a_rotated_certificate_is_served_to_new_connections(tmp_path, pki):
         # The connection made before the rotation keeps working.
         assert served(before)
         before.close()
+
+
+def test_the_demo_speaks_tls_to_a_tls_gateway(tls_gateway, pki, tmp_path):
+    """`farm demo` built a plaintext client whatever the gateway spoke."""
+    from farm.cli.demo import demo_client_options
+
+    local, key = tls_gateway
+    assert demo_client_options(farm_config(tmp_path)) == {}
+    served_tls = farm_config(tmp_path, tls_cert_file=pki.server_cert, tls_key_file=pki.server_key)
+    # On its own it trusts the gateway's certificate file (right for a self-signed one) ...
+    assert demo_client_options(served_tls) == {"tls": True, "tls_ca_file": pki.server_cert}
+    # ... and takes farm's --tls-* options where given, as the demo's client does here.
+    given = {"tls": False, "tls_ca_file": pki.ca_file, "tls_cert_file": None, "tls_key_file": None,
+             "tls_server_name": None}
+    with client(local.target, key, **demo_client_options(served_tls, given)) as demo:
+        assert served(demo)
+    mutual = farm_config(tmp_path, tls_cert_file=pki.server_cert, tls_key_file=pki.server_key,
+                         tls_client_ca_file=pki.ca_file)
+    with pytest.raises(SystemExit, match="--tls-cert"):
+        demo_client_options(mutual)
