@@ -215,18 +215,28 @@ class AttemptEndings:
         if record is None:
             log.warning("attempt %s of %s no longer held its lease; not recorded", claimed.attempt, claimed.id)
             return
-        if claimed.checkpoint_uri:
-            from farm.storage.artifacts import ArtifactStore
-
-            # Final: the denoising checkpoints of its preemptions are of no more use.
-            await asyncio.to_thread(ArtifactStore(self.config.artifacts_url).discard_checkpoints, claimed.id)
         duration = (record.finished_at - record.started_at).total_seconds() if record.started_at else None
         frames = claimed.spec.num_frames if succeeded else 0
         self.metrics.render_finished(claimed.tenant_name, claimed.spec.model, record.state.value, duration, frames,
                                      cost.charges)
+        # Counted: nothing after this may fail the ending (it would be written and counted again).
+        if claimed.checkpoint_uri:
+            from farm.storage.artifacts import ArtifactStore
+
+            # Final: the denoising checkpoints of its preemptions are of no more use.
+            try:
+                await asyncio.to_thread(ArtifactStore(self.config.artifacts_url).discard_checkpoints, claimed.id)
+            except Exception as error:  # noqa: BLE001 - left behind, not lost
+                log.warning("render %s: its checkpoints could not be discarded: %s", claimed.id, error)
         await self._publish_budget(claimed.tenant_id, claimed.tenant_name)
 
     async def _publish_budget(self, tenant_id: str, tenant_name: str) -> None:
-        status = await asyncio.to_thread(self.store.budget_status, tenant_id)
+        """Refreshes the tenant's budget gauges. After the ending is written and counted:
+        a store that fails here must not make the ending be written (and counted) again."""
+        try:
+            status = await asyncio.to_thread(self.store.budget_status, tenant_id)
+        except Exception as error:  # noqa: BLE001 - the gauge is refreshed at the tenant's next ending
+            log.warning("cannot read tenant %s's budget for its gauge: %s", tenant_name, error)
+            return
         if status is not None:
             self.metrics.budget_left(tenant_name, status.left_nanodollars / 1e9, status.budget_nanodollars / 1e9)
