@@ -20,12 +20,12 @@ def postgres_schema_url(schema: str) -> str:
     return f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
 
 
-@pytest.fixture
-def postgres_url():
-    """A fresh schema in the test database, dropped afterwards."""
+@contextlib.contextmanager
+def postgres_schema(prefix: str = "farm_test") -> Iterator[str]:
+    """The URL of a fresh schema in the test database, dropped afterwards."""
     import sqlalchemy
 
-    schema = f"farm_test_{secrets.token_hex(4)}"
+    schema = f"{prefix}_{secrets.token_hex(4)}"
     admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
@@ -35,6 +35,13 @@ def postgres_url():
         with admin.connect() as connection:
             connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
         admin.dispose()
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh schema in the test database, dropped afterwards."""
+    with postgres_schema() as url:
+        yield url
 
 
 def terminate_connections(application_name: str) -> int:

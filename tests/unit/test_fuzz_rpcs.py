@@ -20,7 +20,6 @@ import io
 import itertools
 import os
 import re
-import secrets
 import struct
 import zlib
 from collections.abc import Iterator
@@ -45,7 +44,7 @@ from farm.families import Family
 from farm.storage.artifacts import ArtifactStore
 from farm.v1 import render_pb2 as pb
 from farm.v1 import render_pb2_grpc
-from tests.conftest import POSTGRES_URL, postgres_schema_url
+from tests.conftest import postgres_schema
 from tests.gateway import bad_request_fields, serving
 from tests.unit.test_api_answers import LEAKS, TRAILER_LIMIT_BYTES
 
@@ -432,18 +431,8 @@ def store_url(kind: str) -> Iterator[str | None]:
     if kind == "sqlite":
         yield None
         return
-    import sqlalchemy
-
-    schema = f"farm_fuzz_{secrets.token_hex(4)}"
-    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        yield postgres_schema_url(schema)
-    finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+    with postgres_schema("farm_fuzz") as url:
+        yield url
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
