@@ -71,12 +71,14 @@ class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         with self._lock:
             return [s for s in self._spans if trace_id is None or s.trace_id == trace_id]
 
-    def wait_for(self, trace_id: str, names: set[str], timeout_s: float = 60) -> list[ReceivedSpan]:
-        """The trace's spans once every name in `names` (a span name's prefix) is among them."""
+    def wait_for(self, trace_id: str, names: set[str] | dict[str, int], timeout_s: float = 60) -> list[ReceivedSpan]:
+        """The trace's spans once every name in `names` (a span name's prefix) is among them
+        (as many times as a dict says: each process exports its spans in its own time)."""
+        wanted = names if isinstance(names, dict) else dict.fromkeys(names, 1)
         deadline = time.monotonic() + timeout_s
         while True:
             spans = self.spans(trace_id)
-            missing = {n for n in names if not any(s.name.startswith(n) for s in spans)}
+            missing = {n for n, count in wanted.items() if sum(s.name.startswith(n) for s in spans) < count}
             if not missing:
                 return spans
             if time.monotonic() > deadline:
