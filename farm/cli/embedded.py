@@ -77,11 +77,12 @@ def stop_inference_plane(config: FarmConfig) -> None:
     import ray
     from ray import serve
 
+    from farm.serve.scheduler import drain_timeout_s
+
     try:
-        drain_s = 2 * config.scheduler.stop_timeout_s + 5
         try:
             serve.get_deployment_handle("scheduler", app_name=config.ray.app_name).drain.remote().result(
-                timeout_s=drain_s)
+                timeout_s=drain_timeout_s(config))
         except Exception as error:  # noqa: BLE001 - stopping goes on; leases expire and requeue the renders
             log.warning("the scheduler did not hand its renders back: %s", error)
         serve.delete(config.ray.app_name)

@@ -220,12 +220,17 @@ class SchedulerServer:
             await asyncio.to_thread(tracing.flush)
 
 
+def drain_timeout_s(config: FarmConfig) -> float:
+    """The longest a stopping scheduler takes: the drain's two rounds (checkpoint, then
+    withdraw) and its store writes."""
+    return 2 * config.scheduler.stop_timeout_s + 5
+
+
 def scheduler_deployment(config: FarmConfig, engines: dict):
     return serve.deployment(SchedulerServer).options(
         name="scheduler",
         num_replicas=1,
-        # Time for the drain's two rounds (checkpoint, then withdraw) and its store writes.
-        graceful_shutdown_timeout_s=2 * config.scheduler.stop_timeout_s + 5,
+        graceful_shutdown_timeout_s=drain_timeout_s(config),
         # It mostly waits on the store and on engines; reserving no CPU lets it start on
         # a node whose CPUs the engines have taken.
         ray_actor_options={"num_cpus": 0},

@@ -306,9 +306,6 @@ class Scheduler:
                 "farm.device_kind": entry.pool.device_kind}) as entry.span:
             await self._wait_for_turn(entry)
             ending = Requeue() if entry.withdrawn else await self._render(entry)
-            if entry.handed_back and entry.engine_started and isinstance(ending, Requeue) and not ending.preempted:
-                # Withdrawn mid-render as the scheduler stops: the farm's doing, not the tenant's.
-                ending = Release("the scheduler stopped before the render could checkpoint", cause="stopped")
             entry.span.set_attribute("farm.ending", type(ending).__name__)
             if entry.node:
                 entry.span.set_attribute("farm.node", entry.node)

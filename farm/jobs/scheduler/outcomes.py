@@ -77,6 +77,9 @@ def ending_of(entry: RunningAttempt, outcome: AttemptOutcome, final: Done | Pree
               node_fault: bool) -> Ending:
     """How an attempt whose stream ended with `outcome` ends (`final`: the stream's last event)."""
     if entry.withdrawn and outcome is not AttemptOutcome.SUCCEEDED and not entry.cancel_sent:
+        if entry.handed_back and entry.engine_started:
+            # Withdrawn mid-render as the scheduler stops: the farm's doing, not the tenant's.
+            return Release("the scheduler stopped before the render could checkpoint", cause="stopped")
         return Requeue()
     if outcome is AttemptOutcome.PREEMPTED:
         return Requeue(final if isinstance(final, Preempted) else None)

@@ -58,16 +58,6 @@ class QueueStore:
                 .order_by(t.Render.model, t.Render.tenant_id).limit(1)
             ) is not None
 
-    def queued_counts(self, models: Iterable[str]) -> dict[str, int]:
-        """Queued renders per model (each model named, 0 when none): the queue depth."""
-        models = list(models)
-        with self._db.read() as session:
-            rows = session.execute(
-                select(t.Render.model, func.count())
-                .where(t.Render.state == RenderState.QUEUED.value, t.Render.model.in_(models))
-                .group_by(t.Render.model)).all()
-        return {model: 0 for model in models} | {model: count for model, count in rows}
-
     def best_queued(self, models: Iterable[str], at_least: int = 0) -> dict[str, tuple[int, str | None, int | None]]:
         """Per model, the highest priority among its queued renders, and the kind and the
         GPU memory that render needs, for models whose best is at least `at_least` (for
