@@ -303,16 +303,23 @@ def results_path(results_dir: Path, card: str, now: datetime.datetime) -> Path:
 # Shared pieces -----------------------------------------------------------------------------
 
 
-def engine_request(width: int, height: int, num_frames: int, fps: int, steps: int, guidance_scale: float):
-    """A text-to-video request as the scheduler would hand it to an engine."""
+def engine_request(width: int, height: int, num_frames: int, fps: int, steps: int, guidance_scale: float,
+                   model=None):
+    """A request as the scheduler would hand it to an engine: text-to-video, or the model's
+    first task (with a first frame for image-to-video, and no text where the family takes none)."""
     from benchmarks.engine_step import NEGATIVE_PROMPT, PROMPT
+    from farm.cli.demo import first_frame_png
     from farm.config import Task
     from farm.domain.engine import EngineRequest
+    from farm.families import family_facts
 
-    return EngineRequest(render_id="gpu-check", attempt=0, task=Task.TEXT_TO_VIDEO, prompt=PROMPT,
-                         negative_prompt=NEGATIVE_PROMPT, image=None, width=width, height=height,
-                         num_frames=num_frames, fps=fps, num_inference_steps=steps, guidance_scale=guidance_scale,
-                         seed=0)
+    task = Task.TEXT_TO_VIDEO if model is None or Task.TEXT_TO_VIDEO in model.tasks else model.tasks[0]
+    uses_prompt = model is None or family_facts(model.family).uses_prompt
+    return EngineRequest(render_id="gpu-check", attempt=0, task=task, prompt=PROMPT if uses_prompt else "",
+                         negative_prompt=NEGATIVE_PROMPT if uses_prompt else "",
+                         image=first_frame_png(width, height) if task == Task.IMAGE_TO_VIDEO else None,
+                         width=width, height=height, num_frames=num_frames, fps=fps, num_inference_steps=steps,
+                         guidance_scale=guidance_scale, seed=0)
 
 
 def resolved_spec(model, request):
@@ -320,7 +327,8 @@ def resolved_spec(model, request):
     from farm.domain.spec import RenderSpec
     from farm.jobs.validation import resolve_spec
 
-    spec = RenderSpec(model=model.name, task=request.task, prompt=request.prompt, width=request.width,
+    spec = RenderSpec(model=model.name, task=request.task, prompt=request.prompt, image=request.image or b"",
+                      width=request.width,
                       height=request.height, num_frames=request.num_frames, fps=request.fps,
                       num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale)
     return resolve_spec(spec, {model.name: model})
@@ -376,13 +384,15 @@ def check_tiny(check: Check, args, device) -> None:
         def render(row):
             engine = loaded["engine"]
             defaults = model.defaults
-            if args.smoke:
+            if args.smoke and model.name in stand_in_of:
                 shape = parse_shape(SMOKE_SHAPES[stand_in_of[model.name]])
                 request = engine_request(shape.width, shape.height, shape.num_frames, defaults.fps, SMOKE_STEPS,
-                                         defaults.guidance_scale)
+                                         defaults.guidance_scale, model)
             else:
+                # A family without a full-size stand-in here: its tiny defaults.
+                steps = SMOKE_STEPS if args.smoke else defaults.num_inference_steps
                 request = engine_request(defaults.width, defaults.height, defaults.num_frames, defaults.fps,
-                                         defaults.num_inference_steps, defaults.guidance_scale)
+                                         steps, defaults.guidance_scale, model)
             started = time.perf_counter()
             output = engine.render(request, on_progress=lambda progress: None, should_stop=lambda: False)
             rendered = time.perf_counter()

@@ -407,11 +407,26 @@ class ModelConfig(_Section):
     pools: list[PoolConfig] | None = None
     """Engine pools, one per accelerator kind, each autoscaled between its bounds. None:
     one fixed pool of `replicas` replicas with `num_gpus`, `num_cpus` and `device_kind` above."""
+    adapters: list[AdapterConfig] = Field(default_factory=list)
+    """LoRA adapters of this model alone; the farm adds the top-level `adapters` of its family."""
+    adapter_cache_mib: int = Field(2048, ge=1)
+    """Adapter weights a replica keeps loaded (the least recently used go first)."""
+    context_parallel: ContextParallelConfig | None = None
+    """Split each render over several devices of a replica (large families on GPU nodes)."""
 
     @model_validator(mode="after")
     def _fill_family_values(self) -> "ModelConfig":
         if not self.sources:
             raise ValueError(f"model {self.name}: sources must name at least one task")
+        parallel = self.context_parallel
+        if parallel is not None:
+            if self.backend.name != "eager" or self.backend.first_block_cache_threshold is not None:
+                raise ValueError(f"model {self.name}: context_parallel runs the eager backend without "
+                                 "first_block_cache_threshold")
+            for pool in self.resolved_pools():
+                if pool.num_gpus and pool.num_gpus != parallel.degree:
+                    raise ValueError(f"model {self.name}: pool {pool.device_kind} gives a replica {pool.num_gpus:g} "
+                                     f"GPUs; context_parallel.degree {parallel.degree} needs one per rank")
         facts = family_facts(self.family)
         if self.limits is None:
             self.limits = facts.limits.model_copy()
@@ -438,6 +453,39 @@ class ModelConfig(_Section):
     def device_kinds(self) -> list[str]:
         """Known kinds of the model's pools (empty while the only pool's kind is auto-detected)."""
         return [p.device_kind for p in self.resolved_pools() if p.device_kind != "auto"]
+
+
+class ContextParallelConfig(_Section):
+    """One render across several devices of a replica: the transformer's attention is split
+    over `degree` ranks (diffusers' context parallelism), one process per device."""
+
+    degree: int = Field(ge=2, le=64)
+    """Devices per render; a GPU pool's num_gpus must equal it."""
+    mode: Literal["ulysses", "ring"] = "ulysses"
+    """Ulysses (all-to-all of attention heads: the heads must divide by the degree) or ring
+    attention (key/value blocks passed around; needs an attention backend that returns its
+    log-sum-exp, i.e. a GPU one)."""
+    attention_backend: str | None = None
+    """diffusers attention backend for the split attention (None: diffusers' default)."""
+    timeout_s: float = Field(300.0, gt=0)
+    """How long rank 0 waits for the others at the end of a render before it gives the group up."""
+
+
+class AdapterConfig(_Section):
+    """A LoRA adapter renders may ask for by name (`spec.adapters`)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    """What a spec calls it."""
+    source: str
+    """A Hugging Face hub id or a local directory (or file) holding its weights."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for a hub id."""
+    weight_name: str | None = None
+    """The weights file inside source, where it holds several."""
+    families: list[Family] = Field(min_length=1)
+    """The model families it was trained for: only their models offer it."""
+    surcharge: float = Field(0.0, ge=0, le=10)
+    """Fraction added to the price of a render that applies it (0.2: +20%), e.g. a licence fee."""
 
 
 class PriceConfig(_Section):
@@ -630,6 +678,8 @@ class FarmConfig(BaseSettings):
     """Post-processing replicas and quality thresholds."""
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     """OpenTelemetry traces of renders (off by default)."""
+    adapters: list[AdapterConfig] = Field(default_factory=list)
+    """LoRA adapters offered to every model of the families each names."""
 
     @classmethod
     def settings_customise_sources(
@@ -645,6 +695,9 @@ class FarmConfig(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> "FarmConfig":
         self.home = self.home.expanduser()
+        adapter_names = [a.name for a in self.adapters]
+        if len(adapter_names) != len(set(adapter_names)):
+            raise ValueError(f"adapters: names must be unique, got {adapter_names}")
         names = [m.name for m in self.served_models()]
         if len(names) != len(set(names)):
             raise ValueError(f"models: names must be unique, got {names}")
@@ -654,6 +707,9 @@ class FarmConfig(BaseSettings):
                 raise ValueError(
                     f"models[{model.name}].device_kind {kind!r} has no price in prices.dollars_per_device_hour"
                 )
+            adapter_names = [a.name for a in model.adapters]
+            if len(adapter_names) != len(set(adapter_names)):
+                raise ValueError(f"models[{model.name}].adapters: names must be unique, got {adapter_names}")
             kinds = [p.device_kind for p in model.pools or ()]
             if len(kinds) != len(set(kinds)):
                 raise ValueError(f"models[{model.name}].pools: one pool per device kind, got {kinds}")
@@ -693,9 +749,14 @@ class FarmConfig(BaseSettings):
         return self.home / "logs"
 
     def served_models(self) -> list[ModelConfig]:
-        if self.models is not None:
-            return self.models
-        return tiny_model_configs(self.models_dir)
+        """The models served, each with the adapters it offers (its own and the farm's of its family)."""
+        models = self.models if self.models is not None else tiny_model_configs(self.models_dir)
+        if not self.adapters:
+            return models
+        return [model.model_copy(update={"adapters": model.adapters + [
+            adapter for adapter in self.adapters
+            if model.family in adapter.families and adapter.name not in {a.name for a in model.adapters}]})
+            for model in models]
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.served_models() if m.name == name), None)

@@ -8,6 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from farm.config import ModelConfig, Task
 from farm.domain.spec import (
+    AdapterRequest,
     ColorReference,
     EncoderSettings,
     PostprocessSpec,
@@ -16,6 +17,7 @@ from farm.domain.spec import (
     ResolvedSpec,
 )
 from farm.domain.errors import invalid
+from farm.families import family_facts
 from farm.domain.states import RenderState, Stage
 from farm.jobs.records import BudgetStatus, EventRecord, RenderRecord, UsageRow
 from farm.metering.cost import to_dollars
@@ -54,6 +56,11 @@ def spec_from_pb(message: pb.RenderSpec) -> RenderSpec:
         postprocess=postprocess_from_pb(message.postprocess) if message.HasField("postprocess") else None,
         require_device_kind=message.placement.require_device_kind,
         prefer_device_kind=message.placement.prefer_device_kind,
+        adapters=tuple(AdapterRequest(name=a.name, weight=a.weight if a.HasField("weight") else None)
+                       for a in message.adapters),
+        motion_bucket_id=_optional(message.motion, "motion_bucket_id"),
+        noise_aug_strength=_optional(message.motion, "noise_aug_strength"),
+        decode_chunk_size=_optional(message.motion, "decode_chunk_size"),
     )
 
 
@@ -133,6 +140,10 @@ def spec_to_pb(spec: ResolvedSpec, with_image: bool = False) -> pb.RenderSpec:
     )
     if spec.postprocess is not None:
         message.postprocess.CopyFrom(postprocess_to_pb(spec.postprocess))
+    message.adapters.extend(pb.AdapterRequest(name=name, weight=weight) for name, weight in spec.adapters)
+    for field in ("motion_bucket_id", "noise_aug_strength", "decode_chunk_size"):
+        if getattr(spec, field) is not None:
+            setattr(message.motion, field, getattr(spec, field))
     return message
 
 
@@ -202,6 +213,7 @@ def event_to_pb(event: EventRecord) -> pb.RenderEvent:
 
 def model_to_pb(model: ModelConfig, ready: bool, device_kinds: list[str]) -> pb.ModelInfo:
     limits, defaults = model.limits, model.defaults
+    facts = family_facts(model.family)
     return pb.ModelInfo(
         name=model.name, family=model.family.value, tasks=[TASK_TO_PB[t] for t in model.tasks],
         limits=pb.ModelLimits(
@@ -210,7 +222,7 @@ def model_to_pb(model: ModelConfig, ready: bool, device_kinds: list[str]) -> pb.
             max_steps=limits.max_steps, max_prompt_chars=limits.max_prompt_chars,
             max_image_bytes=limits.max_image_bytes, min_steps=limits.min_steps, min_size=limits.min_size,
             max_fps=limits.max_fps, max_guidance_scale=limits.max_guidance_scale,
-            max_image_pixels=limits.max_image_pixels,
+            max_image_pixels=limits.max_image_pixels, max_adapters=limits.max_adapters,
         ),
         defaults=pb.RenderSpec(
             model=model.name, width=defaults.width, height=defaults.height, num_frames=defaults.num_frames,
@@ -219,6 +231,8 @@ def model_to_pb(model: ModelConfig, ready: bool, device_kinds: list[str]) -> pb.
         ),
         ready=ready, device_kind=device_kinds[0] if device_kinds else "", device_kinds=device_kinds,
         postprocess_limits=postprocess_limits_to_pb(limits.postprocess),
+        adapters=[pb.AdapterInfo(name=a.name, surcharge=a.surcharge) for a in model.adapters],
+        uses_prompt=facts.uses_prompt, audio=facts.audio,
     )
 
 

@@ -120,6 +120,10 @@ def submit(
     seed: Optional[int] = None, priority: Optional[int] = None,
     label: list[str] = typer.Option([], help="key=value, repeatable."),
     idempotency_key: str = typer.Option("", "--idempotency-key"),
+    adapter: list[str] = typer.Option([], help="LoRA adapter name[=weight], repeatable (see `farm models list`)."),
+    motion_bucket: Optional[int] = typer.Option(None, "--motion-bucket", help="Motion amount (image-only models)."),
+    noise_aug: Optional[float] = typer.Option(None, "--noise-aug", help="Noise on the image (image-only models)."),
+    decode_chunk: Optional[int] = typer.Option(None, "--decode-chunk", help="Frames decoded at once."),
     wait: bool = typer.Option(True, help="Follow the render and save its MP4."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="MP4 path (default ./<render id>.mp4)."),
     target: str = TargetOption, api_key: Optional[str] = KeyOption, config_path: Optional[Path] = ConfigOption,
@@ -148,6 +152,16 @@ def submit(
         spec.seed = seed
     if priority is not None:
         spec.priority = priority
+    for item in adapter:
+        name, _, weight = item.partition("=")
+        try:
+            spec.adapters.add(name=name, **({"weight": float(weight)} if weight else {}))
+        except ValueError:
+            raise typer.BadParameter(f"--adapter {item!r}: the weight after '=' must be a number") from None
+    for field, value in (("motion_bucket_id", motion_bucket), ("noise_aug_strength", noise_aug),
+                         ("decode_chunk_size", decode_chunk)):
+        if value is not None:
+            setattr(spec.motion, field, value)
     with _client(target, api_key, config_path) as client:
         render = client.submit(spec)
         console.print(f"submitted [bold]{render.id}[/bold] (seed {render.seed})")
@@ -223,22 +237,25 @@ def models_list(target: str = TargetOption, api_key: Optional[str] = KeyOption):
 
     with _client(target, api_key) as client:
         response = client.models()
-    table = Table("model", "family", "tasks", "ready", "device", "sizes", "frames", "steps", "defaults")
+    table = Table("model", "family", "tasks", "ready", "device", "sizes", "frames", "steps", "defaults", "adapters")
     for m in response.models:
         tasks = ", ".join(pb.Task.Name(t).removeprefix("TASK_").lower() for t in m.tasks)
+        if m.audio:
+            tasks += " (with audio)"
         lim, d = m.limits, m.defaults
         table.add_row(m.name, m.family, tasks, "yes" if m.ready else "no", m.device_kind,
                       f"x{lim.size_multiple}, {lim.min_size} up to {lim.max_width}x{lim.max_height}",
                       f"{lim.frame_step}k+1, {lim.min_frames}..{lim.max_frames}",
                       f"{lim.min_steps}..{lim.max_steps}",
-                      f"{d.width}x{d.height} {d.num_frames}f {d.num_inference_steps} steps")
+                      f"{d.width}x{d.height} {d.num_frames}f {d.num_inference_steps} steps",
+                      ", ".join(a.name for a in m.adapters) or "-")
     console.print(table)
 
 
 @models_app.command("make-tiny")
 def models_make_tiny(config_path: Optional[Path] = ConfigOption,
                      force: bool = typer.Option(False, help="Rewrite models that exist.")):
-    """Write the tiny random-weight LTX-Video and CogVideoX pipelines under $FARM_HOME/models."""
+    """Write every family's tiny random-weight pipelines under $FARM_HOME/models."""
     from farm.engines.tiny import make_tiny_models
 
     config = load_config(config_path)

@@ -54,6 +54,14 @@ class EngineRequest:
     (`farm.serve.routing`) sends it to a replica elsewhere when the pool has one."""
     trace_parent: str | None = None
     """W3C traceparent of the attempt's span (tracing on): the engine's spans go under it."""
+    motion_bucket_id: int | None = None
+    """Image-to-video motion conditioning of the families that take it; None: the family's default."""
+    noise_aug_strength: float | None = None
+    """Noise added to the conditioning image (motion conditioning); None: the family's default."""
+    decode_chunk_size: int | None = None
+    """Frames the VAE decodes at once (motion conditioning); None: the family's default."""
+    adapters: tuple[tuple[str, float], ...] = ()
+    """LoRA adapters (name from the config, weight) applied for this render."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +87,12 @@ class RenderOutput:
     """Warnings for the manifest, e.g. that the render fell back to eager and why."""
     cpu_threads: int | None = None
     """The CPU threads the render ran with (CPU devices); goes into the manifest."""
+    audio: np.ndarray | None = None
+    """float32 waveform (channels, samples) in [-1, 1] of the families that make sound, as
+    long as the video (num_frames / fps); None for a silent render."""
+    audio_sample_rate: int | None = None
+    adapters: list[dict] = dataclasses.field(default_factory=list)
+    """The LoRA adapters that ran (name, source, weight, sha256); goes into the manifest."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

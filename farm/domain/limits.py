@@ -57,6 +57,8 @@ class ModelLimits(_Limits):
     """Highest output frame rate."""
     max_guidance_scale: float = Field(30.0, ge=0)
     """Highest classifier-free guidance scale."""
+    max_adapters: int = Field(4, ge=0, le=16)
+    """Most LoRA adapters one render may apply (each adds its matrices to every adapted layer)."""
     postprocess: PostprocessLimits = Field(default_factory=PostprocessLimits)
     """Limits of post-processing (interpolation, upscaling, candidates)."""
 

@@ -30,6 +30,19 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 OTHER_IMAGE_SIGNATURES = {b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
 
 
+# LoRA adapters (see AdapterRequest in protos/farm/v1/render.proto).
+MAX_ADAPTER_WEIGHT = 4.0
+DEFAULT_ADAPTER_WEIGHT = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterRequest:
+    """A LoRA adapter a spec asks for: its name in the farm's config; weight None: 1.0."""
+
+    name: str
+    weight: float | None = None
+
+
 # Post-processing (see PostprocessSpec in protos/farm/v1/render.proto).
 MIN_INTERPOLATION_FACTOR = 2
 MIN_UPSCALE_FACTOR = 2
@@ -141,6 +154,10 @@ class RenderSpec:
     idempotency_key: str = ""
     require_device_kind: str = ""
     prefer_device_kind: str = ""
+    adapters: tuple[AdapterRequest, ...] = ()
+    motion_bucket_id: int | None = None
+    noise_aug_strength: float | None = None
+    decode_chunk_size: int | None = None
 
     def fingerprint(self) -> str:
         """Identifies the request as sent, for idempotency: the same key with a
@@ -148,6 +165,10 @@ class RenderSpec:
         data = dataclasses.asdict(self)
         data["image"] = hashlib.sha256(self.image).hexdigest()
         data["task"] = self.task.value if self.task else None
+        # Fields added later count only when set, so that a stored key's fingerprint stays.
+        for field in ("adapters", "motion_bucket_id", "noise_aug_strength", "decode_chunk_size"):
+            if data[field] in ((), [], None):
+                del data[field]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -179,6 +200,14 @@ class ResolvedSpec:
     memory_bytes: int | None = None
     """GPU memory the render needs, estimated by the gateway at submit (`farm.planning.memory`);
     only pools whose devices hold it run it. None: not estimated, any pool may."""
+    adapters: tuple[tuple[str, float], ...] = ()
+    """LoRA adapters (name, weight) applied, in the order asked."""
+    surcharge: float = 0.0
+    """Fraction its adapters add to its price, fixed at submit (a later config change does not reprice it)."""
+    motion_bucket_id: int | None = None
+    """Motion conditioning of the families that take it; None: the family's default (or none)."""
+    noise_aug_strength: float | None = None
+    decode_chunk_size: int | None = None
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -192,4 +221,5 @@ class ResolvedSpec:
         data["task"] = Task(data["task"])
         if data.get("postprocess") is not None:
             data["postprocess"] = ResolvedPostprocess.from_dict(data["postprocess"])
+        data["adapters"] = tuple((name, float(weight)) for name, weight in data.get("adapters", ()))
         return cls(**data, image=image or b"")

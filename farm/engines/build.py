@@ -268,6 +268,10 @@ def build_engine(
     if device.type == "cpu":
         torch.set_num_threads(model.cpu_threads or os.cpu_count() or 1)
     family = family_module(model.family)
+    if family.FACTS.denoiser != "transformer":
+        raise ValueError(f"model {model.name}: ahead-of-time engine builds export a transformer; the "
+                         f"{model.family.value} family denoises with a {family.FACTS.denoiser} (use the eager, "
+                         "compile or fp8 backend)")
     with no_progress_bars():
         pipelines = load_pipelines(model, device, dtype)
     key_dir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,13 @@ pipeline that encodes its image with the generator does so fresh from the seed, 
 first draw in the first attempt too. Which pipeline classes meet this is stated by each
 family module (``resumable_pipelines()``, `farm.families`).
 
+A multistep scheduler (UniPC, DPM-Solver++ multistep) keeps its earlier model outputs
+in itself: the checkpoint keeps every attribute its steps change (`MULTISTEP_STATE`) and
+the first resumed step puts them back. A scheduler whose ``init_noise_sigma`` is not 1
+(an Euler scheduler with Karras sigmas) has the pipeline scale given latents by it; on resume the
+checkpoint's latents are already where step k left them, so for the resumed call the
+scheduler reports 1 and the pipeline takes them as they are.
+
 Schedulers (`checkpoint_support`): those the family modules name in
 ``FACTS.checkpoint_schedulers``, with what each carries between steps (`StepCarry`),
 and none with ``stochastic_sampling``, whose noise comes from torch's global
@@ -48,6 +55,9 @@ from farm.families import StepCarry, checkpoint_schedulers
 
 # Scheduler class name -> what it carries between steps outside itself.
 SCHEDULER_KINDS: dict[str, StepCarry] = checkpoint_schedulers()
+# A multistep scheduler's attributes that its steps change: the history it steps from.
+MULTISTEP_STATE = ("model_outputs", "timestep_list", "lower_order_nums", "last_sample", "this_order",
+                   "_step_index", "sample")
 
 
 def checkpoint_support(pipeline) -> str | None:
@@ -61,8 +71,6 @@ def checkpoint_support(pipeline) -> str | None:
         return f"its scheduler {name} is not one whose state farm can checkpoint ({sorted(SCHEDULER_KINDS)})"
     if getattr(scheduler, "order", 1) != 1:
         return f"its scheduler {name} takes {scheduler.order} model calls a step"
-    if getattr(scheduler, "init_noise_sigma", 1.0) != 1.0:
-        return f"its pipeline scales given latents by the scheduler's init_noise_sigma {scheduler.init_noise_sigma}"
     if scheduler.config.get("stochastic_sampling", False):
         return f"its scheduler {name} samples noise from torch's global generator (stochastic_sampling)"
     if SCHEDULER_KINDS[name] == StepCarry.STEP_INDEXED and not hasattr(scheduler, "set_begin_index"):
@@ -88,6 +96,10 @@ def checkpoint_spec(request: EngineRequest, weights_sha256: str, dtype: str) -> 
         "num_inference_steps": request.num_inference_steps,
         "guidance_scale": request.guidance_scale,
         "seed": request.seed,
+        "motion_bucket_id": request.motion_bucket_id,
+        "noise_aug_strength": request.noise_aug_strength,
+        "decode_chunk_size": request.decode_chunk_size,
+        "adapters": [list(adapter) for adapter in request.adapters],
         "weights_sha256": weights_sha256,
         "dtype": dtype,
     }
@@ -173,6 +185,11 @@ class ResumableDenoising:
 
         self.scheduler.set_timesteps = set_timesteps
         self.scheduler.step = step
+        self._original_class = type(self.scheduler)
+        if self.resume is not None and getattr(self.scheduler, "init_noise_sigma", 1.0) != 1.0:
+            # For this call only: the pipeline multiplies given latents by init_noise_sigma.
+            self.scheduler.__class__ = type(self._original_class.__name__, (self._original_class,),
+                                            {"init_noise_sigma": 1.0, "__module__": self._original_class.__module__})
         self._installed = True
         return self
 
@@ -180,6 +197,7 @@ class ResumableDenoising:
         if self._installed:
             del self.scheduler.set_timesteps
             del self.scheduler.step
+            self.scheduler.__class__ = self._original_class
             self._installed = False
 
     def _after_set_timesteps(self) -> None:
@@ -214,6 +232,11 @@ class ResumableDenoising:
         if self._full_timesteps is None:
             raise CheckpointError("the pipeline stepped its scheduler before setting its timesteps")
         self.generator.set_state(self.resume.generator_state)
+        if self.kind == StepCarry.STEP_INDEXED:
+            # Again: a pipeline may reset it to 0 after setting the timesteps.
+            self.scheduler.set_begin_index(self.start_step)
+        if self.kind == StepCarry.MULTISTEP:
+            self._restore_multistep_state(signature.bind(*args, **kwargs).arguments["sample"].device)
         if self.kind != StepCarry.DPM_CARRY:
             return args, kwargs
         bound = signature.bind(*args, **kwargs)
@@ -224,6 +247,16 @@ class ResumableDenoising:
         bound.arguments["old_pred_original_sample"] = carried.to(sample.device)
         bound.arguments["timestep_back"] = self._full_timesteps[self.start_step - 1]
         return bound.args, bound.kwargs
+
+    def _restore_multistep_state(self, device: torch.device) -> None:
+        saved = self.resume.scheduler_state.get("multistep")
+        if saved is None:
+            raise CheckpointError("the checkpoint lacks the multistep scheduler's history")
+        for name, value in saved.items():
+            setattr(self.scheduler, name, _to_device(value, device))
+        # Its step index counts over the whole schedule and its order reads the schedule's
+        # length: the whole schedule goes back (the pipeline's loop keeps the remaining part).
+        self.scheduler.timesteps = self._full_timesteps
 
     def checkpoint(
         self, step: int, latents: torch.Tensor, *, spec: dict[str, Any], model: str, device_kind: str, backend: str,
@@ -240,6 +273,9 @@ class ResumableDenoising:
         }
         if self.kind == StepCarry.DPM_CARRY:
             state["old_pred_original_sample"] = _cpu_copy(self._carried_x0)
+        if self.kind == StepCarry.MULTISTEP:
+            state["multistep"] = {name: _to_device(getattr(self.scheduler, name), "cpu")
+                                  for name in MULTISTEP_STATE if hasattr(self.scheduler, name)}
         return DenoiseCheckpoint(
             step=step,
             total_steps=self.total_steps,
@@ -255,6 +291,15 @@ class ResumableDenoising:
             created_at=time.time(),
             cpu_threads=cpu_threads,
         )
+
+
+def _to_device(value: Any, device) -> Any:
+    """A copy of a scheduler attribute (tensors, lists of them, plain values) with its tensors on device."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device, copy=True)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(item, device) for item in value)
+    return value
 
 
 def _cpu_copy(tensor: torch.Tensor | None) -> torch.Tensor | None:

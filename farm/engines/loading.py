@@ -93,7 +93,7 @@ def load_pipelines(model: ModelConfig, device: torch.device, dtype: torch.dtype)
         pipeline_class = pipeline_class_for(model, task)
         if source in loaded:
             shared = loaded[source]
-            pipe = shared if type(shared) is pipeline_class else pipeline_class(**shared.components)
+            pipe = shared if type(shared) is pipeline_class else pipeline_class.from_pipe(shared)
         else:
             pipe = pipeline_class.from_pretrained(source, revision=model.revision, **{_DTYPE_KWARG: dtype}).to(device)
             loaded[source] = pipe

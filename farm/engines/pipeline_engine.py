@@ -74,6 +74,7 @@ from farm.domain.engine import (
 )
 from farm.domain.spec import Task
 from farm.domain.states import Stage
+from farm.engines.adapters import AdapterCache, AdapterSource
 from farm.engines.backends import ShapeBucket, create_backend
 from farm.engines.backends.backend import (
     Runner,
@@ -107,7 +108,7 @@ from farm.engines.loading import (
     resolve_dtype,
     weights_sha256,
 )
-from farm.families import family_module
+from farm.families import DecodedClip, family_module
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ class DiffusersEngine:
         self.weights_sha256 = weights_sha256(
             [local_model_dir(source, model.revision) for source in sorted(set(model.sources.values()))]
         )
+        self.adapters = self._adapter_cache()
         self._apply_backend()
         self.backend = self._with_step_cache(self._backend.label)
         self.fallback_backend = self._with_step_cache(self._backend.fallback_label)
@@ -171,10 +173,17 @@ class DiffusersEngine:
         # Pipelines keep per-call state (_interrupt, scheduler timesteps): one render at a time.
         self._render_lock = threading.Lock()
 
+    def denoiser(self, pipe: DiffusionPipeline) -> torch.nn.Module:
+        """The pipeline's denoising model (its transformer, or a UNet family's unet)."""
+        return getattr(pipe, self.family.FACTS.denoiser)
+
     def _apply_backend(self) -> None:
-        """Prepares each distinct transformer once (a family's tasks may share one) and routes its calls."""
+        """Prepares each distinct denoiser once (a family's tasks may share one) and routes its calls."""
         config = self.model.backend
-        transformers = {id(pipe.transformer): pipe.transformer for pipe in self.pipelines.values()}
+        transformers = {id(self.denoiser(pipe)): self.denoiser(pipe) for pipe in self.pipelines.values()}
+        if config.first_block_cache_threshold is not None and self.family.FACTS.denoiser != "transformer":
+            raise ValueError(f"model {self.model_name}: backend.first_block_cache_threshold applies to transformer "
+                             f"families; {self.model.family.value} denoises with a {self.family.FACTS.denoiser}")
         if config.vae_tiling:
             for vae in {id(pipe.vae): pipe.vae for pipe in self.pipelines.values()}.values():
                 enable_vae_tiling(vae)
@@ -184,6 +193,18 @@ class DiffusersEngine:
             if config.first_block_cache_threshold is not None:
                 apply_first_block_cache(transformer, config.first_block_cache_threshold)
             self._routers[key] = TransformerRouter(transformer)
+
+    def _adapter_cache(self) -> AdapterCache:
+        """The model's LoRA adapters, loaded on first use. A compiled transformer takes them
+        through hot-swap slots made before it compiles, so a switch never recompiles."""
+        known = {a.name: AdapterSource(a.name, a.source, a.revision, a.weight_name) for a in self.model.adapters}
+        hotswap = self.model.backend.name == "compile" and bool(known)
+        cache = AdapterCache(self.pipelines, self.family.FACTS.denoiser, known,
+                             max_bytes=self.model.adapter_cache_mib * 1024 * 1024, hotswap=hotswap)
+        if hotswap:
+            for pipe in {id(self.denoiser(p)): p for p in self.pipelines.values()}.values():
+                cache.prepare_hotswap(pipe)
+        return cache
 
     def _checkpoint_unsupported(self) -> str | None:
         """Why this engine cannot checkpoint and resume a render exactly, or None when it can."""
@@ -209,7 +230,7 @@ class DiffusersEngine:
             if record.task not in self.pipelines:
                 continue
             try:
-                runner = self._backend.load(self.pipelines[record.task].transformer, record.call_signature(),
+                runner = self._backend.load(self.denoiser(self.pipelines[record.task]), record.call_signature(),
                                             record.directory)
                 error = self._warm_up(record, runner)
             except Exception as failure:  # noqa: BLE001 - a broken cached build must not stop the replica
@@ -225,7 +246,7 @@ class DiffusersEngine:
 
     def _warm_up(self, record: BuildRecord, runner: Runner) -> float:
         """Runs the build on the call it was verified on; returns its error against that eager output."""
-        transformer = self.pipelines[record.task].transformer
+        transformer = self.denoiser(self.pipelines[record.task])
         arguments = record.sample_call(self.device)
         with torch.inference_mode(), transformer.cache_context("farm-warm-up"):
             for _ in range(self._backend.warmup_calls):
@@ -298,7 +319,8 @@ class DiffusersEngine:
         call_kwargs = self.family.call_kwargs(request, _conditioning_image(request))
         shape = ShapeBucket.for_render(request.width, request.height, request.num_frames, request.guidance_scale)
         runner, backend_used, notes = self._route(request.task, shape)
-        router = self._routers[id(pipe.transformer)]
+        denoiser = self.denoiser(pipe)
+        router = self._routers[id(denoiser)]
         if not self.supports_checkpoint:
             if resume is not None:
                 raise CheckpointError(
@@ -316,11 +338,12 @@ class DiffusersEngine:
             verify_resumable(resume, spec, self.device.type)
             call_kwargs["latents"] = resume.latents.to(self.device)
             notes = notes + [self._resume_note(resume, backend_used)]
-        with self._render_lock, torch.inference_mode():
+        with self._render_lock, self.adapters.applied(pipe, request.adapters) as adapters_used, \
+                torch.inference_mode():
             if threads is not None:
                 torch.set_num_threads(threads)
             # A render never reuses step-cache residuals of the one before (e.g. a cancelled one).
-            reset_first_block_cache(pipe.transformer)
+            reset_first_block_cache(denoiser)
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             timings: list[PhaseTiming] = []
@@ -357,13 +380,13 @@ class DiffusersEngine:
                     return {}
                 if should_stop():
                     stopped_after_step = step
-                    pipeline._interrupt = True  # the pipeline skips the remaining steps
+                    leave_loop(pipeline)
                 elif should_preempt is not None and step < total_steps and should_preempt():
                     checkpoint = denoising.checkpoint(
                         step, callback_kwargs["latents"], spec=spec, model=self.model_name,
                         device_kind=self.device_kind, backend=backend_used, cpu_threads=threads,
                     )
-                    pipeline._interrupt = True
+                    leave_loop(pipeline)
                 elif should_preempt is not None and step < total_steps:
                     boundary.update(step=step, latents=callback_kwargs["latents"], at=now)
                 return {}
@@ -374,7 +397,7 @@ class DiffusersEngine:
             # Eager transformers are also checked between their blocks' layers, so a
             # preemption waits for a layer, not a whole step (a compiled or exported
             # transformer runs as one piece, so it waits for the step's end).
-            mid_step_checks = (preemptible_layers(pipe.transformer, preempt_mid_step)
+            mid_step_checks = (preemptible_layers(self._preemption_points(denoiser), preempt_mid_step)
                                if should_preempt is not None and runner is None else contextlib.nullcontext())
             try:
                 with (
@@ -383,7 +406,7 @@ class DiffusersEngine:
                     denoising if denoising is not None else contextlib.nullcontext(),
                     mid_step_checks,
                 ):
-                    latents = pipe(
+                    output = pipe(
                         **call_kwargs,
                         **prompt_kwargs,
                         generator=generator,
@@ -391,7 +414,9 @@ class DiffusersEngine:
                         return_dict=False,
                         callback_on_step_end=on_step_end,
                         callback_on_step_end_tensor_inputs=["latents"],
-                    )[0]
+                    )
+            except LeftAtStepBoundary:
+                timings.append(PhaseTiming(Stage.DENOISING, self.device_kind, last_step_end - denoising_started))
             except PreemptedMidStep:
                 # The unfinished step is dropped, not charged: denoising counts to the boundary.
                 timings.append(PhaseTiming(Stage.DENOISING, self.device_kind, boundary["at"] - denoising_started))
@@ -406,8 +431,9 @@ class DiffusersEngine:
 
             on_progress(Progress(Stage.DECODING))
             with self._timed(Stage.DECODING, timings):
-                video = self.family.decode_latents(pipe, latents, request, generator)
-                frames = video_to_uint8_frames(video, pipe.video_processor.config.do_normalize)
+                clip = self._decode(pipe, output, request, generator)
+                frames = video_to_uint8_frames(clip.video, pipe.video_processor.config.do_normalize)
+                audio = None if clip.audio is None else clip.audio.float().cpu().numpy()
             peak_memory = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         expected_shape = (request.num_frames, request.height, request.width, 3)
         if frames.shape != expected_shape:
@@ -421,7 +447,36 @@ class DiffusersEngine:
             backend=backend_used,
             notes=notes,
             cpu_threads=threads,
+            audio=audio,
+            audio_sample_rate=clip.audio_sample_rate if audio is not None else None,
+            adapters=adapters_used,
         )
+
+    def _decode(self, pipe: DiffusionPipeline, output: tuple, request: EngineRequest,
+                generator: torch.Generator) -> DecodedClip:
+        """The family's decode of the pipeline's latent output: the whole output tuple to
+        ``decode_output`` where the family has one, else its latents to ``decode_latents``."""
+        decode_output = getattr(self.family, "decode_output", None)
+        if decode_output is not None:
+            decoded = decode_output(pipe, output, request, generator)
+        else:
+            decoded = self.family.decode_latents(pipe, output[0], request, generator)
+        return decoded if isinstance(decoded, DecodedClip) else DecodedClip(video=decoded)
+
+    def _preemption_points(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The layers before which a preemption may end a step early: a transformer's blocks
+        and their direct layers, or a UNet's layers."""
+        blocks = getattr(denoiser, "transformer_blocks", None) or getattr(denoiser, "blocks", None)
+        if blocks is not None:
+            return [module for block in blocks for module in (block, *block.children())]
+        # A UNet: every resnet, attention, motion module and resampler of its stages (none of
+        # them moves the scheduler or draws from the generator).
+        stages = [*getattr(denoiser, "down_blocks", ()), *filter(None, [getattr(denoiser, "mid_block", None)]),
+                  *getattr(denoiser, "up_blocks", ())]
+        return [layer for stage in stages
+                for name in ("resnets", "attentions", "motion_modules", "temporal_transformer_blocks",
+                             "downsamplers", "upsamplers")
+                for layer in (getattr(stage, name, None) or ())]
 
     def _resume_note(self, resume: DenoiseCheckpoint, backend: str) -> str:
         note = f"resumed after {resume.describe()}"
@@ -452,6 +507,7 @@ class DiffusersEngine:
                 task.value: [shape.describe() for shape in self.built_shapes(task)] for task in self.pipelines
             },
             "rejected_builds": list(self.rejected_builds),
+            "adapters": self.adapters.describe(),
             # Whether the scheduler may preempt this engine's renders (they resume from a checkpoint).
             "preemptible": self.supports_checkpoint,
             "checkpoint": {
@@ -486,25 +542,38 @@ class DiffusersEngine:
         timings.append(PhaseTiming(phase=phase, device_kind=self.device_kind, seconds=self._clock() - start))
 
 
+class LeftAtStepBoundary(Exception):
+    """Raised from the step callback to leave a pipeline whose loop has no ``interrupt`` flag."""
+
+
+def leave_loop(pipeline: DiffusionPipeline) -> None:
+    """Ends the pipeline's denoising loop after the step just finished: through its
+    ``_interrupt`` flag (the diffusers pattern: the remaining steps are skipped), or, for a
+    pipeline whose loop never reads it, by leaving the call."""
+    if hasattr(type(pipeline), "interrupt"):
+        pipeline._interrupt = True
+    else:
+        raise LeftAtStepBoundary()
+
+
 class PreemptedMidStep(Exception):
     """Raised between a transformer's layers to leave the pipeline call for a preemption."""
 
 
 @contextlib.contextmanager
-def preemptible_layers(transformer: torch.nn.Module, should_stop: Callable[[], bool]) -> Iterator[None]:
-    """While inside, each transformer block and each of its direct layers (attention,
-    feed-forward) first asks `should_stop` and raises PreemptedMidStep when it says so.
-    Nothing runs between the check and the raise, so the scheduler and the generator are
-    as they were at the last step boundary."""
+def preemptible_layers(layers: list[torch.nn.Module], should_stop: Callable[[], bool]) -> Iterator[None]:
+    """While inside, each of the layers (a transformer's blocks and their attention and
+    feed-forward layers, see `DiffusersEngine._preemption_points`) first asks `should_stop`
+    and raises PreemptedMidStep when it says so. Nothing runs between the check and the
+    raise, so the scheduler and the generator are as they were at the last step boundary."""
 
     def check(module, args):
         if should_stop():
             raise PreemptedMidStep()
 
     handles = []
-    for block in getattr(transformer, "transformer_blocks", ()):
-        for module in (block, *block.children()):
-            handles.append(module.register_forward_pre_hook(check))
+    for module in layers:
+        handles.append(module.register_forward_pre_hook(check))
     try:
         yield
     finally:

@@ -34,8 +34,9 @@ COMPLETE_MARKER = "farm-tiny.json"
 TINY_SEED = 0
 
 
-def make_tiny_models(models_dir: Path, force: bool = False) -> list[Path]:
-    """Writes every tiny model directory under models_dir; returns their paths.
+def make_tiny_models(models_dir: Path, force: bool = False, families: list[Family] | None = None) -> list[Path]:
+    """Writes every tiny model directory under models_dir (of `families` only, when
+    given); returns their paths.
 
     A directory that is already complete is left alone unless `force`. Each one is
     written to a temporary sibling and renamed into place, so a crash leaves no half
@@ -45,6 +46,8 @@ def make_tiny_models(models_dir: Path, force: bool = False) -> list[Path]:
     models_dir.mkdir(parents=True, exist_ok=True)
     wanted: dict[str, tuple[Family, TinyModel, Task]] = {}
     for family, tiny in tiny_models():
+        if families is not None and family not in families:
+            continue
         for task, directory in tiny.directories.items():
             wanted.setdefault(directory, (family, tiny, task))
     missing = {d: spec for d, spec in wanted.items() if force or not is_complete(models_dir / d)}

@@ -16,9 +16,9 @@ family module offers what `FamilyModule` lists:
 Importing this package or a family module imports neither torch nor diffusers (the
 gateway reads limits from them): the functions that need them import them inside.
 
-Every family's pipelines run classifier-free guidance as one batch of two (the
-engine's shape buckets count that batch) and open the transformer's ``cache_context``
-around each call (First-Block Cache keeps its state per context).
+Most families' pipelines run classifier-free guidance as one batch of two
+(`FamilyFacts.guidance_batch` says which do not) and open the transformer's
+``cache_context`` around each call (First-Block Cache keeps its state per context).
 
 Adding a family: its module, a member of `Family`, a line in `FAMILY_MODULES`, and
 its tests.
@@ -44,11 +44,21 @@ if TYPE_CHECKING:
 class Family(str, enum.Enum):
     LTX_VIDEO = "ltx-video"
     COGVIDEOX = "cogvideox"
+    WAN = "wan"
+    LTX_2 = "ltx-2"
+    HUNYUAN_VIDEO_1_5 = "hunyuanvideo-1.5"
+    STABLE_VIDEO_DIFFUSION = "stable-video-diffusion"
+    ANIMATEDIFF = "animatediff"
 
 
 FAMILY_MODULES: dict[Family, str] = {
     Family.LTX_VIDEO: "farm.families.ltx_video",
     Family.COGVIDEOX: "farm.families.cogvideox",
+    Family.WAN: "farm.families.wan",
+    Family.LTX_2: "farm.families.ltx2",
+    Family.HUNYUAN_VIDEO_1_5: "farm.families.hunyuan_video15",
+    Family.STABLE_VIDEO_DIFFUSION: "farm.families.stable_video_diffusion",
+    Family.ANIMATEDIFF: "farm.families.animatediff",
 }
 
 
@@ -62,6 +72,9 @@ class StepCarry(str, enum.Enum):
     """The pipeline's loop passes it the previous x0 prediction and timestep."""
     STATELESS = "stateless"
     """Each step depends on its timestep alone."""
+    MULTISTEP = "multistep"
+    """It keeps a history of model outputs between steps (UniPC, DPM-Solver++ multistep):
+    the checkpoint keeps its whole state after the step and puts it back on resume."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +160,29 @@ class FamilyFacts:
     tiny: TinyModel
     checkpoint_schedulers: dict[str, StepCarry]
     """Scheduler class names whose state a checkpoint can keep, and how."""
+    denoiser: str = "transformer"
+    """The pipeline component that denoises ("transformer", or "unet" for UNet families):
+    what the backends prepare, the preemption checks hook and the memory estimate reads."""
+    uses_prompt: bool = True
+    """Whether the family's pipelines take a text prompt (image-only families do not: a
+    spec for them may leave it empty, and one that sends a prompt is told it is unused)."""
+    audio: bool = False
+    """Whether its renders carry a generated audio track (`DecodedClip.audio`)."""
+    guidance_batch: int = 2
+    """The batch of one guided transformer pass: 2 where the pipeline runs the conditional
+    and unconditional halves together, 1 where it runs them one after the other (the
+    memory estimate's peak holds one pass)."""
+
+
+@dataclasses.dataclass
+class DecodedClip:
+    """What a family's decode gives back when there is more than the video."""
+
+    video: Any
+    """Tensor (B, C, F, H, W) in [-1, 1], as `decode_latents` returns."""
+    audio: Any | None = None
+    """Waveform (channels, samples), float in [-1, 1], time-aligned with the video's first frame."""
+    audio_sample_rate: int | None = None
 
 
 @runtime_checkable
@@ -171,7 +207,9 @@ class FamilyModule(Protocol):
 
     def decode_latents(self, pipe: Any, latents: Any, request: EngineRequest, generator: Any) -> Any:
         """The pipeline's own decode of its ``output_type="latent"`` output: a video tensor
-        (B, C, F, H, W) in [-1, 1]."""
+        (B, C, F, H, W) in [-1, 1], or a `DecodedClip` (with audio). A module may define
+        ``decode_output(pipe, output, request, generator)`` instead, given the call's whole
+        output tuple (a pipeline that returns latents of several kinds)."""
 
     def build_tiny_pipelines(self, text_encoder: Any, tokenizer: Any) -> dict[Task, Any]:
         """Random-weight pipelines of the family's tiny model (`FACTS.tiny`), by task; a task
@@ -212,6 +250,7 @@ def checkpoint_schedulers() -> dict[str, StepCarry]:
 
 __all__ = [
     "FAMILY_MODULES",
+    "DecodedClip",
     "Family",
     "FamilyFacts",
     "FamilyModule",

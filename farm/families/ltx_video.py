@@ -249,3 +249,17 @@ def build_tiny_pipelines(text_encoder, tokenizer) -> dict[Task, DiffusionPipelin
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
     )
     return {Task.TEXT_TO_VIDEO: pipe}
+
+
+def complete_context_parallel_plan(transformer: Any, plan: dict) -> dict:
+    """diffusers 0.42.1's context-parallel plan of the LTX-Video transformer with the input it
+    misses (`farm.engines.parallel`): the image-to-video pipeline passes a timestep per token,
+    (batch, tokens) (the conditioning frame's tokens are at t = 0), which the plan leaves whole
+    while it splits the tokens ("The size of tensor a (4) must match the size of tensor b (8)").
+    It is split like the tokens; a timestep per sample, (batch,), stays whole."""
+    if type(transformer).__name__ != "LTXVideoTransformer3DModel" or "timestep" in plan.get("", {}):
+        return plan
+    from diffusers.models._modeling_parallel import ContextParallelInput
+
+    return {**plan, "": {**plan.get("", {}),
+                         "timestep": ContextParallelInput(split_dim=1, expected_dims=2, split_output=False)}}

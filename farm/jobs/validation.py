@@ -11,6 +11,7 @@ from farm.config import ModelConfig
 from farm.domain.errors import FieldViolation, InvalidArgument, quoted
 from farm.domain.spec import (
     CODECS,
+    DEFAULT_ADAPTER_WEIGHT,
     DEFAULT_CRF,
     DEFAULT_PRESET,
     DEFAULT_PRIORITY,
@@ -18,6 +19,7 @@ from farm.domain.spec import (
     IMAGE_FORMATS,
     LAB_MEAN_RANGES,
     LABEL_KEY,
+    MAX_ADAPTER_WEIGHT,
     MAX_BITRATE_KBPS,
     MAX_CRF,
     MAX_DEVICE_KIND_CHARS,
@@ -40,7 +42,7 @@ from farm.domain.spec import (
     ResolvedSpec,
     Task,
 )
-from farm.families import family_facts
+from farm.families import family_facts, family_module
 
 
 def resolve_spec(spec: RenderSpec, models: dict[str, ModelConfig]) -> ResolvedSpec:
@@ -66,7 +68,12 @@ def resolve_spec(spec: RenderSpec, models: dict[str, ModelConfig]) -> ResolvedSp
         served = ", ".join(t.value for t in model.tasks)
         bad("spec.task", f"model {model.name} does not do {task.value}; it does: {served}")
 
-    if not spec.prompt.strip():
+    facts = family_facts(model.family)
+    if not facts.uses_prompt:
+        if spec.prompt.strip() or spec.negative_prompt.strip():
+            field = "spec.prompt" if spec.prompt.strip() else "spec.negative_prompt"
+            bad(field, f"model {model.name} ({model.family.value}) takes no text, only the image; leave it empty")
+    elif not spec.prompt.strip():
         bad("spec.prompt", "must not be empty")
     for field, text in (("spec.prompt", spec.prompt), ("spec.negative_prompt", spec.negative_prompt)):
         if len(text) > limits.max_prompt_chars:
@@ -117,6 +124,8 @@ def resolve_spec(spec: RenderSpec, models: dict[str, ModelConfig]) -> ResolvedSp
         bad("spec.idempotency_key", f"is {len(spec.idempotency_key)} characters; the maximum is {MAX_IDEMPOTENCY_KEY_CHARS}")
 
     postprocess = _resolve_postprocess(spec.postprocess, model, width, height, num_frames, fps, bad)
+    adapters = _resolve_adapters(spec.adapters, model, bad)
+    _check_motion(spec, model, num_frames, bad)
 
     if task is Task.IMAGE_TO_VIDEO:
         _check_image(spec.image, limits.max_image_bytes, limits.max_image_pixels, bad)
@@ -133,7 +142,49 @@ def resolve_spec(spec: RenderSpec, models: dict[str, ModelConfig]) -> ResolvedSp
         priority=priority, labels=dict(spec.labels), idempotency_key=spec.idempotency_key, image=spec.image,
         postprocess=postprocess,
         require_device_kind=spec.require_device_kind, prefer_device_kind=spec.prefer_device_kind,
+        adapters=adapters, surcharge=sum(a.surcharge for a in model.adapters if a.name in dict(adapters)),
+        motion_bucket_id=spec.motion_bucket_id, noise_aug_strength=spec.noise_aug_strength,
+        decode_chunk_size=spec.decode_chunk_size,
     )
+
+
+def _resolve_adapters(requested, model: ModelConfig, bad) -> tuple[tuple[str, float], ...]:
+    """The adapters as (name, weight), each one the model offers, at most its limit."""
+    limit = model.limits.max_adapters
+    if len(requested) > limit:
+        bad("spec.adapters", f"asks for {len(requested)} adapters; {model.name} applies at most {limit}")
+        return ()
+    offered = {adapter.name for adapter in model.adapters}
+    resolved, seen = [], set()
+    for index, adapter in enumerate(requested):
+        field = f"spec.adapters[{index}]"
+        if adapter.name not in offered:
+            known = ", ".join(sorted(offered)) or "none"
+            bad(f"{field}.name", f"{quoted(adapter.name)} is not an adapter of {model.name} (it offers: {known})")
+            continue
+        if adapter.name in seen:
+            bad(f"{field}.name", f"{quoted(adapter.name)} is named twice")
+            continue
+        seen.add(adapter.name)
+        weight = DEFAULT_ADAPTER_WEIGHT if adapter.weight is None else adapter.weight
+        if not math.isfinite(weight) or not -MAX_ADAPTER_WEIGHT <= weight <= MAX_ADAPTER_WEIGHT:
+            bad(f"{field}.weight", f"{weight} is outside -{MAX_ADAPTER_WEIGHT:g}..{MAX_ADAPTER_WEIGHT:g}")
+            continue
+        resolved.append((adapter.name, float(weight)))
+    return tuple(resolved)
+
+
+def _check_motion(spec: RenderSpec, model: ModelConfig, num_frames: int, bad) -> None:
+    """Motion conditioning: only for families whose module checks it (`check_motion_fields`)."""
+    values = (spec.motion_bucket_id, spec.noise_aug_strength, spec.decode_chunk_size)
+    if all(value is None for value in values):
+        return
+    check = getattr(family_module(model.family), "check_motion_fields", None)
+    if check is None:
+        bad("spec.motion", f"model {model.name} ({model.family.value}) takes no motion conditioning; leave it unset")
+        return
+    for field, reason in check(*values, num_frames):
+        bad(f"spec.motion.{field.removeprefix('spec.motion.')}", reason)
 
 
 def _too_few_steps(model: ModelConfig, steps: int) -> str:

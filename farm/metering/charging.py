@@ -31,17 +31,19 @@ class AttemptCharges:
         return [list(timing) for timing in self.timings]
 
 
-def charge_timings(prices: PriceConfig, timings: Iterable[tuple[str, str, float]]) -> AttemptCharges:
+def charge_timings(prices: PriceConfig, timings: Iterable[tuple[str, str, float]],
+                   surcharge: float = 0.0) -> AttemptCharges:
     """Prices (phase, device kind, seconds) triples; an unknown device kind is an error, never free."""
     phases = tuple(PhaseTiming(*timing) for timing in timings)
-    return AttemptCharges(phases, price_timings(prices, phases))
+    return AttemptCharges(phases, price_timings(prices, phases, surcharge))
 
 
 class AttemptMeter:
     """The phases one attempt has finished so far, on a pool of `device_kind`."""
 
-    def __init__(self, device_kind: str):
+    def __init__(self, device_kind: str, surcharge: float = 0.0):
         self.device_kind = device_kind
+        self.surcharge = surcharge
         self.timings: list[PhaseTiming] = []
 
     def record(self, progress: RenderProgress) -> None:
@@ -57,4 +59,4 @@ class AttemptMeter:
     def charge(self, prices: PriceConfig, reported: Iterable[tuple[str, str, float]] | None = None) -> AttemptCharges:
         """The attempt's charges: for the phases its replica `reported` with its ending,
         or (None) for those metered so far."""
-        return charge_timings(prices, self.timings if reported is None else reported)
+        return charge_timings(prices, self.timings if reported is None else reported, self.surcharge)

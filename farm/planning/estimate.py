@@ -427,5 +427,5 @@ def estimate_cost(spec: ResolvedSpec, model: ModelConfig, timing: TimingModel | 
     # (phase, kind) charge rounded to nanodollars.
     timings = [(phase, kind, seconds * share) for phase, seconds in phases.items()
                for kind, share in timing.kind_shares(phase, device_kind).items()]
-    nanodollars = sum(charge.nanodollars for charge in price_timings(prices, timings))
+    nanodollars = sum(charge.nanodollars for charge in price_timings(prices, timings, spec.surcharge))
     return Estimate(sum(phases.values()), nanodollars, device_kind, phases, calibrated)

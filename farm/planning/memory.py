@@ -61,15 +61,16 @@ from pathlib import Path
 from farm.config import GIB, DeviceConfig, FarmConfig, ModelConfig
 from farm.domain.errors import FieldViolation, InvalidArgument
 from farm.domain.spec import ResolvedSpec, Task
-from farm.families import Family, PipelineSizes, family_facts, family_module
+from farm.families import FAMILY_MODULES, Family, PipelineSizes, family_facts, family_module
 
 log = logging.getLogger(__name__)
 
 # Hidden-state widths alive at the peak of a transformer block, in the model's dtype:
 # the residual stream, the normed input, q, k, v, the attention output and the MLP's
 # 4x-wide hidden layer, less what is freed on the way (counted for each family's
-# published transformer, as its module says, and rounded up over them).
-ACTIVATION_WIDTHS = 13
+# published transformer, as its module says, and rounded up over them: LTX-2's, with its
+# audio-to-video cross-attention, keeps about 14.2).
+ACTIVATION_WIDTHS = 15
 # ... and in float32: rotary tables, cos and sin for every token (counted likewise).
 FLOAT32_WIDTHS = 2
 # Copies of the decoded video alive while it is blended and rescaled (counted: 3).
@@ -85,7 +86,7 @@ REREAD_ASSUMED_S = 60.0
 
 
 # Each family's published model, which stands in where a model's files cannot be read.
-PUBLISHED: dict[Family, PipelineSizes] = {family: family_facts(family).memory.published for family in Family}
+PUBLISHED: dict[Family, PipelineSizes] = {family: family_facts(family).memory.published for family in FAMILY_MODULES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,9 +150,12 @@ def read_pipeline_sizes(directory: Path, family: Family) -> PipelineSizes:
             parameters[component] = count
     published = PUBLISHED[family]
     module = family_module(family)
-    transformer = _config(directory / "transformer")
+    transformer = _config(directory / module.FACTS.denoiser)
     vae = _config(directory / "vae")
-    hidden = transformer.get("num_attention_heads", 0) * transformer.get("attention_head_dim", 0)
+    # A UNet family says what width stands for its activations (a transformer's is heads x head size).
+    width = getattr(module, "activation_width", None)
+    hidden = width(transformer) if width is not None else \
+        transformer.get("num_attention_heads", 0) * transformer.get("attention_head_dim", 0)
     channels = vae.get("decoder_block_out_channels") or vae.get("block_out_channels") or [published.vae_channels]
     joint = module.joint_text_tokens(transformer)
     tile = module.vae_decode_tile(vae)
@@ -205,8 +209,8 @@ def estimate_memory(spec: ResolvedSpec, model: ModelConfig, footprint: ModelFoot
     sizes = footprint.for_task(spec.task)
     dtype_bytes = DTYPE_BYTES.get(model.dtype, 4)
     weights = footprint.parameters() * dtype_bytes
-    batch = 2 if spec.guidance_scale > 1 else 1
     family = family_facts(model.family)
+    batch = family.guidance_batch if spec.guidance_scale > 1 else 1
     pixels = family.compression.token_pixels
     latent_frames = family.compression.latent_frames(spec.num_frames)
     tokens = batch * (latent_frames * math.ceil(spec.height / pixels) * math.ceil(spec.width / pixels)

@@ -34,6 +34,7 @@ from farm.domain.errors import RenderRejected
 from farm.domain.events import Done, EngineEvent, PhaseTiming, Preempted, RenderProgress
 from farm.domain.spec import ResolvedPostprocess
 from farm.domain.states import Stage
+from farm.postproc.audio import AUDIO_CODEC, mux_audio
 from farm.postproc.color import ColorStats
 from farm.postproc.pipeline import ChunkRunner, ClipResult, StoredClip, postprocess_clip, store_clip
 from farm.postproc.quality import gate_failures, summary
@@ -250,11 +251,19 @@ class AttemptRunner:
         }
         output = chosen.output
         started = time.perf_counter()
+        video = clip.video
+        if output.audio is not None:
+            video = await asyncio.to_thread(mux_audio, video, output.audio, output.audio_sample_rate,
+                                            clip.num_frames, clip.fps)
+            report["audio"] = {"codec": AUDIO_CODEC, "sample_rate": output.audio_sample_rate,
+                               "channels": int(output.audio.shape[0]),
+                               "duration_s": clip.num_frames / clip.fps, "in_sync_with_video": True}
         manifest = build_manifest(self.engine.describe(), dataclasses.replace(request, seed=chosen.seed), timings,
                                   (clip.num_frames, clip.height, clip.width), output.peak_memory_bytes,
-                                  output.backend, output.notes, postprocess=report, cpu_threads=output.cpu_threads)
+                                  output.backend, output.notes, postprocess=report, cpu_threads=output.cpu_threads,
+                                  adapters=output.adapters)
         artifact_uri, manifest_uri = await asyncio.to_thread(
-            self.artifacts.write, request.render_id, request.attempt, clip.video, manifest)
+            self.artifacts.write, request.render_id, request.attempt, video, manifest)
         timings.append(PhaseTiming(Stage.WRITING, CPU, time.perf_counter() - started))
         return Done(
             artifact_uri=artifact_uri, manifest_uri=manifest_uri, timings=tuple(timings),

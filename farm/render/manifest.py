@@ -31,7 +31,8 @@ def without_server_paths(value):
 
 def build_manifest(engine_info: dict, request: EngineRequest, timings: Iterable, output_shape: tuple,
                    peak_memory_bytes: int | None, backend: str | None = None, notes: list[str] = (),
-                   postprocess: dict | None = None, cpu_threads: int | None = None) -> dict:
+                   postprocess: dict | None = None, cpu_threads: int | None = None,
+                   adapters: list[dict] = ()) -> dict:
     """output_shape is the delivered clip's (frames, height, width); timings, (phase,
     device kind, seconds) of every phase; postprocess, what post-processing did."""
     spec = {
@@ -40,6 +41,8 @@ def build_manifest(engine_info: dict, request: EngineRequest, timings: Iterable,
         "num_inference_steps": request.num_inference_steps, "guidance_scale": request.guidance_scale,
         "seed": request.seed,
         "image_sha256": hashlib.sha256(request.image).hexdigest() if request.image else None,
+        "motion_bucket_id": request.motion_bucket_id, "noise_aug_strength": request.noise_aug_strength,
+        "decode_chunk_size": request.decode_chunk_size,
     }
     return {
         "render_id": request.render_id,
@@ -59,4 +62,6 @@ def build_manifest(engine_info: dict, request: EngineRequest, timings: Iterable,
         "node": socket.gethostname(),
         "written_at": time.time(),
         "postprocess": postprocess,
+        # The LoRA adapters that ran, with the sha256 of their weights.
+        "adapters": without_server_paths(list(adapters)),
     }

@@ -70,7 +70,7 @@ USAGE_GROUPING_DAY: UsageGrouping
 USAGE_GROUPING_PHASE: UsageGrouping
 
 class RenderSpec(_message.Message):
-    __slots__ = ("model", "task", "prompt", "negative_prompt", "image", "width", "height", "num_frames", "fps", "num_inference_steps", "guidance_scale", "seed", "priority", "labels", "idempotency_key", "postprocess", "placement")
+    __slots__ = ("model", "task", "prompt", "negative_prompt", "image", "width", "height", "num_frames", "fps", "num_inference_steps", "guidance_scale", "seed", "priority", "labels", "idempotency_key", "postprocess", "placement", "adapters", "motion")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,8 @@ class RenderSpec(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     POSTPROCESS_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MOTION_FIELD_NUMBER: _ClassVar[int]
     model: str
     task: Task
     prompt: str
@@ -112,7 +114,27 @@ class RenderSpec(_message.Message):
     idempotency_key: str
     postprocess: PostprocessSpec
     placement: Placement
-    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., priority: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., postprocess: _Optional[_Union[PostprocessSpec, _Mapping]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterRequest]
+    motion: MotionConditioning
+    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., image: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., priority: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., postprocess: _Optional[_Union[PostprocessSpec, _Mapping]] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[AdapterRequest, _Mapping]]] = ..., motion: _Optional[_Union[MotionConditioning, _Mapping]] = ...) -> None: ...
+
+class AdapterRequest(_message.Message):
+    __slots__ = ("name", "weight")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight: float
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class MotionConditioning(_message.Message):
+    __slots__ = ("motion_bucket_id", "noise_aug_strength", "decode_chunk_size")
+    MOTION_BUCKET_ID_FIELD_NUMBER: _ClassVar[int]
+    NOISE_AUG_STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    motion_bucket_id: int
+    noise_aug_strength: float
+    decode_chunk_size: int
+    def __init__(self, motion_bucket_id: _Optional[int] = ..., noise_aug_strength: _Optional[float] = ..., decode_chunk_size: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
     __slots__ = ("require_device_kind", "prefer_device_kind")
@@ -425,7 +447,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelLimits(_message.Message):
-    __slots__ = ("size_multiple", "max_width", "max_height", "frame_step", "min_frames", "max_frames", "max_steps", "max_prompt_chars", "max_image_bytes", "min_steps", "min_size", "max_fps", "max_guidance_scale", "max_image_pixels")
+    __slots__ = ("size_multiple", "max_width", "max_height", "frame_step", "min_frames", "max_frames", "max_steps", "max_prompt_chars", "max_image_bytes", "min_steps", "min_size", "max_fps", "max_guidance_scale", "max_image_pixels", "max_adapters")
     SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
     MAX_WIDTH_FIELD_NUMBER: _ClassVar[int]
     MAX_HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -440,6 +462,7 @@ class ModelLimits(_message.Message):
     MAX_FPS_FIELD_NUMBER: _ClassVar[int]
     MAX_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     size_multiple: int
     max_width: int
     max_height: int
@@ -454,10 +477,11 @@ class ModelLimits(_message.Message):
     max_fps: int
     max_guidance_scale: float
     max_image_pixels: int
-    def __init__(self, size_multiple: _Optional[int] = ..., max_width: _Optional[int] = ..., max_height: _Optional[int] = ..., frame_step: _Optional[int] = ..., min_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., min_steps: _Optional[int] = ..., min_size: _Optional[int] = ..., max_fps: _Optional[int] = ..., max_guidance_scale: _Optional[float] = ..., max_image_pixels: _Optional[int] = ...) -> None: ...
+    max_adapters: int
+    def __init__(self, size_multiple: _Optional[int] = ..., max_width: _Optional[int] = ..., max_height: _Optional[int] = ..., frame_step: _Optional[int] = ..., min_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., min_steps: _Optional[int] = ..., min_size: _Optional[int] = ..., max_fps: _Optional[int] = ..., max_guidance_scale: _Optional[float] = ..., max_image_pixels: _Optional[int] = ..., max_adapters: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "tasks", "limits", "defaults", "ready", "device_kind", "device_kinds", "postprocess_limits")
+    __slots__ = ("name", "family", "tasks", "limits", "defaults", "ready", "device_kind", "device_kinds", "postprocess_limits", "adapters", "uses_prompt", "audio")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
@@ -467,6 +491,9 @@ class ModelInfo(_message.Message):
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_KINDS_FIELD_NUMBER: _ClassVar[int]
     POSTPROCESS_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    USES_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     tasks: _containers.RepeatedScalarFieldContainer[Task]
@@ -476,7 +503,18 @@ class ModelInfo(_message.Message):
     device_kind: str
     device_kinds: _containers.RepeatedScalarFieldContainer[str]
     postprocess_limits: PostprocessLimits
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[Task, str]]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., defaults: _Optional[_Union[RenderSpec, _Mapping]] = ..., ready: _Optional[bool] = ..., device_kind: _Optional[str] = ..., device_kinds: _Optional[_Iterable[str]] = ..., postprocess_limits: _Optional[_Union[PostprocessLimits, _Mapping]] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
+    uses_prompt: bool
+    audio: bool
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[Task, str]]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., defaults: _Optional[_Union[RenderSpec, _Mapping]] = ..., ready: _Optional[bool] = ..., device_kind: _Optional[str] = ..., device_kinds: _Optional[_Iterable[str]] = ..., postprocess_limits: _Optional[_Union[PostprocessLimits, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., uses_prompt: _Optional[bool] = ..., audio: _Optional[bool] = ...) -> None: ...
+
+class AdapterInfo(_message.Message):
+    __slots__ = ("name", "surcharge")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SURCHARGE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    surcharge: float
+    def __init__(self, name: _Optional[str] = ..., surcharge: _Optional[float] = ...) -> None: ...
 
 class PostprocessLimits(_message.Message):
     __slots__ = ("max_interpolation_factor", "max_output_fps", "max_upscale_factor", "max_output_pixels", "max_output_frames", "max_candidates")

@@ -88,9 +88,12 @@ def onnx_models(tiny_models, cache_dir) -> dict[str, ModelConfig]:
 
 @pytest.fixture(scope="module")
 def onnx_builds(onnx_models) -> dict[str, Path]:
-    """One text-to-video ONNX build per family at 64x64x9 with guidance (the slow part: two exports)."""
+    """One text-to-video ONNX build of LTX-Video and CogVideoX at 64x64x9 with guidance (the
+    slow part: two exports). The newer families' transformers are not exported here (the
+    README's model table says so)."""
     return {
-        name: build_engine(model, BUILT_SHAPE, tasks=[Task.TEXT_TO_VIDEO]) for name, model in onnx_models.items()
+        name: build_engine(onnx_models[name], BUILT_SHAPE, tasks=[Task.TEXT_TO_VIDEO])
+        for name in ("ltx-video-tiny", "cogvideox-tiny")
     }
 
 

@@ -11,7 +11,6 @@ import pytest
 
 from farm.config import ModelConfig, tiny_model_configs
 from farm.domain.limits import ModelLimits, RenderDefaults
-from farm.domain.spec import Task
 from farm.families import (
     FAMILY_MODULES,
     Family,
@@ -48,7 +47,7 @@ def test_a_family_module_offers_the_whole_description(family):
     assert facts.min_steps_reason is None or (facts.limits.min_steps > 1 and facts.min_steps_reason)
     assert isinstance(facts.compression, LatentCompression)
     assert isinstance(facts.memory, MemoryFacts) and isinstance(facts.memory.published, PipelineSizes)
-    assert isinstance(facts.tiny, TinyModel) and Task.TEXT_TO_VIDEO in facts.tiny.directories
+    assert isinstance(facts.tiny, TinyModel) and facts.tiny.directories
     assert facts.checkpoint_schedulers and all(isinstance(c, StepCarry) for c in facts.checkpoint_schedulers.values())
 
 
@@ -70,7 +69,7 @@ def test_a_familys_limits_and_defaults_validate_and_agree(family):
         assert limits.min_steps <= defaults.num_inference_steps <= limits.max_steps
         assert defaults.fps <= limits.max_fps and defaults.guidance_scale <= limits.max_guidance_scale
     # A model of the family takes them unless its config says otherwise.
-    model = ModelConfig(name="m", family=family, sources={Task.TEXT_TO_VIDEO: "d"})
+    model = ModelConfig(name="m", family=family, sources={next(iter(facts.tiny.directories)): "d"})
     assert model.limits == facts.limits and model.limits is not facts.limits
     assert model.defaults == facts.defaults
 

@@ -32,8 +32,13 @@ JOB_PLANE = ("jobs", "api", "metering", "planning")
 # its family module, the registry, and two that list models for a person. A new family
 # adds its line here with its module.
 FAMILY_NAMES = {
-    "ltx-video": re.compile(r"ltx", re.IGNORECASE),
+    "ltx-video": re.compile(r"ltx[-_ ]?video|LTXPipeline|LTXImage", re.IGNORECASE),
     "cogvideox": re.compile(r"cogvideo", re.IGNORECASE),
+    "wan": re.compile(r"\b[Ww]an\b|\b[Ww]an_|\bWan[A-Z0-9]|\bWAN\b"),
+    "ltx-2": re.compile(r"ltx[-_ ]?2", re.IGNORECASE),
+    "hunyuanvideo-1.5": re.compile(r"hunyuan", re.IGNORECASE),
+    "stable-video-diffusion": re.compile(r"stable[-_ ]video|StableVideo|\bsvd\b", re.IGNORECASE),
+    "animatediff": re.compile(r"animatediff|animate_diff|MotionAdapter", re.IGNORECASE),
 }
 MAX_MODULES_NAMING_A_FAMILY = 4
 MAX_SERVICER_LINES = 200

@@ -35,7 +35,7 @@ FP8_ALIGNMENT = 16
 MIN_FP8_CAPABILITY = (8, 9)
 ROWWISE_CAPABILITY = (9, 0)
 # Only linear layers inside these module lists are quantized.
-BLOCK_LISTS = ("transformer_blocks",)
+BLOCK_LISTS = ("transformer_blocks", "blocks")  # some transformers name their list `blocks`
 
 
 class Float8Linear(torch.nn.Module):

@@ -42,7 +42,7 @@ class RunningAttempt:
     span: Any = None
 
     def __post_init__(self) -> None:
-        self.meter = AttemptMeter(self.pool.device_kind)
+        self.meter = AttemptMeter(self.pool.device_kind, self.claimed.spec.surcharge)
 
     @property
     def needs_engine(self) -> bool:
@@ -64,5 +64,6 @@ def engine_request(claimed: ClaimedRender, trace_parent: str | None = None) -> E
         num_frames=spec.num_frames, fps=spec.fps, num_inference_steps=spec.num_inference_steps,
         guidance_scale=spec.guidance_scale, seed=spec.seed, resume_from=claimed.checkpoint_uri,
         postprocess=spec.postprocess, estimated_memory_bytes=spec.memory_bytes, avoid_nodes=claimed.failed_nodes,
-        trace_parent=trace_parent,
+        trace_parent=trace_parent, adapters=spec.adapters, motion_bucket_id=spec.motion_bucket_id,
+        noise_aug_strength=spec.noise_aug_strength, decode_chunk_size=spec.decode_chunk_size,
     )
