@@ -487,6 +487,14 @@ class AdapterConfig(_Section):
     surcharge: float = Field(0.0, ge=0, le=10)
     """Fraction added to the price of a render that applies it (0.2: +20%), e.g. a licence fee."""
 
+    @field_validator("families")
+    @classmethod
+    def _families_take_lora(cls, families: list[Family]) -> list[Family]:
+        without = [f.value for f in families if not family_facts(f).lora]
+        if without:
+            raise ValueError(f"families {without} cannot load LoRA adapters (their pipelines have no LoRA loader)")
+        return families
+
 
 class PriceConfig(_Section):
     dollars_per_device_hour: dict[str, float] = Field(

@@ -168,6 +168,8 @@ class FamilyFacts:
     spec for them may leave it empty, and one that sends a prompt is told it is unused)."""
     audio: bool = False
     """Whether its renders carry a generated audio track (`DecodedClip.audio`)."""
+    lora: bool = True
+    """Whether its pipelines load LoRA adapters (diffusers gives them a LoRA loader)."""
     guidance_batch: int = 2
     """The batch of one guided transformer pass: 2 where the pipeline runs the conditional
     and unconditional halves together, 1 where it runs them one after the other (the

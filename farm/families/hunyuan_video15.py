@@ -149,6 +149,7 @@ FACTS = FamilyFacts(
     checkpoint_schedulers={"FlowMatchEulerDiscreteScheduler": StepCarry.STEP_INDEXED},
     # Its guider runs the conditional and unconditional passes one after the other.
     guidance_batch=1,
+    lora=False,  # diffusers 0.42's HunyuanVideo 1.5 pipelines have no LoRA loader
 )
 
 _PIPELINE_NAMES = ("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline")

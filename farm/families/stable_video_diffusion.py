@@ -161,6 +161,7 @@ FACTS = FamilyFacts(
     checkpoint_schedulers={"EulerDiscreteScheduler": StepCarry.STEP_INDEXED},
     denoiser="unet",
     uses_prompt=False,
+    lora=False,  # the Stable Video Diffusion pipeline has no LoRA loader
 )
 
 # The published models' configs (their config.json files), for counting their sizes on the

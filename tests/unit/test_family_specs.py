@@ -116,3 +116,8 @@ def test_motion_conditioning_is_checked_by_its_family_and_refused_elsewhere(mode
     assert set(problems) == {"spec.motion.motion_bucket_id", "spec.motion.noise_aug_strength",
                              "spec.motion.decode_chunk_size"}
     assert "takes no motion conditioning" in violations(ltx(motion_bucket_id=100), models)["spec.motion"]
+
+
+def test_an_adapter_for_a_family_without_a_lora_loader_is_refused_in_the_config():
+    with pytest.raises(ValueError, match="cannot load LoRA adapters"):
+        AdapterConfig(name="style", source="/adapters/style", families=[Family.STABLE_VIDEO_DIFFUSION])
