@@ -718,6 +718,10 @@ class FarmConfig(BaseSettings):
             adapter_names = [a.name for a in model.adapters]
             if len(adapter_names) != len(set(adapter_names)):
                 raise ValueError(f"models[{model.name}].adapters: names must be unique, got {adapter_names}")
+            if adapter_names and model.backend.name in ("onnx", "fp8"):
+                # An exported graph never sees LoRA layers, and peft cannot wrap FP8 layers.
+                raise ValueError(f"models[{model.name}] offers adapters {adapter_names}, which the "
+                                 f"{model.backend.name} backend cannot apply: use eager or compile")
             kinds = [p.device_kind for p in model.pools or ()]
             if len(kinds) != len(set(kinds)):
                 raise ValueError(f"models[{model.name}].pools: one pool per device kind, got {kinds}")

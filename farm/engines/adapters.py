@@ -221,20 +221,34 @@ class AdapterCache:
                     self._busy_thread = None
 
     def prepare_hotswap(self, pipe: DiffusionPipeline, adapter: str | None = None) -> None:
-        """Hot-swap mode: makes the denoiser's slots now (filled from `adapter`, by default the first
-        known adapter in name order), all at weight 0, so that a backend compiled afterwards never
-        recompiles for adapters. Optional: otherwise the first request with an adapter makes them."""
+        """Hot-swap mode: makes the denoiser's slots now, all at weight 0, so that a backend compiled
+        afterwards never recompiles for adapters. Optional: otherwise the first request with an
+        adapter makes them. The slots cover the layers of `adapter`; by default of the known adapter
+        that targets the most of this denoiser's layers (ties: the first by name), so that the others
+        (which must target a subset of them) can be swapped in."""
         if not self.hotswap:
             raise RuntimeError("prepare_hotswap is for a cache made with hotswap=True")
         if not self.known:
             raise AdapterError("no adapters are known: there is nothing to make the hot-swap slots from")
-        name = adapter if adapter is not None else min(self.known)
+        name = adapter if adapter is not None else self._widest_adapter()
         self._check_request(((name, 0.0),))
         module = self._denoiser_of(pipe)
         with self._busy, _model_editing():
             if id(module) not in self._slots:
                 self._make_slots(pipe, module, name, self._resolve(name))
             self._deactivate(module)
+
+    def _widest_adapter(self) -> str:
+        """The known adapter whose file targets the most layers of the denoiser (by its header)."""
+        def width(name: str) -> int:
+            try:
+                _, targets = self._resolve(name).header_facts()
+            except AdapterError as failure:
+                log.warning("hot-swap slots: skipping adapter %s: %s", name, failure)
+                return -1
+            return len(targets.get(self.denoiser, ())) if targets is not None else 0
+
+        return max(sorted(self.known), key=width)  # max keeps the first of equals
 
     def describe(self) -> dict:
         """Loaded adapters (least recently used first), their bytes, loads and evictions."""

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from farm.cli.demo import first_frame_png
+from farm.families import tiny_models
 from farm.postproc.encode import probe_mp4
 from farm.serve.flags import hold_next_render
 from farm.v1 import render_pb2 as pb
@@ -119,12 +120,16 @@ def test_same_idempotency_key_returns_the_same_render(client):
 
 def test_models_are_listed_ready_with_their_limits(client):
     models = {m.name: m for m in client.models().models}
-    assert set(models) == {"ltx-video-tiny", "cogvideox-tiny"}
+    assert set(models) == {tiny.name for _, tiny in tiny_models()}  # every family's tiny model
     for model in models.values():
         assert model.ready and model.device_kind == "CPU"
-        assert set(model.tasks) == {T2V, I2V}
+    assert set(models["ltx-video-tiny"].tasks) == {T2V, I2V} and set(models["wan-tiny"].tasks) == {T2V, I2V}
+    assert set(models["stable-video-diffusion-tiny"].tasks) == {I2V}
+    assert not models["stable-video-diffusion-tiny"].uses_prompt and models["wan-tiny"].uses_prompt
+    assert models["ltx-2-tiny"].audio and not models["wan-tiny"].audio
     assert models["ltx-video-tiny"].limits.frame_step == 8
     assert models["cogvideox-tiny"].limits.size_multiple == 16
+    assert models["wan-tiny"].limits.frame_step == 4 and models["wan-tiny"].limits.max_adapters == 4
 
 
 def test_estimate_is_positive_and_grows_with_steps(client):

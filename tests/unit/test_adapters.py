@@ -371,6 +371,8 @@ def test_hotswap_does_not_recompile_a_compiled_forward(ltx, references):
     pipe = _fresh_ltx(model_dir)
     cache = _cache(pipe, adapters, hotswap=True)
     cache.prepare_hotswap(pipe)  # the engine would do this before its backend compiles
+    # The slots cover the widest adapter's layers (a and b: to_q/k/v/out; c only to_q/k), so c fits too.
+    assert cache.describe()["slots"][0]["adapter"] == "a"
     eager = {key: _render_with(cache, pipe, requested)[0]
              for key, requested in [("a", (("a", 1.0),)), ("b", (("b", 1.0),)), ("none", ())]}
     torch._dynamo.reset()

@@ -121,3 +121,10 @@ def test_motion_conditioning_is_checked_by_its_family_and_refused_elsewhere(mode
 def test_an_adapter_for_a_family_without_a_lora_loader_is_refused_in_the_config():
     with pytest.raises(ValueError, match="cannot load LoRA adapters"):
         AdapterConfig(name="style", source="/adapters/style", families=[Family.STABLE_VIDEO_DIFFUSION])
+
+
+def test_adapters_on_a_backend_that_cannot_apply_them_are_refused_in_the_config(tmp_path):
+    with pytest.raises(ValueError, match="onnx backend cannot apply"):
+        FarmConfig(home=tmp_path, adapters=ADAPTERS, models=[
+            ModelConfig(name="ltx", family=Family.LTX_VIDEO, sources={Task.TEXT_TO_VIDEO: "ltx-dir"},
+                        backend={"name": "onnx"})])
