@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 
 def load_engine(model: ModelConfig) -> DiffusersEngine:
     """Loads the model's weights onto its device and returns a ready engine."""
+    parallel = model.context_parallel
+    if parallel is not None:
+        from farm.engines.parallel import ParallelEngine
+
+        return ParallelEngine(model, parallel.degree, parallel.mode, parallel.attention_backend, parallel.timeout_s)
     from farm.engines.pipeline_engine import DiffusersEngine
 
     return DiffusersEngine(model)

@@ -113,6 +113,13 @@ class RenderReplica:
         async for batch in self.attempts.run(request):
             yield batch
 
+    def __del__(self) -> None:
+        # Serve calls it when it stops the replica: a context-parallel engine's worker
+        # processes (one per extra device) go with it.
+        close = getattr(getattr(self, "engine", None), "close", None)
+        if close is not None:
+            close()
+
 
 def deployment_name(model: ModelConfig, pool: PoolConfig) -> str:
     """engine-<model> for a model's implicit single pool; engine-<model>-<kind> per explicit pool."""
