@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from farm_overhead import start_farm, temporary_farm  # noqa: E402
 
+from farm.cli.commands import calibration_spec  # noqa: E402
 from farm.client import FarmClient, find_api_key  # noqa: E402
 from farm.jobs.estimates import fit_and_store, measured_samples  # noqa: E402
 from farm.jobs.store import JobStore  # noqa: E402
@@ -46,8 +47,13 @@ TRIAL_SEED = 10_000  # trial renders' seeds start here; calibration renders' are
 WARM_UP_SEED = 99_999
 
 
+MODELS: dict = {}  # name -> ModelConfig of the farm under study
+
+
 def spec_of(model: str, fields: dict, seed: int) -> pb.RenderSpec:
-    return pb.RenderSpec(model=model, task=pb.TASK_TEXT_TO_VIDEO, prompt="estimate study", seed=seed, **fields)
+    """A render of the model as `farm calibrate` makes one (its first task, a first frame
+    for image-to-video, no text for an image-only family)."""
+    return calibration_spec(MODELS[model], fields, seed, "estimate study")
 
 
 def render_all(client: FarmClient, model: str, specs: list[dict], seed_base: int, batched: bool,
@@ -113,7 +119,7 @@ def main() -> None:
     import signal
 
     home, config_path, config = temporary_farm("farm-est-")
-    model = config.model(args.model)
+    model = MODELS[args.model] = config.model(args.model)
     trials = uniform_specs(model, args.trials, seed=12345, max_size=args.max_size)
     trials += postprocess_trials(model, args.postprocess_trials, seed=54321)
     loads = [os.getloadavg()[0]]

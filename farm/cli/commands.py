@@ -252,6 +252,24 @@ def models_list(target: str = TargetOption, api_key: Optional[str] = KeyOption):
     console.print(table)
 
 
+def calibration_spec(model_config, fields: dict, seed: int, prompt: str):
+    """One calibration render of a model: text-to-video where it serves it, else its first
+    task (with a first frame to animate); no text for a family that takes none."""
+    from farm.api.convert import TASK_TO_PB
+    from farm.cli.demo import first_frame_png
+    from farm.config import Task
+    from farm.families import family_facts
+    from farm.v1 import render_pb2 as pb
+
+    task = Task.TEXT_TO_VIDEO if Task.TEXT_TO_VIDEO in model_config.tasks else model_config.tasks[0]
+    spec = pb.RenderSpec(model=model_config.name, task=TASK_TO_PB[task], seed=seed,
+                         prompt=prompt if family_facts(model_config.family).uses_prompt else "", **fields)
+    if task == Task.IMAGE_TO_VIDEO:
+        spec.image = first_frame_png(spec.width or model_config.defaults.width,
+                                     spec.height or model_config.defaults.height)
+    return spec
+
+
 @models_app.command("make-tiny")
 def models_make_tiny(config_path: Optional[Path] = ConfigOption,
                      force: bool = typer.Option(False, help="Rewrite models that exist.")):
@@ -466,7 +484,7 @@ def calibrate(model: str = typer.Option(..., "--model", "-m"),
         # One at a time: a render queued behind another shares the cores with its
         # post-processing, and would be timed slower than it runs alone.
         for index, fields in enumerate(grid):
-            spec = pb.RenderSpec(model=model, task=pb.TASK_TEXT_TO_VIDEO, prompt="calibration", seed=index, **fields)
+            spec = calibration_spec(model_config, fields, index, "calibration")
             render_id = client.submit(spec).id
             if client.wait(render_id).state != pb.RENDER_STATE_SUCCEEDED:
                 console.print(f"calibration render {render_id} did not succeed", style="red")
