@@ -244,6 +244,12 @@ def tiny_models() -> list[tuple[Family, TinyModel]]:
     return [(family, family_facts(family).tiny) for family in FAMILY_MODULES]
 
 
+def tiny_words(t5_tokenizer: Any) -> list[str]:
+    """The whole words of farm's tiny T5 vocabulary (`farm.engines.tiny`), sorted: what a
+    family's own tiny tokenizer learns to keep as one token each."""
+    return sorted({piece[1:] for piece in t5_tokenizer.get_vocab() if piece.startswith("\u2581") and len(piece) > 1})
+
+
 def checkpoint_schedulers() -> dict[str, StepCarry]:
     """Every family's schedulers whose state a checkpoint can keep, by class name."""
     return {name: carry for family in FAMILY_MODULES
@@ -265,4 +271,5 @@ __all__ = [
     "family_facts",
     "family_module",
     "tiny_models",
+    "tiny_words",
 ]

@@ -61,6 +61,7 @@ from farm.families import (
     PipelineSizes,
     StepCarry,
     TinyModel,
+    tiny_words,
 )
 
 if TYPE_CHECKING:
@@ -338,7 +339,7 @@ def _tiny_clip_tokenizer(t5_tokenizer):
     from tokenizers import pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
-    words = sorted({piece[1:] for piece in t5_tokenizer.get_vocab() if piece.startswith("\u2581") and len(piece) > 1})
+    words = tiny_words(t5_tokenizer)
     special = ["<|startoftext|>", "<|endoftext|>"]
     empty = CLIPTokenizer(vocab={token: index for index, token in enumerate(special)}, merges=[])
     backend = empty.backend_tokenizer

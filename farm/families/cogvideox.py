@@ -58,6 +58,40 @@ FRAME_STEP = 8
 # Text tokens the published transformers attend to jointly with the video's.
 _TEXT_TOKENS = 226
 
+# The published CogVideoX-5B (THUDM/CogVideoX-5b): the diffusers config kwargs of each
+# component, with random weights what benchmarks/engine_step.py builds at full size and what
+# the memory facts below were counted from.
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
+    # transformer/config.json.
+    "transformer": dict(
+        num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, flip_sin_to_cos=True,
+        freq_shift=0, time_embed_dim=512, text_embed_dim=4096, num_layers=42, dropout=0.0, attention_bias=True,
+        sample_width=90, sample_height=60, sample_frames=49, patch_size=2, temporal_compression_ratio=4,
+        max_text_seq_length=_TEXT_TOKENS, activation_fn="gelu-approximate", timestep_activation_fn="silu",
+        norm_elementwise_affine=True, norm_eps=1e-5, spatial_interpolation_scale=1.875,
+        temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=True,
+        use_learned_positional_embeddings=False,
+    ),
+    # vae/config.json: 8x spatial, 4x temporal compression, 16 latent channels.
+    "vae": dict(
+        in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 512), latent_channels=16,
+        layers_per_block=3, act_fn="silu", norm_eps=1e-6, norm_num_groups=32, temporal_compression_ratio=4,
+        sample_height=480, sample_width=720, scaling_factor=0.7, force_upcast=True, use_quant_conv=False,
+        use_post_quant_conv=False,
+    ),
+    # scheduler/scheduler_config.json (CogVideoXDPMScheduler).
+    "scheduler": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                      prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+                      snr_shift_scale=1.0, timestep_spacing="trailing"),
+    # google/t5-v1_1-xxl's encoder (T5EncoderModel's T5Config).
+    "text_encoder": dict(
+        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, layer_norm_epsilon=1e-6, is_encoder_decoder=False, use_cache=False, pad_token_id=0,
+        eos_token_id=1,
+    ),
+}
+
 FACTS = FamilyFacts(
     # VAE 8x spatial and 4x temporal, transformer patch 2: sizes are multiples of 16;
     # frame counts 8k + 1 (FRAME_STEP). The DDIM and DPM schedulers take one step.

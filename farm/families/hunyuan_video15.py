@@ -78,6 +78,7 @@ from farm.families import (
     PipelineSizes,
     StepCarry,
     TinyModel,
+    tiny_words,
 )
 
 if TYPE_CHECKING:
@@ -97,6 +98,44 @@ FAMILY = Family.HUNYUAN_VIDEO_1_5
 _TEXT_TOKENS = 1000 + 256 + 729
 # The tiled decode (diffusers' AutoencoderKLHunyuanVideo15 defaults): 256 x 256 pixels.
 _DECODE_TILE = (256, 256)
+
+# The published HunyuanVideo 1.5 480p (hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v
+# and _i2v): the diffusers config kwargs of each component (the conversion script's 480p
+# transformer - the two tasks' differ only in `task_type`, which the model does not read - and its
+# default VAE; the encoders' configs), what the memory facts below were counted from and what
+# benchmarks/engine_step.py builds with random weights.
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
+    "transformer": dict(
+        in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
+        num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm", text_embed_dim=3584,
+        text_embed_2_dim=1472, image_embed_dim=1152, rope_theta=256.0, rope_axes_dim=(16, 56, 56), target_size=640,
+        task_type="t2v", use_meanflow=False,
+    ),
+    "vae": dict(
+        in_channels=3, out_channels=3, latent_channels=32, block_out_channels=(128, 256, 512, 1024, 1024),
+        layers_per_block=2, spatial_compression_ratio=16, temporal_compression_ratio=4,
+        downsample_match_channel=True, upsample_match_channel=True, scaling_factor=1.03682,
+    ),
+    # FlowMatchEulerDiscreteScheduler at 480p (7 or 9 at 720p).
+    "scheduler": dict(shift=5.0),
+    # ClassifierFreeGuidance.
+    "guider": dict(guidance_scale=6.0),
+    # Qwen2.5-VL-7B-Instruct's language model (Qwen2_5_VLTextConfig).
+    "text_encoder": dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    ),
+    # ByT5-small's encoder (T5Config), without the few Glyph-SDXL-v2 tokens it adds.
+    "text_encoder_2": dict(
+        vocab_size=384, d_model=1472, d_kv=64, d_ff=3584, num_layers=12, num_heads=6, feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False, tie_word_embeddings=False,
+    ),
+    # SigLIP so400m-patch14-384's vision model (SiglipVisionConfig), image-to-video only.
+    "image_encoder": dict(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384,
+        patch_size=14,
+    ),
+}
 
 FACTS = FamilyFacts(
     # VAE 16x spatial and 4x temporal (a causal first frame), transformer patch 1 in space
@@ -496,7 +535,7 @@ def _tiny_qwen_tokenizer(t5_tokenizer):
 
     system_message = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters[
         "system_message"].default
-    words = {piece[1:] for piece in t5_tokenizer.get_vocab() if piece.startswith("\u2581") and len(piece) > 1}
+    words = set(tiny_words(t5_tokenizer))
     words |= {word for word in system_message.replace(".", " ").replace(",", " ").replace(":", " ").split()
               if word.isalpha()}
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

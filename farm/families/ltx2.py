@@ -66,6 +66,7 @@ from farm.families import (
     PipelineSizes,
     StepCarry,
     TinyModel,
+    tiny_words,
 )
 
 if TYPE_CHECKING:
@@ -90,6 +91,69 @@ _MAX_SECONDS = 20
 # `max_sequence_length`, as the reference ltx-pipelines), and the connectors fill the
 # padding with learned registers, so the transformer always cross-attends to 1024.
 MAX_SEQUENCE_LENGTH = 1024
+
+# The published LTX-2 (Lightricks/LTX-2, version 2.0): the diffusers config kwargs of each
+# component (diffusers' conversion script; Gemma 3 12B's text config), what the memory facts
+# below were counted from and what benchmarks/engine_step.py builds with random weights.
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
+    "transformer": dict(
+        in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+        attention_head_dim=128, cross_attention_dim=4096, vae_scale_factors=(8, 32, 32), pos_embed_max_pos=20,
+        base_height=2048, base_width=2048, gated_attn=False, cross_attn_mod=False, audio_in_channels=128,
+        audio_out_channels=128, audio_patch_size=1, audio_patch_size_t=1, audio_num_attention_heads=32,
+        audio_attention_head_dim=64, audio_cross_attention_dim=2048, audio_scale_factor=4,
+        audio_pos_embed_max_pos=20, audio_sampling_rate=16000, audio_hop_length=160, audio_gated_attn=False,
+        audio_cross_attn_mod=False, num_layers=48, activation_fn="gelu-approximate", qk_norm="rms_norm_across_heads",
+        norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=3840, attention_bias=True,
+        attention_out_bias=True, rope_theta=10000.0, rope_double_precision=True, causal_offset=1,
+        timestep_scale_multiplier=1000, cross_attn_timestep_scale_multiplier=1000, rope_type="split",
+        use_prompt_embeddings=True, perturbed_attn=False,
+    ),
+    # LTX2TextConnectors: Gemma's 48 layers' and its embeddings' hidden states (49 x 3840) in.
+    "connectors": dict(
+        caption_channels=3840, text_proj_in_factor=49, video_connector_num_attention_heads=30,
+        video_connector_attention_head_dim=128, video_connector_num_layers=2,
+        video_connector_num_learnable_registers=128, video_gated_attn=False, audio_connector_num_attention_heads=30,
+        audio_connector_attention_head_dim=128, audio_connector_num_layers=2,
+        audio_connector_num_learnable_registers=128, audio_gated_attn=False, connector_rope_base_seq_len=4096,
+        rope_theta=10000.0, rope_double_precision=True, causal_temporal_positioning=False, rope_type="split",
+        per_modality_projections=False, proj_bias=False,
+    ),
+    "vae": dict(
+        in_channels=3, out_channels=3, latent_channels=128, block_out_channels=(256, 512, 1024, 2048),
+        decoder_block_out_channels=(256, 512, 1024), layers_per_block=(4, 6, 6, 2, 2),
+        decoder_layers_per_block=(5, 5, 5, 5), spatio_temporal_scaling=(True, True, True, True),
+        decoder_spatio_temporal_scaling=(True, True, True), decoder_inject_noise=(False, False, False, False),
+        downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+        upsample_type=("spatiotemporal", "spatiotemporal", "spatiotemporal"), upsample_residual=(True, True, True),
+        upsample_factor=(2, 2, 2), timestep_conditioning=False, patch_size=4, patch_size_t=1, resnet_norm_eps=1e-6,
+        encoder_causal=True, decoder_causal=False, encoder_spatial_padding_mode="zeros",
+        decoder_spatial_padding_mode="reflect", spatial_compression_ratio=32, temporal_compression_ratio=8,
+    ),
+    "audio_vae": dict(
+        base_channels=128, output_channels=2, ch_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=None,
+        in_channels=2, resolution=256, latent_channels=8, norm_type="pixel", causality_axis="height", dropout=0.0,
+        mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=64,
+        double_z=True,
+    ),
+    "vocoder": dict(
+        in_channels=128, hidden_channels=1024, out_channels=2, upsample_kernel_sizes=[16, 15, 8, 4, 4],
+        upsample_factors=[6, 5, 2, 2, 2], resnet_kernel_sizes=[3, 7, 11], resnet_dilations=[[1, 3, 5]] * 3,
+        act_fn="leaky_relu", leaky_relu_negative_slope=0.1, antialias=False, final_act_fn="tanh", final_bias=True,
+        output_sampling_rate=24000,
+    ),
+    # The stage-1 scheduler (FlowMatchEulerDiscreteScheduler), as the tiny model's.
+    "scheduler": dict(base_image_seq_len=1024, base_shift=0.95, max_image_seq_len=4096, max_shift=2.05,
+                      shift_terminal=0.1, use_dynamic_shifting=True),
+    # google/gemma-3-12b-it (Gemma3ForConditionalGeneration's Gemma3Config): 48 layers of width 3840.
+    "text_encoder": dict(
+        text_config=dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+                         num_key_value_heads=8, head_dim=256, vocab_size=262208, sliding_window=1024),
+        vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                           image_size=896, patch_size=14),
+        mm_tokens_per_image=256,
+    ),
+}
 
 FACTS = FamilyFacts(
     # VAE 32x spatial and 8x temporal (its config says spatial_compression_ratio=32,
@@ -443,7 +507,7 @@ def _tiny_gemma_tokenizer(t5_tokenizer):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import GemmaTokenizer
 
-    words = sorted(piece[1:] for piece in t5_tokenizer.get_vocab() if piece.startswith("\u2581") and len(piece) > 1)
+    words = tiny_words(t5_tokenizer)
     # Gemma's own pre-processing: spaces become "▁" and stay with the word before them.
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.normalizer = normalizers.Replace(" ", "\u2581")

@@ -52,6 +52,38 @@ FAMILY = Family.LTX_VIDEO
 # The tiled decode (diffusers' defaults): 512 x 512 pixels, 16 + 1 frames.
 _DECODE_TILE = (17, 512, 512)
 
+# The published LTX-Video 2B (Lightricks/LTX-Video, 0.9.x): the diffusers config kwargs of each
+# component, with random weights what benchmarks/engine_step.py builds at full size and what
+# the memory facts below were counted from.
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
+    # transformer/config.json of the 0.9.x 2B checkpoints.
+    "transformer": dict(
+        in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+        attention_head_dim=64, cross_attention_dim=2048, num_layers=28, activation_fn="gelu-approximate",
+        qk_norm="rms_norm_across_heads", norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=4096,
+        attention_bias=True, attention_out_bias=True,
+    ),
+    # The 0.9.0 VAE (vae/config.json): 32x spatial, 8x temporal compression, 128 latent channels.
+    "vae": dict(
+        in_channels=3, out_channels=3, latent_channels=128, block_out_channels=(128, 256, 512, 512),
+        decoder_block_out_channels=(128, 256, 512, 512), layers_per_block=(4, 3, 3, 3, 4),
+        decoder_layers_per_block=(4, 3, 3, 3, 4), spatio_temporal_scaling=(True, True, True, False),
+        decoder_spatio_temporal_scaling=(True, True, True, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=4,
+        patch_size_t=1, resnet_norm_eps=1e-6, scaling_factor=1.0, encoder_causal=True, decoder_causal=False,
+    ),
+    # scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler).
+    "scheduler": dict(base_image_seq_len=1024, base_shift=0.95, max_image_seq_len=4096, max_shift=2.05,
+                      shift_terminal=0.1, use_dynamic_shifting=True),
+    # google/t5-v1_1-xxl's encoder (T5EncoderModel's T5Config).
+    "text_encoder": dict(
+        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, layer_norm_epsilon=1e-6, is_encoder_decoder=False, use_cache=False, pad_token_id=0,
+        eos_token_id=1,
+    ),
+}
+
 FACTS = FamilyFacts(
     # VAE 32x spatial and 8x temporal, transformer patch 1: sizes are multiples of 32
     # and frame counts 8k + 1. The scheduler, FlowMatchEulerDiscreteScheduler, has

@@ -125,6 +125,15 @@ SCHEDULER_CONFIG = dict(
     beta_end=0.02,
 )
 
+# Every published component's diffusers config kwargs, by pipeline component (the constants
+# above; benchmarks/engine_step.py builds them with random weights at full size).
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
+    "transformer": PUBLISHED_TRANSFORMER,
+    "vae": PUBLISHED_VAE,
+    "scheduler": SCHEDULER_CONFIG,
+    "text_encoder": PUBLISHED_TEXT_ENCODER,
+}
+
 FACTS = FamilyFacts(
     # VAE 8x spatial and 4x temporal, transformer patch (1, 2, 2): sizes are multiples of
     # 16 and frame counts 4k + 1 (FRAME_STEP). 5 frames (two latent frames) is the shortest

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(STARTUP_TIMEOUT_S + 120)
 
 def test_farm_serve_stops_within_the_grace_period_and_loses_no_render():
     home = Path(tempfile.mkdtemp(prefix="farm-stop-", dir="/tmp"))
-    config = {"home": str(home), "ray": {"app_name": "farm-stop", "num_cpus": 4},
+    config = {"home": str(home), "ray": {"app_name": "farm-stop"},
               "gateway": {"port": free_port(), "metrics_port": free_port()},
               "scheduler": {"metrics_port": free_port()}, "postproc": {"replicas": 1}}
     (home / "farm.yaml").write_text(yaml.safe_dump(config))
