@@ -86,18 +86,35 @@ def farm_config(trace_receiver) -> tuple[FarmConfig, Path]:
         # The cluster suite tests quarantine.
         "scheduler": {"metrics_port": free_port(), "heartbeat_interval_s": 0.5, "lease_seconds": 10,
                       "quarantine_after_failures": 0},
-        "ray": {"num_cpus": 8, "app_name": "farm-test"},
+        "ray": {"num_cpus": 16, "app_name": "farm-test"},
         # Small chunks, so that even tiny test clips spread over both post-processing replicas.
         "postproc": {"replicas": 2, "chunk_frames": 8},
         # Tracing on, as an operator with a collector runs it: every test's renders are traced.
         "tracing": {"otlp_endpoint": trace_receiver.endpoint, "flush_interval_s": 0.2},
     }
+    # A LoRA adapter for the tiny LTX-Video, with a surcharge (tests/integration/test_families.py).
+    values["adapters"] = [{"name": "watercolor", "source": str(ltx_adapter(home)), "families": ["ltx-video"],
+                           "surcharge": 0.5}]
     config_path = home / "farm.yaml"
     config_path.write_text(yaml.safe_dump(values))
     os.environ["FARM_HOME"] = str(home)
     # The replicas take the tests' holds (tests/holds.py); Ray's workers inherit this.
     os.environ[HOLDS_ENV] = "1"
     return FarmConfig(**values), config_path
+
+
+def ltx_adapter(home: Path) -> Path:
+    """A random LoRA adapter of the tiny LTX-Video's transformer, in diffusers' format. The
+    tiny model is written first, under the farm's models directory, where the farm finds it."""
+    from diffusers import LTXPipeline
+
+    from farm.engines.tiny import make_tiny_models
+    from tests.unit.test_adapters import _save_adapter
+
+    (model_dir,) = make_tiny_models(home / "models", families=["ltx-video"])
+    transformer = LTXPipeline.from_pretrained(model_dir).transformer
+    return Path(_save_adapter(LTXPipeline, transformer, home / "adapters" / "watercolor", seed=1, rank=4,
+                              alpha=8).source)
 
 
 @pytest.fixture(scope="session")
