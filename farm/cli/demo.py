@@ -1,8 +1,8 @@
 """The main job: farm on its embedded defaults, with renders submitted through it.
 
 Starts `farm serve` in a child process, waits until its health service says
-SERVING, submits text-to-video and image-to-video renders for LTX-Video and CogVideoX
-through the gRPC API, follows them with progress bars, saves the MP4s, prints what
+SERVING, submits one render of every task of every served model (each family's tiny
+one) through the gRPC API, follows them with progress bars, saves the MP4s, prints what
 each cost, and stops the farm."""
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ def run_demo(config: FarmConfig, output_dir: Path | None, console: Console, clie
             jobs = []
             for model in models.values():
                 for task in model.tasks:
-                    spec = pb.RenderSpec(model=model.name, task=task, prompt=PROMPTS[_task(task)],
+                    # Image-only models take no prompt.
+                    prompt = PROMPTS[_task(task)] if model.uses_prompt else ""
+                    spec = pb.RenderSpec(model=model.name, task=task, prompt=prompt,
                                          seed=42, idempotency_key=f"demo-{model.name}-{task}-{time.time_ns()}")
                     if task == pb.TASK_IMAGE_TO_VIDEO:
                         spec.image = first_frame_png(model.defaults.width, model.defaults.height)
@@ -125,6 +127,7 @@ def _wait_until_serving(server: subprocess.Popen, ready_file: Path, config: Farm
 
 
 def _report(client, jobs, output_dir: Path, console: Console) -> int:
+    from farm.postproc.audio import probe_audio
     from farm.postproc.encode import probe_mp4
     from farm.v1 import render_pb2 as pb
 
@@ -140,7 +143,10 @@ def _report(client, jobs, output_dir: Path, console: Console) -> int:
             path = output_dir / f"{model}-{task}.mp4"
             path.write_bytes(data)
             info = probe_mp4(data)
-            console.print(f"  {path}: {info['frames']} frames, {info['width']}x{info['height']} at {info['fps']:g} fps")
+            sound = probe_audio(data)
+            heard = f", with {sound['codec']} sound ({sound['duration_s']:.2f} s)" if sound else ""
+            console.print(f"  {path}: {info['frames']} frames, {info['width']}x{info['height']} at {info['fps']:g} fps"
+                          f"{heard}")
         else:
             failures += 1
             console.print(f"  {render.error}", style="red")
