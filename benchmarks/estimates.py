@@ -76,8 +76,9 @@ def postprocess_trials(model, count: int, seed: int) -> list[dict]:
     minutes to encode on this machine)."""
     chooser = random.Random(seed)
     multiple = model.limits.size_multiple
-    sizes = list(range(max(multiple, model.limits.min_size), 384 + 1, multiple))
-    frames = [f for f in range(model.limits.min_frames, 49 + 1, model.limits.frame_step)]
+    limits = model.limits
+    sizes = list(range(max(multiple, limits.min_size), min(384, limits.max_width, limits.max_height) + 1, multiple))
+    frames = [f for f in range(limits.min_frames, min(49, limits.max_frames) + 1, limits.frame_step)]
     options = [{"interpolation_factor": 2}, {"interpolation_factor": 3}, {"interpolation_factor": 4},
                {"upscale_factor": 2}, {"upscale_factor": 3}, {"upscale_factor": 4},
                {"color_reference": {"statistics": {"mean": [60.0, 2.0, 6.0], "std": [15.0, 4.0, 6.0]}}}]
