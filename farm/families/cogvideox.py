@@ -112,7 +112,7 @@ FACTS = FamilyFacts(
         # 2 latent frames at a time, 3 the first time: 9 frames at most, tiled or not.
         decode_frames=9,
         tiled_decode_frames=9,
-        # Parameters counted from the published config (benchmarks/engine_step.py) built on
+        # Parameters counted from the published config (`PUBLISHED_CONFIGS`) built on
         # torch's meta device with diffusers 0.42 and transformers.
         published=PipelineSizes(
             parameters={"transformer": 5_570_283_072, "text_encoder": 4_762_310_656, "vae": 215_583_907},

@@ -102,7 +102,7 @@ FACTS = FamilyFacts(
         vae_widths=6,
         decode_frames=None,  # untiled, the whole video at once
         tiled_decode_frames=_DECODE_TILE[0],
-        # Parameters counted from the published config (benchmarks/engine_step.py) built on
+        # Parameters counted from the published config (`PUBLISHED_CONFIGS`) built on
         # torch's meta device with diffusers 0.42 and transformers.
         published=PipelineSizes(
             parameters={"transformer": 1_923_385_472, "text_encoder": 4_762_310_656, "vae": 419_193_649},
