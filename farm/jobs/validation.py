@@ -142,7 +142,7 @@ def resolve_spec(spec: RenderSpec, models: dict[str, ModelConfig]) -> ResolvedSp
         priority=priority, labels=dict(spec.labels), idempotency_key=spec.idempotency_key, image=spec.image,
         postprocess=postprocess,
         require_device_kind=spec.require_device_kind, prefer_device_kind=spec.prefer_device_kind,
-        adapters=adapters, surcharge=sum(a.surcharge for a in model.adapters if a.name in dict(adapters)),
+        adapters=adapters, surcharge=_surcharge(model, adapters),
         motion_bucket_id=spec.motion_bucket_id, noise_aug_strength=spec.noise_aug_strength,
         decode_chunk_size=spec.decode_chunk_size,
     )
@@ -172,6 +172,12 @@ def _resolve_adapters(requested, model: ModelConfig, bad) -> tuple[tuple[str, fl
             continue
         resolved.append((adapter.name, float(weight)))
     return tuple(resolved)
+
+
+def _surcharge(model: ModelConfig, adapters: tuple[tuple[str, float], ...]) -> float:
+    """What the asked adapters add to the price, fixed into the spec at submit."""
+    asked = {name for name, _ in adapters}
+    return sum(adapter.surcharge for adapter in model.adapters if adapter.name in asked)
 
 
 def _check_motion(spec: RenderSpec, model: ModelConfig, num_frames: int, bad) -> None:

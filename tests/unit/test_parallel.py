@@ -160,8 +160,7 @@ def test_a_cancel_stops_every_rank_at_the_same_step(parallel):
 
 
 def test_a_preemption_checkpoints_every_rank_and_the_resume_equals_the_whole_render(single, parallel):
-    if not parallel.supports_checkpoint:
-        pytest.skip(f"the tiny model cannot checkpoint: {parallel.checkpoint_unsupported}")
+    assert parallel.supports_checkpoint, parallel.checkpoint_unsupported
     run = Run(preempt_after=2)
     with pytest.raises(RenderPreempted) as preempted:
         parallel.render(request(), run.on_progress, run.should_stop, should_preempt=run.should_preempt)
